@@ -1,0 +1,375 @@
+"""The one typed configuration of the pipeline, its YAML presets and dotted command-line overrides.
+
+Every stage takes a `Config`. Presets live in `pipeline/configs/*.yaml`; a preset names the preset it
+derives from with `extends:` and states only what differs. Overrides such as `train.lr=3e-4` are applied
+after the preset is merged, and the result is validated once, before any work starts: an unknown key, a
+wrong type or an impossible combination raises `ConfigError` naming the key.
+
+This module imports nothing else of the project, so every stage may import it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending key."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+class _Section(BaseModel):
+    # strict: a YAML string is never coerced into a number or a bool behind the user's back.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "smoke"
+    root: str = "runs"  # local path or object-storage URL; the run directory is root/name
+    seed: int = 1337
+
+
+class DataConfig(_Section):
+    # "builtin" (the English prose shipped with Python), files / directories / globs (local, s3://,
+    # gs://, any fsspec URL), or "hf:OWNER/NAME" for a Hugging Face Hub dataset.
+    input: list[str] = ["builtin"]
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    text_field: str = "text"
+    text_unit: Literal["file", "line", "paragraph"] = "file"  # what one document is in a text file
+    hf_config: str | None = None
+    hf_split: str = "train"
+    hf_revision: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_input_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class TokenizationConfig(_Section):
+    output: str | None = None  # default: <run dir>/data
+    tokenizer: Literal["gpt2"] = "gpt2"
+    shard_tokens: int = 100_000_000
+    val_fraction: float = 0.01
+    val_tokens: int | None = None  # when set, a token budget replaces val_fraction
+    strict: bool = False  # fail on the first bad document instead of skipping and counting it
+    max_doc_bytes: int = 1_000_000
+    piece_bytes: int = 64 * 2**20  # input bytes per unit of parallel work
+    num_workers: int | None = None  # tokenizer actors; default: one per CPU of the cluster
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenizationConfig:
+        _require(self.shard_tokens > 0, "tokenization.shard_tokens", "must be positive")
+        _require(0.0 <= self.val_fraction < 1.0, "tokenization.val_fraction", "must be in [0, 1)")
+        _require(self.val_tokens is None or self.val_tokens >= 0, "tokenization.val_tokens", "must be >= 0")
+        _require(self.max_doc_bytes > 0, "tokenization.max_doc_bytes", "must be positive")
+        _require(self.piece_bytes > 0, "tokenization.piece_bytes", "must be positive")
+        _require(self.num_workers is None or self.num_workers >= 1, "tokenization.num_workers", "must be >= 1")
+        return self
+
+
+class ModelConfig(_Section):
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50257
+    pad_vocab_to: int = 64  # embedding rows rounded up to a multiple of this (1: no padding)
+    dropout: float = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_to"):
+            _require(getattr(self, key) > 0, f"model.{key}", "must be positive")
+        _require(self.n_embd % self.n_head == 0, "model.n_embd",
+                 f"({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        return self
+
+
+class TrainConfig(_Section):
+    """Optimizer and schedule: AdamW, linear warm-up, cosine decay to min_lr_ratio * lr."""
+
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 715
+    max_steps: int = 19073
+    weight_decay: float = 0.1
+    betas: list[float] = [0.9, 0.95]
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        _require(self.lr > 0, "train.lr", "must be positive")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+        _require(self.max_steps > 0, "train.max_steps", "must be positive")
+        _require(0 <= self.warmup_steps <= self.max_steps, "train.warmup_steps",
+                 f"({self.warmup_steps}) must be between 0 and train.max_steps ({self.max_steps})")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+                 "must be two numbers in [0, 1)")
+        _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        return self
+
+
+class BatchConfig(_Section):
+    tokens_per_step: int = 2**19  # the global batch, over all workers and accumulation steps
+    micro_batch_size: int = 64  # sequences per worker per forward pass
+    seq_len: int = 1024
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: int = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> DeepSpeedConfig:
+        _require(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+        _require(not self.offload_params or self.zero_stage == 3, "deepspeed.offload_params",
+                 "needs deepspeed.zero_stage=3 (DeepSpeed offloads parameters only in ZeRO-3)")
+        _require(not self.offload_optimizer or self.zero_stage >= 1, "deepspeed.offload_optimizer",
+                 "needs deepspeed.zero_stage >= 1")
+        return self
+
+
+class CheckpointConfig(_Section):
+    dir: str | None = None  # default: <run dir>/checkpoints
+    interval: int = 1000  # steps; a checkpoint is also written at the end
+    keep_last: int = 3
+
+    @model_validator(mode="after")
+    def _check(self) -> CheckpointConfig:
+        _require(self.interval > 0, "checkpoint.interval", "must be positive")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        return self
+
+
+class EvalConfig(_Section):
+    interval: int = 250  # steps between validation-loss evaluations during training (0: never)
+    val_tokens: int = 10_485_760  # token budget of each validation-loss evaluation
+    hellaswag_interval: int = 0  # steps between HellaSwag evaluations during training (0: never)
+    hellaswag_path: str | None = None  # local JSONL/parquet; None: download from the Hub once
+    hellaswag_limit: int | None = None  # first N items only
+    prompts: list[str] = ["Hello, I'm a language model,"]
+    max_new_tokens: int = 64
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "gpt2-pretraining"
+    registered_model: str = "gpt2-pipeline"
+    best_alias: str = "best"
+    system_metrics: bool = True
+
+
+class ClusterConfig(_Section):
+    num_workers: int = 1  # training workers (one per GPU)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3  # automatic restarts of the training run from its last checkpoint
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        _require(self.num_workers >= 1, "cluster.num_workers", "must be >= 1")
+        _require(self.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be positive")
+        _require(self.max_failures >= 0, "cluster.max_failures", "must be >= 0")
+        return self
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    tokenization: TokenizationConfig = TokenizationConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    batch: BatchConfig = BatchConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        b = self.batch
+        for key in ("tokens_per_step", "micro_batch_size", "seq_len"):
+            _require(getattr(b, key) > 0, f"batch.{key}", "must be positive")
+        _require(b.seq_len <= self.model.block_size, "batch.seq_len",
+                 f"({b.seq_len}) exceeds model.block_size ({self.model.block_size})")
+        per_pass = b.micro_batch_size * b.seq_len * self.cluster.num_workers
+        _require(b.tokens_per_step % per_pass == 0, "batch.tokens_per_step",
+                 f"({b.tokens_per_step}) must be a multiple of batch.micro_batch_size x batch.seq_len x "
+                 f"cluster.num_workers = {b.micro_batch_size} x {b.seq_len} x {self.cluster.num_workers} "
+                 f"= {per_pass}")
+        return self
+
+    # Derived values: computed, never stored, so they cannot disagree with the fields they come from.
+    @property
+    def run_dir(self) -> str:
+        return join(self.run.root, self.run.name)
+
+    @property
+    def data_dir(self) -> str:
+        return self.tokenization.output or join(self.run_dir, "data")
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or join(self.run_dir, "checkpoints")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        b = self.batch
+        return b.tokens_per_step // (b.micro_batch_size * b.seq_len * self.cluster.num_workers)
+
+    def flat(self) -> dict[str, Any]:
+        """The config as {"section.key": value}, e.g. for MLflow params."""
+        return {f"{section}.{key}": value
+                for section, fields in self.model_dump().items() for key, value in fields.items()}
+
+    def fingerprint(self, *sections: str) -> str:
+        """sha256 of the named sections (all when none), stable across processes and key order."""
+        dump = self.model_dump()
+        chosen = {s: dump[s] for s in sections} if sections else dump
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URL (s3://bucket/x) with '/'."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML: PyYAML follows YAML 1.1, where `6e-4` is a string; accept it as the float everyone means.
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _preset_path(name: str, relative_to: Path | None = None) -> Path:
+    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else []
+    if relative_to is not None:
+        candidates.append(relative_to / f"{name}.yaml")
+    candidates.append(PRESET_DIR / f"{name}.yaml")
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigError(f"preset '{name}' not found; presets: {', '.join(preset_names())} "
+                      f"(or a path to a YAML file)")
+
+
+def _load_raw(name: str, relative_to: Path | None = None, seen: tuple[Path, ...] = ()) -> dict:
+    path = _preset_path(name, relative_to).resolve()
+    if path in seen:
+        raise ConfigError(f"preset {path}: 'extends' forms a cycle")
+    raw = parse_yaml(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"preset {path}: top level must be a mapping")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    return _merge(_load_raw(parent, path.parent, (*seen, path)), raw)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `section.key=value` override to a raw config dict; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form section.key=value")
+    dotted, value = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = parse_yaml(value) if value.strip() else None
+
+
+def load_config(preset: str = "smoke", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset (name or YAML path), apply dotted overrides, validate everything once."""
+    raw = _load_raw(preset)
+    for override in overrides:
+        apply_override(raw, override)
+    return validate(raw)
+
+
+def validate(raw: dict) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(loc[:-1])
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            hint = f" (did you mean '{'.'.join([*loc[:-1], close[0]])}'?)" if close else ""
+            lines.append(f"unknown key '{key}'{hint}")
+        elif e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), ConfigError):
+            lines.append(str(e["ctx"]["error"]))
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)

@@ -1,0 +1,107 @@
+"""Files on local disk or object storage (s3://, gs://, any fsspec URL), written atomically.
+
+A reader never sees a half-written file: locally we write to a temporary name in the same directory and
+rename; on object stores an object only appears when its upload completes, and a failed upload is
+discarded rather than committed. This module imports nothing else of the project.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for a path or URL, and the path within it."""
+    return fsspec.core.url_to_fs(url)
+
+
+def is_local(url: str) -> bool:
+    return isinstance(filesystem(url)[0], LocalFileSystem)
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def size(url: str) -> int:
+    fs, path = filesystem(url)
+    return fs.size(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return fs.cat_file(path)
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+def listdir(url: str) -> list[str]:
+    """Names (not paths) of the entries directly under url; empty if it does not exist."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def makedirs(url: str) -> None:
+    fs, path = filesystem(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+@contextmanager
+def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
+    """Open url for writing; the file becomes visible under its name only if the block completes."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            with open(tmp, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    f = fs.open(path, mode)
+    try:
+        yield f
+    except BaseException:
+        discard = getattr(f, "discard", None)  # s3fs/gcsfs: abort the multipart upload
+        if discard is not None:
+            discard()
+        else:
+            f.close()
+            fs.rm(path)
+        raise
+    f.close()
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with atomic_open(url, "wb") as f:
+        f.write(data)
+
+
+def write_json(url: str, obj: Any) -> None:
+    """Deterministic JSON (sorted keys, fixed indent), written atomically."""
+    write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

@@ -1,0 +1,49 @@
+"""Tokenize a corpus into token shards, or verify a tokenized dataset.
+
+    python tokenization/run.py [--config PRESET] [--input PATH ...] [--output DIR] [section.key=value ...]
+    python tokenization/run.py verify DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import ConfigError, load_config
+from tokenization import job
+from tokenization.shards import ShardError
+from tokenization.sources import CorpusError
+from tokenization.tokenizer import TokenizerUnavailable
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:
+        parser = argparse.ArgumentParser(prog="tokenization/run.py verify",
+                                         description="Check every shard's sha256 against the manifest.")
+        parser.add_argument("dataset", help="directory (or URL) holding manifest.json")
+        return 0 if job.verify(parser.parse_args(argv[1:]).dataset) else 1
+
+    parser = argparse.ArgumentParser(prog="tokenization/run.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="smoke", help="preset name or YAML path (default: smoke)")
+    parser.add_argument("--input", nargs="+", help="builtin, files/dirs/globs/URLs, or hf:OWNER/NAME")
+    parser.add_argument("--output", help="dataset directory (default: <run dir>/data)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset made from other input")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.input:
+        overrides.append(f"data.input=[{', '.join(repr(i) for i in args.input)}]")
+    if args.output:
+        overrides.append(f"tokenization.output={args.output!r}")
+    try:
+        job.run(load_config(args.config, overrides), overwrite=args.overwrite)
+    except (ConfigError, CorpusError, ShardError, TokenizerUnavailable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
