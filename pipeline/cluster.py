@@ -6,7 +6,8 @@ import os
 
 
 def connect() -> None:
-    """Join $RAY_ADDRESS (set by `ray job submit`) if there is one, else start Ray on this machine.
+    """Join $RAY_ADDRESS (set by `ray job submit`) if there is one, else start Ray on this machine
+    (a new local instance, never a stray cluster that happens to run here).
 
     A no-op when Ray is already initialised, so a stage called from the pipeline driver reuses the
     driver's connection.
@@ -16,8 +17,7 @@ def connect() -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=True,
-             logging_level="WARNING")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level="WARNING")
 
 
 def cpus() -> int:

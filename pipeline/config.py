@@ -323,21 +323,30 @@ def apply_override(raw: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override '{override}' is not of the form section.key=value")
     dotted, value = override.split("=", 1)
-    keys = dotted.strip().split(".")
+    set_key(raw, dotted.strip(), parse_yaml(value) if value.strip() else None)
+
+
+def set_key(raw: dict, dotted: str, value: Any) -> None:
+    """Set `section.key` in a raw config dict (validation comes later, all at once)."""
+    keys = dotted.split(".")
     node = raw
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
             raise ConfigError(f"{dotted}: '{key}' is not a section")
         node = child
-    node[keys[-1]] = parse_yaml(value) if value.strip() else None
+    node[keys[-1]] = value
 
 
-def load_config(preset: str = "smoke", overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a preset (name or YAML path), apply dotted overrides, validate everything once."""
+def load_config(preset: str = "smoke", overrides: list[str] | tuple[str, ...] = (),
+                values: dict[str, Any] | None = None) -> Config:
+    """Load a preset (name or YAML path), apply dotted overrides, then `values` ({"data.input": [...]},
+    from command-line flags), and validate everything once."""
     raw = _load_raw(preset)
     for override in overrides:
         apply_override(raw, override)
+    for dotted, value in (values or {}).items():
+        set_key(raw, dotted, value)
     return validate(raw)
 
 

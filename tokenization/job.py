@@ -29,7 +29,7 @@ from tokenization.shards import MANIFEST, MANIFEST_VERSION, ShardError
 from tokenization.sources import CorpusError, Piece, Source
 
 WORK = "_work"
-MAX_EXAMPLES = 5
+EXAMPLES_PER_REASON = 3
 _PIECE_FORMAT = 1  # bump when what a piece holds changes, so old work is not reused
 # Settings that only decide how the work is spread; they never change a byte of the output.
 _RESOURCE_KEYS = ("output", "num_workers", "piece_bytes")
@@ -141,7 +141,7 @@ class PieceTokenizer:
         for doc in reader:
             if doc.reason is not None:
                 skipped[doc.reason] += 1
-                if len(examples) < MAX_EXAMPLES:
+                if skipped[doc.reason] <= EXAMPLES_PER_REASON:
                     examples.append({"where": reader.locate(doc.where), "reason": doc.reason, "detail": doc.detail})
                 if self.cfg.tokenization.strict:
                     return {"piece": index, "error": _describe(examples[0])}
@@ -342,10 +342,13 @@ def _write_shard(plan: ShardPlan, out: str) -> dict:
 
 def _manifest(cfg: Config, source: Source, tok_info: dict, fingerprint: str,
               results: list[dict], shard_infos: list[dict]) -> dict:
-    skipped, examples = Counter(), []
+    skipped, examples, shown = Counter(), [], Counter()
     for r in results:
         skipped.update(r["skipped"])
-        examples += r["examples"]
+        for e in r["examples"]:  # the first few of each reason, in input order
+            shown[e["reason"]] += 1
+            if shown[e["reason"]] <= EXAMPLES_PER_REASON:
+                examples.append(e)
     totals = {split: {"tokens": sum(s["tokens"] for s in shard_infos if s["split"] == split),
                       "documents": sum(s["documents"] for s in shard_infos if s["split"] == split),
                       "shards": sum(1 for s in shard_infos if s["split"] == split)}
@@ -369,7 +372,7 @@ def _manifest(cfg: Config, source: Source, tok_info: dict, fingerprint: str,
         "totals": totals,
         "input_documents": sum(r["documents"] for r in results) + sum(skipped.values()),
         "skipped": dict(sorted(skipped.items())),
-        "skipped_examples": examples[:MAX_EXAMPLES],
+        "skipped_examples": examples,
         "config": _output_config(cfg),
     }
 

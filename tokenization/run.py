@@ -1,6 +1,6 @@
 """Tokenize a corpus into token shards, or verify a tokenized dataset.
 
-    python tokenization/run.py [--config PRESET] [--input PATH ...] [--output DIR] [section.key=value ...]
+    python tokenization/run.py [--config PRESET] [--input PATH]... [--output DIR] [section.key=value ...]
     python tokenization/run.py verify DIR
 """
 
@@ -27,18 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenization/run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="smoke", help="preset name or YAML path (default: smoke)")
-    parser.add_argument("--input", nargs="+", help="builtin, files/dirs/globs/URLs, or hf:OWNER/NAME")
+    parser.add_argument("--input", action="append",
+                        help="builtin, a file, directory, glob or URL, or hf:OWNER/NAME (repeatable)")
     parser.add_argument("--output", help="dataset directory (default: <run dir>/data)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset made from other input")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.input:
-        overrides.append(f"data.input=[{', '.join(repr(i) for i in args.input)}]")
-    if args.output:
-        overrides.append(f"tokenization.output={args.output!r}")
+    values = {"data.input": args.input, "tokenization.output": args.output}
     try:
-        job.run(load_config(args.config, overrides), overwrite=args.overwrite)
+        cfg = load_config(args.config, args.overrides, {k: v for k, v in values.items() if v is not None})
+        job.run(cfg, overwrite=args.overwrite)
     except (ConfigError, CorpusError, ShardError, TokenizerUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

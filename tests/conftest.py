@@ -1,0 +1,80 @@
+"""Shared fixtures: the offline GPT-2 vocabulary, one local Ray for in-process tests, small corpora."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _offline_vocab() -> None:
+    # tiktoken downloads GPT-2's vocabulary unless TIKTOKEN_CACHE_DIR holds it; CI has no internet.
+    if "TIKTOKEN_CACHE_DIR" not in os.environ:
+        shared = REPO.parent / "shared" / "tiktoken-cache"
+        if shared.is_dir():
+            os.environ["TIKTOKEN_CACHE_DIR"] = str(shared)
+
+
+_offline_vocab()
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs) shared by the in-process tests; CLI tests start their own."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts as a user would, e.g. run_cli("tokenization/run.py", ...)."""
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    """Records are dicts (dumped as JSON) or raw bytes/str lines (written as they are)."""
+    with open(path, "wb") as f:
+        for r in records:
+            line = r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode()
+            f.write(line.rstrip(b"\n") + b"\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prose_texts() -> list[str]:
+    """About 2 MB of real English (the built-in corpus) plus text that stresses the tokenizer."""
+    from tokenization import builtin
+
+    extra = ["naïve café — “quotes”, emoji 🎉 and CJK 漢字", "the literal <|endoftext|> is plain text here",
+             "  leading and trailing spaces  ", "tabs\tand\nnewlines\r\n"]
+    return [text for _, text in builtin.documents()] + extra
+
+
+@pytest.fixture(scope="session")
+def prose_corpus(tmp_path_factory, prose_texts) -> Path:
+    """The prose as four JSONL files in a directory."""
+    root = tmp_path_factory.mktemp("prose")
+    quarter = len(prose_texts) // 4 + 1
+    for i in range(4):
+        write_jsonl(root / f"part-{i}.jsonl", [{"text": t, "id": i} for t in prose_texts[i * quarter:(i + 1) * quarter]])
+    return root
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under root by relative path: for byte-identity comparisons."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

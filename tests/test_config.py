@@ -1,0 +1,91 @@
+"""The typed config: every preset parses, presets derive instead of repeating, bad keys are named."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import PRESET_DIR, ConfigError, _load_raw, load_config, parse_yaml, preset_names
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads(name):
+    cfg = load_config(name)
+    assert cfg.grad_accum_steps >= 1
+    assert cfg.model.n_embd % cfg.model.n_head == 0
+
+
+def test_the_presets_exist_and_124m_is_the_llmc_recipe():
+    assert {"base", "smoke", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m"} <= set(preset_names())
+    c = load_config("gpt2-124m")
+    assert c.data.input == ["hf:HuggingFaceFW/fineweb-edu"] and c.data.hf_config == "sample-10BT"
+    assert c.batch.tokens_per_step == 2**19 and c.train.lr == 6e-4 and c.train.warmup_steps == 715
+    assert c.train.min_lr_ratio == 0.1 and c.train.max_steps == 19073
+    assert c.deepspeed.precision == "bf16" and c.deepspeed.zero_stage == 1
+    assert c.cluster.num_workers == 8 and c.cluster.use_gpu
+    assert (c.model.n_layer, c.model.n_head, c.model.n_embd) == (12, 12, 768)
+    sizes = {n: load_config(n).model for n in ("gpt2-350m", "gpt2-774m", "gpt2-1558m")}
+    assert [(m.n_layer, m.n_embd) for m in sizes.values()] == [(24, 1024), (36, 1280), (48, 1600)]
+    assert load_config("gpt2-774m").deepspeed.zero_stage == 2 and load_config("gpt2-1558m").deepspeed.zero_stage == 3
+    smoke = load_config("smoke")
+    assert smoke.data.input == ["builtin"] and not smoke.cluster.use_gpu
+
+
+@pytest.mark.parametrize("name", [n for n in preset_names() if n != "base"])
+def test_presets_derive_from_a_parent_and_restate_nothing_it_already_says(name):
+    raw = parse_yaml((PRESET_DIR / f"{name}.yaml").read_text())
+    parent = _load_raw(raw.pop("extends"))  # every preset but base derives from another
+    for section, values in raw.items():
+        for key, value in values.items():
+            assert parent.get(section, {}).get(key, object()) != value, f"{name}: {section}.{key} repeats its parent"
+
+
+def test_dotted_overrides_are_typed():
+    c = load_config("smoke", ["train.lr=3e-4", "model.n_layer=3", "data.input=[a.jsonl, b.jsonl]",
+                              "tokenization.val_tokens=1000", "checkpoint.dir=s3://bucket/ckpt"])
+    assert c.train.lr == 3e-4 and isinstance(c.train.lr, float)
+    assert c.model.n_layer == 3 and c.data.input == ["a.jsonl", "b.jsonl"]
+    assert c.tokenization.val_tokens == 1000 and c.checkpoint_dir == "s3://bucket/ckpt"
+    assert load_config("smoke", ["tokenization.val_tokens="]).tokenization.val_tokens is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trian.lr=1e-3", "unknown key 'trian' (did you mean 'train'?)"),
+    ("train.lrr=1e-3", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+    ("train.lr=fast", "train.lr: Input should be a valid number"),
+    ("train.max_steps=12.5", "train.max_steps: Input should be a valid integer"),
+    ("train.max_steps='12'", "train.max_steps: Input should be a valid integer"),
+    ("cluster.use_gpu=maybe", "cluster.use_gpu: Input should be a valid boolean"),
+    ("deepspeed.precision=fp8", "deepspeed.precision: Input should be 'auto', 'bf16' or 'fp32'"),
+    ("batch.micro_batch_size=24", "batch.tokens_per_step: (4096) must be a multiple of batch.micro_batch_size"),
+    ("cluster.num_workers=3", "batch.tokens_per_step: (4096) must be a multiple"),
+    ("model.n_head=3", "model.n_embd: (128) must be divisible by model.n_head (3)"),
+    ("batch.seq_len=256", "batch.seq_len: (256) exceeds model.block_size (128)"),
+    ("deepspeed.offload_params=true", "deepspeed.offload_params: needs deepspeed.zero_stage=3"),
+    ("train.warmup_steps=100", "train.warmup_steps: (100) must be between 0 and train.max_steps (60)"),
+    ("tokenization.val_fraction=1.5", "tokenization.val_fraction: must be in [0, 1)"),
+    ("model.n_layer.x=1", "model.n_layer.x: 'n_layer' is not a section"),
+    ("train.lr", "is not of the form section.key=value"),
+])
+def test_bad_config_is_rejected_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", [override])
+    assert message in str(err.value)
+
+
+def test_unknown_preset_lists_the_known_ones(tmp_path):
+    with pytest.raises(ConfigError, match="preset 'gpt2-125m' not found; presets: base, gpt2-124m"):
+        load_config("gpt2-125m")
+    own = tmp_path / "mine.yaml"
+    own.write_text("extends: smoke\ntrain:\n  max_steps: 70\n")
+    assert load_config(str(own)).train.max_steps == 70
+    (tmp_path / "loop.yaml").write_text(f"extends: {tmp_path / 'loop.yaml'}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "loop.yaml"))
+
+
+def test_config_round_trips_and_fingerprints_are_stable():
+    c = load_config("gpt2-350m")
+    assert load_config("base", [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                                for k, v in c.flat().items() if v is not None]).model_dump() == c.model_dump()
+    assert c.fingerprint("model") == load_config("gpt2-350m", ["train.lr=1e-4"]).fingerprint("model")
+    assert c.fingerprint("train") != load_config("gpt2-350m", ["train.lr=1e-4"]).fingerprint("train")

@@ -1,0 +1,61 @@
+"""The project's shape: importable packages, no shadowed standard-library names, the documented commands."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import REPO, run_cli
+
+STAGES = ("pipeline", "tokenization", "train", "eval")
+
+
+def test_no_module_of_the_project_shadows_the_standard_library():
+    top = {p.stem for p in REPO.iterdir() if (p.is_dir() and not p.name.startswith(".")) or p.suffix == ".py"}
+    assert set(STAGES) <= top
+    clash = top & set(sys.stdlib_module_names)
+    assert not clash, f"top-level names that hide standard-library modules: {clash}"
+    # `python eval/run.py` puts eval/ first on sys.path, so the modules inside each stage are top-level too
+    inner = {p.stem for stage in STAGES for p in (REPO / stage).glob("*.py")}
+    assert not inner & set(sys.stdlib_module_names), inner & set(sys.stdlib_module_names)
+
+
+def test_packages_import_from_anywhere(tmp_path):
+    code = "import pipeline.config, tokenization.job, train, eval; print(pipeline.config.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith(str(REPO))
+    assert "usage" in run_cli(str(REPO / "tokenization" / "run.py"), "--help", cwd=tmp_path).stdout
+
+
+def test_a_ray_task_with_the_repo_as_working_dir_imports_torch(tmp_path):
+    # Ray puts the working dir first on every worker's sys.path: a top-level package named like a
+    # standard-library module (tokenize/, say) would break `import torch` right here.
+    script = tmp_path / "probe.py"
+    script.write_text(f"""
+import ray
+ray.init(address="local", num_cpus=1, include_dashboard=False, runtime_env={{"working_dir": {str(REPO)!r}}})
+
+@ray.remote
+def probe():
+    import os, tokenize, torch, tokenization.job
+    return torch.__version__, os.getcwd(), tokenization.job.__file__, tokenize.__file__
+
+print("RESULT", *ray.get(probe.remote()))
+""")
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    version, cwd, ours, tokenize_module = out.stdout.split("RESULT ")[1].split()
+    assert version.startswith("2.") and "working_dir_files" in cwd
+    assert ours.startswith(cwd)  # our packages come from the uploaded working dir
+    assert tokenize_module.startswith(sys.base_prefix)  # the standard library's, not shadowed
+
+
+def test_ci_runs_the_test_command_written_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
+    setup = [b.strip() for b in blocks if "python3.11 -m venv" in b]
+    assert len(setup) == 2, "README gives exactly two set-up commands"
+    run_command, test_command = setup
+    assert "pipeline/run.py" in run_command and "pytest" in test_command
+    assert test_command in (REPO / ".ci" / "run").read_text()
