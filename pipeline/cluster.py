@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -18,6 +19,17 @@ def connect() -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level="WARNING")
+    _quiet_ray_data()
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data prints its execution plan and stats at INFO; our progress lines say what matters.
+    Its full log still goes to the session's ray-data.log."""
+    import ray.data  # noqa: F401  (configures the "ray.data" logger)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":
+            handler.setLevel(logging.WARNING)
 
 
 def cpus() -> int:
