@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -186,6 +187,8 @@ class ClusterConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 3  # automatic restarts of the training run from its last checkpoint
+    # how Ray places the workers: PACK fills nodes, STRICT_SPREAD puts each worker on its own node
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
@@ -236,9 +239,26 @@ class Config(_Section):
         return self.checkpoint.dir or join(self.run_dir, "checkpoints")
 
     @property
+    def metrics_file(self) -> str | None:
+        """Every logged metric, locally, as JSON lines (None when the run directory is remote)."""
+        return None if "://" in self.run_dir else join(self.run_dir, "metrics.jsonl")
+
+    @property
     def grad_accum_steps(self) -> int:
         b = self.batch
         return b.tokens_per_step // (b.micro_batch_size * b.seq_len * self.cluster.num_workers)
+
+    def with_absolute_paths(self) -> Config:
+        """A copy whose local paths are absolute: Ray workers run in other directories."""
+        def absolute(path: str | None) -> str | None:
+            return path if path is None or "://" in path else os.path.abspath(path)
+
+        return self.model_copy(update={
+            "run": self.run.model_copy(update={"root": absolute(self.run.root)}),
+            "tokenization": self.tokenization.model_copy(update={"output": absolute(self.tokenization.output)}),
+            "checkpoint": self.checkpoint.model_copy(update={"dir": absolute(self.checkpoint.dir)}),
+            "eval": self.eval.model_copy(update={"hellaswag_path": absolute(self.eval.hellaswag_path)}),
+        })
 
     def flat(self) -> dict[str, Any]:
         """The config as {"section.key": value}, e.g. for MLflow params."""

@@ -53,6 +53,7 @@ class TokenizeResult:
 def run(cfg: Config, *, overwrite: bool = False, log=print) -> TokenizeResult:
     """Tokenize cfg.data into cfg.data_dir; returns once the manifest is written."""
     start = time.perf_counter()
+    cfg = cfg.with_absolute_paths()
     out = cfg.data_dir
     source = sources.resolve(cfg.data)  # a missing input fails here, before any Ray work
     tok_info = tokenizer.info()

@@ -1,0 +1,236 @@
+"""Checkpoints: everything a run needs to continue exactly, committed atomically.
+
+    <checkpoint dir>/
+      step_00000100/
+        deepspeed/state/       every rank's DeepSpeed state (weights, ZeRO optimizer partitions)
+        model.safetensors      consolidated fp32 weights under GPT-2's Hugging Face names
+        config.json            so `transformers` opens the directory as GPT2LMHeadModel
+        trainer_state.json     written last, by rank 0: its presence commits the checkpoint
+      latest                   the newest committed checkpoint's name, updated after the commit
+
+Works on local disk, a shared filesystem or object storage (fsspec URLs): every rank stages its
+DeepSpeed files on local disk and uploads them. A reader trusts only committed checkpoints, so a crash
+while writing leaves the previous one as `latest`. Resuming with another number of workers goes
+through DeepSpeed's universal checkpoint, converted once and kept beside the original.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline import storage
+from pipeline.config import join
+from train.model import GPT, hf_config, to_hf_state_dict
+
+STATE = "trainer_state.json"
+LATEST = "latest"
+DS_TAG = "state"
+UNIVERSAL_TAG = "universal"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps taken
+    sequences: int = 0  # data position: global sequences consumed by all workers together
+    tokens: int = 0
+    world_size: int = 1
+    zero_stage: int = 0
+    manifest_sha256: str = ""  # the dataset the run trains on
+    run_id: str | None = None  # the tracking (MLflow) run
+    loss: float | None = None  # training loss of the last step
+    rng: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, url: str) -> TrainerState:
+        data = storage.read_json(join(url, STATE))
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def forbid_unpickling() -> None:
+    """Make every torch.load in this process weights_only, DeepSpeed's included.
+
+    DeepSpeed's state files hold tensors, dicts and three plain DeepSpeed records; those are
+    allowlisted, and nothing else in a checkpoint can run code when it is read.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    torch.serialization.add_safe_globals([LossScaler, ZeroStageEnum, fragment_address])
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def committed(directory: str) -> list[str]:
+    """Names of the committed checkpoints in a checkpoint directory, oldest first."""
+    names = [n for n in storage.listdir(directory) if _NAME.match(n)]
+    return [n for n in names if storage.exists(join(directory, n, STATE))]
+
+
+def latest(directory: str) -> str | None:
+    """URL of the newest committed checkpoint: the one `latest` names when it is committed, else the
+    newest committed one found (the crash happened between the commit and the pointer update)."""
+    pointer = join(directory, LATEST)
+    if storage.exists(pointer):
+        name = storage.read_bytes(pointer).decode().strip()
+        if storage.exists(join(directory, name, STATE)):
+            return join(directory, name)
+    names = committed(directory)
+    return join(directory, names[-1]) if names else None
+
+
+def resolve(path: str) -> str:
+    """A checkpoint given by the user: a checkpoint directory (its latest) or one checkpoint."""
+    if storage.exists(join(path, STATE)):
+        return path
+    found = latest(path)
+    if found is None:
+        raise CheckpointError(f"{path}: no committed checkpoint here (expected {STATE} in it, "
+                              f"or step_NNNNNNNN/{STATE} below it)")
+    return found
+
+
+# --- saving ---------------------------------------------------------------------------------------
+
+def save(engine, model: GPT, directory: str, state: TrainerState, keep_last: int) -> str:
+    """Write a checkpoint on every rank and commit it on rank 0. Collective: all ranks call it."""
+    import torch.distributed as dist
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    rank = dist.get_rank()
+    url = join(directory, step_name(state.step))
+    if rank == 0 and storage.exists(url):  # debris of a crash at this very step
+        storage.remove(url, recursive=True)
+    dist.barrier()
+    with _staged(url) as local:
+        engine.save_checkpoint(os.path.join(local, "deepspeed"), tag=DS_TAG, save_latest=False, client_state={
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
+        weights = full_state_dict(engine, model)  # collective under ZeRO-3
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(to_hf_state_dict(weights, model.config), os.path.join(local, "model.safetensors"),
+                      metadata={"format": "pt"})
+            Path(local, "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+    dist.barrier()  # every rank's files are in place
+    if rank == 0:
+        storage.write_json(join(url, STATE), {**asdict(state), "saved_at": time.time()})
+        storage.write_bytes(join(directory, LATEST), step_name(state.step).encode())
+        _prune(directory, keep_last)
+    dist.barrier()
+    return url
+
+
+def full_state_dict(engine, model: GPT) -> dict[str, torch.Tensor]:
+    """fp32 master weights, whole, on CPU (on every rank for ZeRO 0-2; gathered for ZeRO-3)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in model.named_parameters():
+        full = safe_get_full_fp32_param(p) if engine.zero_optimization_stage() > 0 else None
+        out[name] = (full if full is not None else p).detach().float().cpu().clone()
+    out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+class _staged:
+    """A local directory whose files end up under url: url itself when local, else a temp dir uploaded
+    on exit (every rank uploads its own files)."""
+
+    def __init__(self, url: str):
+        self.url, self.local = url, storage.is_local(url)
+
+    def __enter__(self) -> str:
+        self.path = storage.filesystem(self.url)[1] if self.local else tempfile.mkdtemp(prefix="ckpt-")
+        os.makedirs(self.path, exist_ok=True)
+        return self.path
+
+    def __exit__(self, kind, *_) -> None:
+        if self.local:
+            return
+        try:
+            if kind is None:
+                fs, remote = storage.filesystem(self.url)
+                fs.put(self.path.rstrip("/") + "/", remote, recursive=True)
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _prune(directory: str, keep_last: int) -> None:
+    names = committed(directory)
+    for name in names[:-keep_last]:
+        storage.remove(join(directory, name), recursive=True)
+    newest = names[-1]
+    for name in storage.listdir(directory):  # uncommitted leftovers of crashed saves
+        if _NAME.match(name) and name not in names and name < newest:
+            storage.remove(join(directory, name), recursive=True)
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+def local_copy(url: str, keep: callable = lambda name: True) -> str:
+    """A local path holding url's files (url itself when local; else downloaded once per process)."""
+    if storage.is_local(url):
+        return storage.filesystem(url)[1]
+    fs, remote = storage.filesystem(url)
+    target = os.path.join(tempfile.gettempdir(), "gpt2-ckpt", re.sub(r"[^\w.-]", "_", url))
+    for path in fs.find(remote):
+        rel = os.path.relpath(path, remote)
+        if keep(rel) and not os.path.exists(os.path.join(target, rel)):
+            os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
+            fs.get(path, os.path.join(target, rel))
+    return target
+
+
+def prepare_universal(url: str) -> str:
+    """Convert a checkpoint's DeepSpeed state to a universal checkpoint once (rank 0 calls this);
+    returns the directory to pass to engine.load_checkpoint with tag UNIVERSAL_TAG."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    target = join(url, "deepspeed", UNIVERSAL_TAG)
+    if storage.exists(join(target, "zero")):
+        return join(url, "deepspeed")
+    with _staged(target) as out:
+        source = local_copy(join(url, "deepspeed", DS_TAG))
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=source, output_folder=out, num_extract_workers=1, num_merge_workers=1,
+            keep_temp_folder=False, strict=True, inject_missing_state=False))
+    return join(url, "deepspeed")
+
+
+def load(engine, url: str, state: TrainerState, world_size: int) -> None:
+    """Restore the DeepSpeed state of the checkpoint at url into engine (all ranks)."""
+    rank = engine.global_rank
+    if state.world_size == world_size:
+        mine = re.compile(rf"(^|/)(mp_rank_\d+_model_states\.pt|zero_pp_rank_{rank}_.*)$")
+        path = local_copy(join(url, "deepspeed", DS_TAG), lambda name: bool(mine.search(name)))
+        engine.load_checkpoint(os.path.dirname(path), tag=DS_TAG, load_lr_scheduler_states=False)
+    else:
+        path = local_copy(join(url, "deepspeed", UNIVERSAL_TAG))
+        engine.load_checkpoint(os.path.dirname(path), tag=UNIVERSAL_TAG, load_lr_scheduler_states=False)
+
+
+def describe(url: str) -> dict:
+    state = TrainerState.read(url)
+    return {"path": url, "step": state.step, "tokens": state.tokens, "loss": state.loss,
+            "world_size": state.world_size}

@@ -1,0 +1,131 @@
+"""DeepSpeed around the model: its config built from ours, AdamW, the LR schedule, FLOPs for MFU.
+
+The DeepSpeed dict is derived from the typed config every time, never kept by hand, so the two cannot
+drift. Precision: bf16 on GPU and fp32 on CPU unless deepspeed.precision says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pipeline.config import Config
+from train.model import GPT, GPTConfig
+
+
+def gpt_config(cfg: Config) -> GPTConfig:
+    m = cfg.model
+    return GPTConfig(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
+                     vocab_size=m.vocab_size, pad_vocab_to=m.pad_vocab_to, dropout=m.dropout)
+
+
+def precision(cfg: Config) -> str:
+    if cfg.deepspeed.precision != "auto":
+        return cfg.deepspeed.precision
+    return "bf16" if cfg.cluster.use_gpu else "fp32"
+
+
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
+    b, z = cfg.batch, cfg.deepspeed
+    micro_batches = b.tokens_per_step // b.seq_len
+    if micro_batches % (b.micro_batch_size * world_size):
+        raise ValueError(f"batch.tokens_per_step ({b.tokens_per_step}) does not divide over {world_size} workers "
+                         f"x batch.micro_batch_size ({b.micro_batch_size}) x batch.seq_len ({b.seq_len})")
+    zero: dict = {"stage": z.zero_stage, "overlap_comm": cfg.cluster.use_gpu, "contiguous_gradients": True}
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.cluster.use_gpu}
+    if z.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.cluster.use_gpu}
+    if z.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ds = {
+        "train_batch_size": micro_batches,
+        "train_micro_batch_size_per_gpu": b.micro_batch_size,
+        "gradient_accumulation_steps": micro_batches // (b.micro_batch_size * world_size),
+        # Explicit: DeepSpeed's default for this changed in 0.19.3; 0 means no clipping.
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision(cfg) == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # our own metrics report progress
+        "wall_clock_breakdown": False,
+    }
+    if load_universal:  # resuming with another number of workers (see train/checkpoint.py)
+        ds["checkpoint"] = {"load_universal": True}
+    return ds
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up to train.lr over warmup_steps, then cosine decay to min_lr_ratio * lr at max_steps."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on 2-D weights (matmuls, embeddings) only, not on biases or LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = param_groups(model, t.weight_decay)
+    if cfg.deepspeed.offload_optimizer:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=cfg.cluster.use_gpu)
+
+
+def initialize(cfg: Config, world_size: int, load_universal: bool = False):
+    """The DeepSpeed engine around a freshly initialised GPT (seeded by run.seed)."""
+    import deepspeed
+
+    torch.manual_seed(cfg.run.seed)
+    model = GPT(gpt_config(cfg))
+    model.activation_checkpointing = cfg.deepspeed.activation_checkpointing
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer(model, cfg),
+                                           config=deepspeed_config(cfg, world_size, load_universal))
+    if cfg.deepspeed.compile:
+        engine.compile()
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+# --- FLOPs and MFU ---------------------------------------------------------------------------------
+# Peak dense bf16 tensor-core FLOP/s by device name (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {
+    "H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
+    "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12,
+    "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12,  # V100: fp16 (no bf16)
+}
+
+
+def flops_per_token(config: GPTConfig, seq_len: int, n_params: int) -> float:
+    """Training FLOPs per token (PaLM, appendix B): 6N for the weights (forward + backward) plus
+    12 * L * H * Q * T for attention scores and values, with N the parameters without the position
+    embedding, L layers, H heads of size Q, T the sequence length."""
+    head = config.n_embd // config.n_head
+    return 6 * n_params + 12 * config.n_layer * config.n_head * head * seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of one device, or None where we have no reliable figure (CPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # most specific name first
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None

@@ -1,0 +1,67 @@
+"""The training stage: Ray Train's TorchTrainer runs train/loop.py on every worker.
+
+The same code path serves one CPU worker on a laptop (gloo) and N GPUs on M nodes (nccl): only
+cluster.* changes. A worker that dies makes Ray Train restart the whole group, up to
+cluster.max_failures times, and the workers resume from the last committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pipeline import cluster, storage
+from pipeline.config import Config, join
+from tokenization.shards import load_manifest
+from train import checkpoint
+from train.checkpoint import CheckpointError
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str  # the final committed checkpoint
+    step: int
+    loss: float | None
+    tokens: int
+
+
+def run(cfg: Config, *, resume: bool = False, run_id: str | None = None) -> TrainResult:
+    """Train from cfg.data_dir into cfg.checkpoint_dir. With resume, continue from the latest
+    committed checkpoint there; without, refuse to touch a run that already has checkpoints."""
+    cfg = cfg.with_absolute_paths()
+    load_manifest(cfg.data_dir)  # fail now, not in every worker, if the dataset is missing
+    existing = checkpoint.latest(cfg.checkpoint_dir)
+    if existing and not resume:
+        raise CheckpointError(f"{cfg.checkpoint_dir} already holds checkpoints (latest: {existing}); "
+                              f"pass --resume to continue that run, or set run.name for a new one")
+    if existing:
+        print(f"train: resuming from {existing}", flush=True)
+
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cluster.connect()
+    c = cfg.cluster
+    resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
+    ray_dir = join(cfg.run_dir, "ray")
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": cfg.model_dump(), "run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=c.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=os.path.abspath(ray_dir) if storage.is_local(ray_dir) else ray_dir,
+            failure_config=ray.train.FailureConfig(max_failures=c.max_failures)),
+    )
+    result = trainer.fit()
+    out = result.return_value
+    return TrainResult(out["checkpoint"], out["step"], out["loss"], out["tokens"])
+
+
+def _worker(payload: dict) -> dict:
+    # Imported in the worker so the driver never loads DeepSpeed.
+    from train.loop import train_worker
+
+    return train_worker(payload)

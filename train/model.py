@@ -1,0 +1,252 @@
+"""GPT-2, as OpenAI released it, in one file.
+
+Learned token and position embeddings; n_layer pre-LayerNorm blocks (LN -> causal self-attention ->
+dropout -> residual; LN -> 4x MLP with tanh-GELU -> dropout -> residual); a final LayerNorm; the LM head
+tied to the token embedding. The vocabulary (50,257) may be padded to a multiple of 64 so the big
+matmuls tile well; the padded logits are set to -inf, so they are never predicted and add no loss.
+
+Shapes: B batch, T time, C n_embd, H n_head, D = C // H head size, V (padded) vocabulary.
+No distributed code lives here: train/engine.py wraps this model for DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+SIZES = {  # GPT-2's released sizes: (n_layer, n_head, n_embd)
+    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
+}
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50257
+    pad_vocab_to: int = 64  # 1: no padding
+    dropout: float = 0.0
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.pad_vocab_to) * self.pad_vocab_to
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to max_len."""
+
+    def __init__(self, config: GPTConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions filled
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows `index` (beam search re-ranks hypotheses between steps)."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.residual = True  # scaled at init (see GPT._init_weights)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        mask, causal = None, True
+        if cache is not None:
+            past = cache.length
+            cache.k[layer][:, :, past:past + T] = k
+            cache.v[layer][:, :, past:past + T] = v
+            k, v = cache.k[layer][:, :, :past + T], cache.v[layer][:, :, :past + T]  # (B, H, past+T, D)
+            if past:  # new queries see every cached position and the causal part of their own
+                causal = False
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.residual = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.activation_checkpointing = False  # recompute each block in backward to save memory
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameters, tied ones once; without the position embedding if embeddings=False (as for FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.transformer.wpe.weight.numel()
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx, targets: (B, T) token ids. Returns logits (B, T, V) and the mean cross-entropy
+        (None without targets); targets of -1 are ignored."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        if self.config.padded_vocab_size > self.config.vocab_size:
+            logits[..., self.config.vocab_size:] = float("-inf")  # padding rows are never predicted
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+
+# --- Hugging Face GPT-2 checkpoints: config.json + model.safetensors ----------------------------------
+# HF stores the four projection weights as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_config(config: GPTConfig) -> dict:
+    """A config.json that `transformers.GPT2LMHeadModel.from_pretrained` reads."""
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+            "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd,
+            "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+            "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+            "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True,
+            "scale_attn_weights": True, "use_cache": True}
+
+
+def config_from_hf(hf: dict, pad_vocab_to: int = 64) -> GPTConfig:
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"config.json describes a {hf.get('model_type')!r} model, not 'gpt2'")
+    unsupported = {k: hf[k] for k in ("n_inner", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn")
+                   if hf.get(k)}
+    if unsupported or hf.get("activation_function", "gelu_new") != "gelu_new":
+        raise ValueError(f"config.json has GPT-2 variants this model does not implement: "
+                         f"{unsupported or hf.get('activation_function')}")
+    return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                     block_size=hf["n_positions"], vocab_size=hf["vocab_size"], pad_vocab_to=pad_vocab_to)
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our state dict (any device/dtype) -> GPT2LMHeadModel's names, Conv1D layout, unpadded vocabulary."""
+    out = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            continue  # tied to transformer.wte.weight
+        t = tensor.detach()
+        if name.endswith(_CONV1D):
+            t = t.t()
+        if name == "transformer.wte.weight":
+            t = t[:config.vocab_size]
+        out[name] = t.contiguous()
+    return out
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel / GPT2Model tensors (with or without the `transformer.` prefix) -> ours."""
+    out = {}
+    for name, tensor in hf.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # causal-mask buffers of old checkpoints; the tied head
+        key = name if name.startswith("transformer.") else f"transformer.{name}"
+        t = tensor.t() if key.endswith(_CONV1D) else tensor
+        if key == "transformer.wte.weight" and config.padded_vocab_size > t.shape[0]:
+            t = torch.cat([t, t.new_zeros(config.padded_vocab_size - t.shape[0], t.shape[1])])
+        out[key] = t.contiguous()
+    out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+def save_hf(model: GPT, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json + model.safetensors that `transformers` opens as GPT2LMHeadModel.
+    `state`: a consolidated state dict to write instead of the model's own (ZeRO-3 gathers one)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = to_hf_state_dict(state if state is not None else model.state_dict(), model.config)
+    save_file({k: v.float().cpu() for k, v in tensors.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+
+
+def load_hf(directory: str | Path, pad_vocab_to: int = 64, device: str = "cpu") -> GPT:
+    """A GPT from a Hugging Face GPT-2 directory (config.json + model.safetensors)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = config_from_hf(json.loads((directory / "config.json").read_text()), pad_vocab_to)
+    model = GPT(config)
+    state = from_hf_state_dict(load_file(str(directory / "model.safetensors"), device=device), config)
+    model.load_state_dict(state, strict=True)
+    return model.to(device)
+
