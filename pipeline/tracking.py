@@ -70,7 +70,12 @@ class JsonLines:
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(path, "a", buffering=1)
+        self.file = open(path, "a+", buffering=1)
+        self.file.seek(0)
+        text = self.file.read()
+        if text and not text.endswith("\n"):  # the torn last line of a killed writer
+            self.file.truncate(text.rfind("\n") + 1)
+        self.file.seek(0, os.SEEK_END)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")

@@ -78,3 +78,26 @@ def prose_corpus(tmp_path_factory, prose_texts) -> Path:
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file under root by relative path: for byte-identity comparisons."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def builtin_dataset(tmp_path_factory, ray_local) -> Path:
+    """The built-in corpus tokenized once for every test that trains or evaluates."""
+    from pipeline.config import load_config
+    from tokenization import job
+
+    out = tmp_path_factory.mktemp("builtin") / "data"
+    job.run(load_config("smoke", [], {"tokenization.output": str(out)}), log=lambda *_: None)
+    return out
+
+
+def tiny_config(root: Path, data: Path, *overrides: str):
+    """A GPT-2 small enough to train in seconds on a CPU, two workers by default."""
+    from pipeline.config import load_config
+
+    return load_config("smoke", ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64",
+                                 "batch.seq_len=64", "batch.micro_batch_size=4", "batch.tokens_per_step=1024",
+                                 "cluster.num_workers=2", "cluster.cpus_per_worker=1", "train.lr=1e-2",
+                                 "train.warmup_steps=3", "train.max_steps=12", "checkpoint.interval=4",
+                                 "eval.interval=0", "cluster.max_failures=0", *overrides],
+                       {"run.root": str(root), "tokenization.output": str(data)})

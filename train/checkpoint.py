@@ -87,13 +87,8 @@ def committed(directory: str) -> list[str]:
 
 
 def latest(directory: str) -> str | None:
-    """URL of the newest committed checkpoint: the one `latest` names when it is committed, else the
-    newest committed one found (the crash happened between the commit and the pointer update)."""
-    pointer = join(directory, LATEST)
-    if storage.exists(pointer):
-        name = storage.read_bytes(pointer).decode().strip()
-        if storage.exists(join(directory, name, STATE)):
-            return join(directory, name)
+    """URL of the newest committed checkpoint. The commit markers decide, not the `latest` pointer
+    (kept for people and tools): a crash between a commit and the pointer update loses nothing."""
     names = committed(directory)
     return join(directory, names[-1]) if names else None
 
@@ -228,9 +223,3 @@ def load(engine, url: str, state: TrainerState, world_size: int) -> None:
     else:
         path = local_copy(join(url, "deepspeed", UNIVERSAL_TAG))
         engine.load_checkpoint(os.path.dirname(path), tag=UNIVERSAL_TAG, load_lr_scheduler_states=False)
-
-
-def describe(url: str) -> dict:
-    state = TrainerState.read(url)
-    return {"path": url, "step": state.step, "tokens": state.tokens, "loss": state.loss,
-            "world_size": state.world_size}

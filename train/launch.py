@@ -17,6 +17,10 @@ from train import checkpoint
 from train.checkpoint import CheckpointError
 
 
+class TrainingFailed(RuntimeError):
+    pass
+
+
 @dataclass
 class TrainResult:
     checkpoint: str  # the final committed checkpoint
@@ -55,7 +59,11 @@ def run(cfg: Config, *, resume: bool = False, run_id: str | None = None) -> Trai
             name="train", storage_path=os.path.abspath(ray_dir) if storage.is_local(ray_dir) else ray_dir,
             failure_config=ray.train.FailureConfig(max_failures=c.max_failures)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise TrainingFailed(f"training failed (after {c.max_failures} automatic restarts); it resumes from "
+                             f"its last checkpoint with --resume. Cause: {err}") from err
     out = result.return_value
     return TrainResult(out["checkpoint"], out["step"], out["loss"], out["tokens"])
 

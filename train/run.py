@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, {"tokenization.output": args.data} if args.data else None)
         result = launch.run(cfg, resume=args.resume)
-    except (ConfigError, ShardError, CheckpointError) as err:
+    except (ConfigError, ShardError, CheckpointError, launch.TrainingFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"train: done at step {result.step}, loss {result.loss:.4f}, {result.tokens:,} tokens; "
