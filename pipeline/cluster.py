@@ -18,6 +18,10 @@ def connect() -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if not os.environ.get("RAY_ADDRESS"):
+        # Ray starts workers at nice 15 by default, so its own idle daemons preempt the training
+        # workers; on a machine that exists to train, they run at normal priority (see BENCHMARKS.md).
+        os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level="WARNING")
     _quiet_ray_data()
 

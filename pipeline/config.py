@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,11 +167,29 @@ class CheckpointConfig(_Section):
 class EvalConfig(_Section):
     interval: int = 250  # steps between validation-loss evaluations during training (0: never)
     val_tokens: int = 10_485_760  # token budget of each validation-loss evaluation
+    # "official": the 10,042-item validation set, downloaded once and verified; "smoke": a few items
+    # bundled for offline smoke runs (not comparable to anything); a JSONL/parquet path; null: skip
+    hellaswag: str | None = "official"
     hellaswag_interval: int = 0  # steps between HellaSwag evaluations during training (0: never)
-    hellaswag_path: str | None = None  # local JSONL/parquet; None: download from the Hub once
     hellaswag_limit: int | None = None  # first N items only
     prompts: list[str] = ["Hello, I'm a language model,"]
     max_new_tokens: int = 64
+    greedy: bool = False
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+    num_beams: int = 1  # > 1: beam search instead of sampling
+    num_samples: int = 2
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        _require(self.interval >= 0 and self.hellaswag_interval >= 0, "eval.interval", "must be >= 0")
+        _require(self.temperature > 0, "eval.temperature", "must be positive (use eval.greedy for argmax)")
+        _require(self.top_p is None or 0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+        _require(self.top_k is None or self.top_k >= 1, "eval.top_k", "must be >= 1")
+        _require(self.num_beams >= 1 and self.num_samples >= 1, "eval.num_beams", "must be >= 1")
+        return self
 
 
 class TrackingConfig(_Section):
@@ -239,9 +258,15 @@ class Config(_Section):
         return self.checkpoint.dir or join(self.run_dir, "checkpoints")
 
     @property
-    def metrics_file(self) -> str | None:
-        """Every logged metric, locally, as JSON lines (None when the run directory is remote)."""
-        return None if "://" in self.run_dir else join(self.run_dir, "metrics.jsonl")
+    def eval_dir(self) -> str:
+        return join(self.run_dir, "eval")
+
+    @property
+    def metrics_file(self) -> str:
+        """Every logged training metric as JSON lines, on local disk (rank 0's, for a remote run dir)."""
+        if "://" in self.run_dir:
+            return os.path.join(tempfile.gettempdir(), "gpt2-pipeline", self.run.name, "metrics.jsonl")
+        return join(self.run_dir, "metrics.jsonl")
 
     @property
     def grad_accum_steps(self) -> int:
@@ -257,7 +282,8 @@ class Config(_Section):
             "run": self.run.model_copy(update={"root": absolute(self.run.root)}),
             "tokenization": self.tokenization.model_copy(update={"output": absolute(self.tokenization.output)}),
             "checkpoint": self.checkpoint.model_copy(update={"dir": absolute(self.checkpoint.dir)}),
-            "eval": self.eval.model_copy(update={"hellaswag_path": absolute(self.eval.hellaswag_path)}),
+            "eval": self.eval.model_copy(update={"hellaswag": self.eval.hellaswag if self.eval.hellaswag in
+                                                 (None, "official", "smoke") else absolute(self.eval.hellaswag)}),
         })
 
     def flat(self) -> dict[str, Any]:

@@ -1,37 +1,97 @@
-"""The pipeline driver: corpus -> shards (-> trainer -> checkpoint -> eval -> MLflow as those stages land).
+"""The pipeline: corpus -> shards -> trainer -> checkpoint -> eval -> registered model, one MLflow lineage.
 
-    python pipeline/run.py [--config PRESET] [section.key=value ...]
+    python pipeline/run.py [--config PRESET] [--stages tokenize,train,eval,register] [--force STAGE]...
+                           [section.key=value ...]
+    ray job submit --working-dir . -- python pipeline/run.py --config gpt2-124m
 
-With no arguments it runs the `smoke` preset on the built-in corpus with a local Ray.
+With no arguments: the `smoke` preset on the built-in corpus, a local Ray, MLflow in ./mlflow.db.
+Under `ray job submit` it joins the cluster ($RAY_ADDRESS). Every stage skips what is complete, so
+submitting the same run name again continues: tokenization is reused, training resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
-from pipeline import cluster
+from pipeline import cluster, lineage, stages
 from pipeline.config import ConfigError, load_config
-from tokenization import job as tokenize
-from tokenization.shards import ShardError
-from tokenization.sources import CorpusError
-from tokenization.tokenizer import TokenizerUnavailable
+from pipeline.progress import format_duration
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipeline/run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="smoke", help="preset name or YAML path (default: smoke)")
+    parser.add_argument("--stages", default=",".join(stages.STAGES), help="comma-separated stages to run, in order")
+    parser.add_argument("--force", action="append", default=[], choices=stages.STAGES, metavar="STAGE",
+                        help="redo this stage even if it is complete (repeatable)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    selected = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in selected if s not in stages.STAGES]
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stages.STAGES)}")
     try:
-        cfg = load_config(args.config, args.overrides)
-        cluster.connect()
-        tokenize.run(cfg)
-    except (ConfigError, CorpusError, ShardError, TokenizerUnavailable) as err:
+        cfg = load_config(args.config, args.overrides).with_absolute_paths()
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return run(cfg, selected, set(args.force))
+
+
+def run(cfg, selected: list[str], force: set[str]) -> int:
+    started = time.time()
+    cluster.connect()
+    uri = lineage.tracking_uri(cfg.tracking.uri)
+    track = lineage.Lineage(uri, cfg.tracking.experiment, cfg.run_dir) if cfg.tracking.enabled else None
+    import ray
+
+    tags = {"git_commit": lineage.git_commit(), "ray_cluster_resources": ray.cluster_resources(),
+            "run_dir": cfg.run_dir, **{f"version.{k}": v for k, v in lineage.package_versions().items()}}
+    parent = track.start_parent(cfg.run.name, cfg.flat(), tags) if track else None
+    print(f"pipeline: run '{cfg.run.name}' in {cfg.run_dir}; stages {', '.join(selected)}; tracking "
+          f"{uri if track and track.available else 'off'}", flush=True)
+    ctx = stages.Context(cfg, track)
+    try:
+        for name in selected:
+            ctx.results[name] = stages.run_stage(ctx, stages.ALL[name], name in force)
+            if name == "tokenize" and track:
+                track.set_tags(parent, {"manifest_sha256": ctx.results[name].get("manifest_sha256")})
+            if name == "train" and track:
+                track.set_tags(parent, {"checkpoint": ctx.results[name].get("output")})
+    except KeyboardInterrupt:
+        print("pipeline: interrupted; run the same command again to continue", file=sys.stderr)
+        if track:
+            track.finish(parent, "KILLED")
+        return 130
+    except Exception as err:  # every stage error is reported the same way: what failed, and how to resume
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        print("pipeline: stopped; fix the cause and run the same command again to continue", file=sys.stderr)
+        if track:
+            track.finish(parent, "FAILED")
+        return 1
+    if track:
+        track.finish(parent)
+    report(ctx, track, parent, time.time() - started)
     return 0
+
+
+def report(ctx: stages.Context, track, parent: str | None, seconds: float) -> None:
+    print(f"\npipeline: done in {format_duration(seconds)}")
+    for name, summary in ctx.results.items():
+        status = "skipped (complete)" if summary.get("skipped") else f"{summary.get('seconds', 0):.0f} s"
+        print(f"  {name:<9} {status:<20} {summary.get('output') or ''}")
+    metrics = ctx.results.get("eval", {}).get("metrics", {})
+    for key in ("val/loss", "hellaswag/harness/acc", "hellaswag/harness/acc_norm",
+                "hellaswag/completion/acc", "hellaswag/completion/acc_norm"):
+        if key in metrics:
+            print(f"  {key:<30} {metrics[key]:.4f}")
+    if track and track.available:
+        print(f"\nReview it in MLflow:\n  {lineage.ui_command(track.uri)}")
+        if parent:
+            print(f"  then open {track.run_url(parent)}")
 
 
 if __name__ == "__main__":

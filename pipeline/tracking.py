@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
-from typing import Callable, Protocol, TextIO
+from collections.abc import Callable
+from typing import Protocol, TextIO
 
 
 class Sink(Protocol):
@@ -42,8 +44,12 @@ _SHOWN = {
     "train/step_time_s": lambda v: f"{v * 1000:.0f} ms/step",
     "train/memory_gb": lambda v: f"mem {v:.1f} GB",
     "train/eta_s": lambda v: f"eta {_duration(v)}",
+    "hellaswag/harness/acc": lambda v: f"hellaswag acc {v:.4f}",
+    "hellaswag/harness/acc_norm": lambda v: f"acc_norm {v:.4f} (harness)",
+    "hellaswag/completion/acc": lambda v: f"acc {v:.4f}",
+    "hellaswag/completion/acc_norm": lambda v: f"acc_norm {v:.4f} (completion)",
 }
-_QUIET = {"train/tokens_seen", "train/epoch", "val/tokens", "val/perplexity"}
+_QUIET = {"train/tokens_seen", "train/epoch", "val/tokens", "val/perplexity", "hellaswag/items"}
 
 
 class Console:
@@ -106,3 +112,101 @@ class Metrics:
 def for_rank(rank: int, make_sinks: Callable[[], list[Sink]]) -> Metrics:
     """Rank 0 logs to the sinks (made only there); other ranks log nowhere."""
     return Metrics(make_sinks() if rank == 0 else [])
+
+
+class MlflowUploader:
+    """Ships a JSON-lines metrics file to an MLflow run in batches, from a background thread.
+
+    The file is the record and MLflow its copy: training only appends a line per step, so a slow or
+    unreachable tracking server never slows a step. The byte offset of the last line sent is kept in
+    `<file>.sent-<run id>`, so an outage (retried with back-off) or a restart of the process resumes
+    where it stopped. `drain` sends what is left, e.g. from the driver once training ends.
+    """
+
+    MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+    def __init__(self, path: str, run_id: str, tracking_uri: str, interval_s: float = 5.0, log=print):
+        self.path, self.run_id, self.uri, self.interval_s, self.log = path, run_id, tracking_uri, interval_s, log
+        self.cursor_path = f"{path}.sent-{run_id}"
+        # MLflow's client otherwise retries one request for minutes; our own loop retries instead
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def start(self) -> MlflowUploader:
+        self._thread = threading.Thread(target=self._loop, name="mlflow-uploader", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        delay = self.interval_s
+        while not self._stop.wait(delay):
+            delay = self.interval_s if self._send() else min(delay * 2, 60.0)
+
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Stop the thread and send what is left, trying for up to timeout_s; True when all was sent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self.drain(timeout_s)
+
+    def drain(self, timeout_s: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        delay = 1.0
+        while True:
+            if self._send() and self._pending() == 0:
+                return True
+            if time.monotonic() + delay > deadline:
+                self.log(f"tracking: {self._pending()} bytes of metrics not yet in MLflow; they stay in "
+                         f"{self.path} and are sent by the next drain")
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _offset(self) -> int:
+        try:
+            with open(self.cursor_path) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _pending(self) -> int:
+        return max(0, os.path.getsize(self.path) - self._offset()) if os.path.exists(self.path) else 0
+
+    def _send(self) -> bool:
+        """Send every complete line after the cursor; False if the server refused or was unreachable."""
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        if not os.path.exists(self.path):
+            return True
+        offset = self._offset()
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a line being written is sent next time
+        metrics = []
+        for line in data[:end].splitlines():
+            record = json.loads(line)
+            ms = int(record.get("time", time.time()) * 1000)
+            metrics += [Metric(k, float(v), ms, int(record["step"])) for k, v in record.items() if k not in ("step", "time")]
+        try:
+            client = MlflowClient(tracking_uri=self.uri)
+            for i in range(0, len(metrics), self.MAX_BATCH):
+                client.log_batch(self.run_id, metrics=metrics[i:i + self.MAX_BATCH])
+        except Exception as err:  # unreachable or failing server: keep the lines, retry later
+            if not self._failing:
+                self.log(f"tracking: MLflow at {self.uri} unreachable ({type(err).__name__}); metrics are kept in "
+                         f"{self.path} and sent when it is back")
+            self._failing = True
+            return False
+        if self._failing:
+            self.log(f"tracking: MLflow at {self.uri} is back; sending the kept metrics")
+        self._failing = False
+        tmp = f"{self.cursor_path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(str(offset + end))
+        os.replace(tmp, self.cursor_path)
+        return True

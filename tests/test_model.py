@@ -94,5 +94,5 @@ def test_kv_cache_gives_the_logits_of_a_full_forward_pass():
         parts.append(model(idx[:, 25:], cache=cache)[0])  # several new tokens on top of a filled cache
     cached = torch.cat(parts, dim=1)
     assert torch.allclose(cached[..., :50257], full[..., :50257], atol=1e-5)
-    with pytest.raises(ValueError, match="exceeds the context"):
+    with pytest.raises(ValueError, match="beyond the context"):
         model(torch.zeros(1, 49, dtype=torch.long))

@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -20,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
-
 from conftest import REPO, run_cli, tree_bytes, write_jsonl
+
 from pipeline.config import load_config
 from tokenization import job, shards
 from tokenization.sources import SKIP_REASONS, CorpusError
@@ -246,6 +245,7 @@ def test_parquet_gzip_text_and_hub_layout_inputs(ray_local, tmp_path):
     assert per_line.manifest["totals"]["train"]["documents"] == 3 and per_line.manifest["skipped"] == {"empty": 1}
     per_paragraph = job.run(config([tmp_path / "lines"], tmp_path / "o3", "data.text_unit=paragraph",
                                    "tokenization.val_fraction=0.0"))
+    assert per_paragraph.manifest["totals"]["train"]["documents"] == 2
     assert documents_in(tmp_path / "o3", "train") == [tuple(ENC.encode_ordinary("one\ntwo")),
                                                       tuple(ENC.encode_ordinary("three"))]
 

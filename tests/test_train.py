@@ -9,14 +9,13 @@ import shutil
 import signal
 import threading
 import time
-from collections import Counter
 
 import psutil
 import pytest
 import torch
+from conftest import run_cli, tiny_config
 from safetensors.torch import load_file
 
-from conftest import run_cli, tiny_config
 from pipeline.config import load_config
 from pipeline.tracking import read_jsonl
 from train import checkpoint, launch

@@ -89,6 +89,21 @@ def run(cfg: Config, *, overwrite: bool = False, log=print) -> TokenizeResult:
 
 # --- fingerprints ---------------------------------------------------------------------------------
 
+def fingerprint(cfg: Config) -> str:
+    """What the dataset cfg describes would be: its input (as it is now), tokenizer and settings."""
+    cfg = cfg.with_absolute_paths()
+    return _dataset_fingerprint(cfg, sources.resolve(cfg.data), tokenizer.info())
+
+
+def complete(cfg: Config) -> bool:
+    """Whether cfg.data_dir holds this very dataset, every shard present at its size."""
+    url = join(cfg.with_absolute_paths().data_dir, MANIFEST)
+    if not storage.exists(url):
+        return False
+    manifest = storage.read_json(url)
+    return manifest.get("fingerprint") == fingerprint(cfg) and not _missing_shards(cfg.data_dir, manifest)
+
+
 def _output_config(cfg: Config) -> dict:
     """The settings that shape the output, as the manifest records them."""
     tok = {k: v for k, v in cfg.tokenization.model_dump().items() if k not in _RESOURCE_KEYS}

@@ -109,8 +109,11 @@ def resolve(path: str) -> str:
 def save(engine, model: GPT, directory: str, state: TrainerState, keep_last: int) -> str:
     """Write a checkpoint on every rank and commit it on rank 0. Collective: all ranks call it."""
     import torch.distributed as dist
-    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
 
     rank = dist.get_rank()
     url = join(directory, step_name(state.step))

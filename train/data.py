@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ class SequenceOrder:
         if not any(n - 1 >= 2 * seq_len for n in self.shard_tokens):
             raise ValueError(f"no shard holds enough tokens for sequences of {seq_len}: {self.shard_tokens}")
         self._epoch_starts = [0]  # global sequence number at which each epoch begins, grown on demand
+        self._layouts: dict[int, EpochLayout] = {}  # the current epoch's, and the next one's at a boundary
 
     def _draw(self, epoch: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -51,12 +51,14 @@ class SequenceOrder:
         _, _, offsets = self._draw(epoch)
         return sum(self._windows(s, int(offsets[s])) for s in range(len(self.shard_tokens)))
 
-    @lru_cache(maxsize=2)  # the current epoch, and the next one at a boundary
     def layout(self, epoch: int) -> EpochLayout:
-        rng, order, offsets = self._draw(epoch)
-        windows = [self._windows(int(s), int(offsets[s])) for s in order]
-        perms = tuple(rng.permutation(n) for n in windows)
-        return EpochLayout(order, offsets, perms, np.concatenate([[0], np.cumsum(windows)]))
+        if epoch not in self._layouts:
+            rng, order, offsets = self._draw(epoch)
+            windows = [self._windows(int(s), int(offsets[s])) for s in order]
+            perms = tuple(rng.permutation(n) for n in windows)
+            self._layouts = {e: v for e, v in self._layouts.items() if e == epoch - 1}
+            self._layouts[epoch] = EpochLayout(order, offsets, perms, np.concatenate([[0], np.cumsum(windows)]))
+        return self._layouts[epoch]
 
     def locate(self, sequence: int) -> tuple[int, int, int]:
         """Global sequence number -> (epoch, shard, first token)."""
@@ -96,18 +98,3 @@ class ShardLoader:
         per_rank = global_batch // world
         return self.sequences(consumed + rank * per_rank + micro * micro_batch, micro_batch)
 
-
-def val_sequences(dataset_dir: str, seq_len: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed validation set: the first max_tokens // seq_len windows of the val split, in order."""
-    wanted = max_tokens // seq_len * seq_len + 1
-    parts, have = [], 0
-    for tokens in shards.read_split(dataset_dir, "val"):
-        if have >= wanted:
-            break
-        parts.append(np.asarray(tokens[:wanted - have], dtype=np.int64))
-        have += len(parts[-1])
-    count = min(max_tokens // seq_len, (have - 1) // seq_len)
-    if count <= 0:
-        raise ValueError(f"{dataset_dir}: the val split ({have} tokens) is shorter than one sequence of {seq_len}")
-    rows = torch.from_numpy(np.concatenate(parts)[:count * seq_len + 1])
-    return rows[:-1].view(count, seq_len), rows[1:].view(count, seq_len)

@@ -29,9 +29,10 @@ class TrainResult:
     tokens: int
 
 
-def run(cfg: Config, *, resume: bool = False, run_id: str | None = None) -> TrainResult:
+def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> TrainResult:
     """Train from cfg.data_dir into cfg.checkpoint_dir. With resume, continue from the latest
-    committed checkpoint there; without, refuse to touch a run that already has checkpoints."""
+    committed checkpoint there; without, refuse to touch a run that already has checkpoints.
+    tracking: {"uri", "run_id"} of the MLflow run that receives rank 0's metrics."""
     cfg = cfg.with_absolute_paths()
     load_manifest(cfg.data_dir)  # fail now, not in every worker, if the dataset is missing
     existing = checkpoint.latest(cfg.checkpoint_dir)
@@ -50,7 +51,7 @@ def run(cfg: Config, *, resume: bool = False, run_id: str | None = None) -> Trai
     ray_dir = join(cfg.run_dir, "ray")
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": cfg.model_dump(), "run_id": run_id},
+        train_loop_config={"config": cfg.model_dump(), "tracking": tracking},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                                resources_per_worker=resources,

@@ -17,14 +17,16 @@ import warnings
 import numpy as np
 import psutil
 import torch
-import torch.nn.functional as F
 
+from eval import hellaswag, val_loss
 from pipeline.config import Config
-from pipeline.tracking import Console, JsonLines, for_rank
+from pipeline.tracking import Console, JsonLines, MlflowUploader, for_rank
 from tokenization.shards import manifest_hash
-from train import checkpoint, engine as engines
+from tokenization.tokenizer import encoding
+from train import checkpoint
+from train import engine as engines
 from train.checkpoint import TrainerState
-from train.data import ShardLoader, val_sequences
+from train.data import ShardLoader
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -33,11 +35,11 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def train_worker(payload: dict) -> dict:
-    """Ray Train's train_loop_per_worker. payload: {"config": Config dump, "run_id": tracking run}."""
+    """Ray Train's train_loop_per_worker. payload: {"config": Config dump,
+    "tracking": {"uri", "run_id"} of the MLflow run that receives the metrics, or None}."""
     import deepspeed
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     checkpoint.forbid_unpickling()
@@ -49,29 +51,54 @@ def train_worker(payload: dict) -> dict:
     if cfg.cluster.use_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    tracking = payload.get("tracking")
+    engine, state = _engine(cfg, rank, world, tracking["run_id"] if tracking else None)
 
-    resume_from = checkpoint.latest(cfg.checkpoint_dir)
+    metrics = for_rank(rank, lambda: [Console(cfg.train.max_steps), JsonLines(cfg.metrics_file)])
+    uploader = MlflowUploader(cfg.metrics_file, tracking["run_id"], tracking["uri"]).start() if tracking and rank == 0 else None
+    monitor = _system_metrics(tracking) if tracking and rank == 0 and cfg.tracking.system_metrics else None
+    try:
+        _train(cfg, engine, state, metrics, rank, world, device)
+    finally:
+        metrics.close()
+        if uploader is not None:
+            uploader.close()
+        if monitor is not None:
+            monitor.finish()
+    return {"checkpoint": checkpoint.latest(cfg.checkpoint_dir), "step": state.step, "loss": state.loss,
+            "tokens": state.tokens}
+
+
+def _engine(cfg: Config, rank: int, world: int, run_id: str | None):
+    """The DeepSpeed engine and the trainer state: from the latest committed checkpoint when there is one
+    (through a universal checkpoint when the number of workers changed), else fresh."""
+    import torch.distributed as dist
+
     state = TrainerState(world_size=world, zero_stage=cfg.deepspeed.zero_stage,
-                         manifest_sha256=manifest_hash(cfg.data_dir), run_id=payload.get("run_id"))
-    if resume_from:
-        saved = TrainerState.read(resume_from)
-        _check_resumable(saved, state, cfg, resume_from)
-        if saved.world_size != world and rank == 0:
-            checkpoint.prepare_universal(resume_from)
-        dist.barrier()
-    engine = engines.initialize(cfg, world, load_universal=bool(resume_from) and saved.world_size != world)
-    model = engine.module
-    if resume_from:
-        checkpoint.load(engine, resume_from, saved, world)
-        state = TrainerState(**{**saved.__dict__, "world_size": world, "run_id": saved.run_id or state.run_id})
+                         manifest_sha256=manifest_hash(cfg.data_dir), run_id=run_id)
+    resume_from = checkpoint.latest(cfg.checkpoint_dir)
+    if not resume_from:
+        return engines.initialize(cfg, world), state
+    saved = TrainerState.read(resume_from)
+    _check_resumable(saved, state, cfg, resume_from)
+    if saved.world_size != world and rank == 0:
+        checkpoint.prepare_universal(resume_from)
+    dist.barrier()
+    engine = engines.initialize(cfg, world, load_universal=saved.world_size != world)
+    checkpoint.load(engine, resume_from, saved, world)
+    _say(rank, f"resumed from {resume_from} at step {saved.step} ({saved.sequences} sequences consumed)")
+    return engine, TrainerState(**{**saved.__dict__, "world_size": world, "run_id": saved.run_id or run_id})
 
-    metrics = for_rank(rank, lambda: [Console(cfg.train.max_steps),
-                                      *([JsonLines(cfg.metrics_file)] if cfg.metrics_file else [])])
-    if resume_from:
-        _say(rank, f"resumed from {resume_from} at step {state.step} ({state.sequences} sequences consumed)")
-    loader = ShardLoader(cfg.data_dir, cfg.batch.seq_len, cfg.run.seed)
-    val_x, val_y = val_sequences(cfg.data_dir, cfg.batch.seq_len, cfg.eval.val_tokens) if cfg.eval.interval else (None, None)
-    b = cfg.batch
+
+def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: int, device: torch.device) -> None:
+    import torch.distributed as dist
+
+    model, b = engine.module, cfg.batch
+    loader = ShardLoader(cfg.data_dir, b.seq_len, cfg.run.seed)
+    val_x, val_y = (val_loss.val_sequences(cfg.data_dir, b.seq_len, cfg.eval.val_tokens)
+                    if cfg.eval.interval else (None, None))
+    swag = (hellaswag.load(cfg.eval.hellaswag, limit=cfg.eval.hellaswag_limit)[0]
+            if cfg.eval.hellaswag and cfg.eval.hellaswag_interval else None)
     global_batch = b.tokens_per_step // b.seq_len
     accum = engine.gradient_accumulation_steps()
     flops_per_step = engines.flops_per_token(model.config, b.seq_len, model.num_params(embeddings=False)) * b.tokens_per_step
@@ -81,7 +108,8 @@ def train_worker(payload: dict) -> dict:
     while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
         torch.manual_seed(step_seed(cfg.run.seed, state.step, rank))
-        engines.set_lr(engine, engines.lr_at(state.step, cfg))
+        lr = engines.lr_at(state.step, cfg)
+        engines.set_lr(engine, lr)
         loss_sum = torch.zeros((), device=device)
         grad_norm = None
         for micro in range(accum):
@@ -93,17 +121,14 @@ def train_worker(payload: dict) -> dict:
             engine.step()
             loss_sum += loss.detach().float()
         dist.all_reduce(loss_sum)
-        loss_value = loss_sum.item() / (accum * world)  # the global batch's mean loss
-        if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()
+        state.loss = loss_sum.item() / (accum * world)  # the global batch's mean loss
+        grad_norm = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
         state.step += 1
         state.sequences += global_batch
         state.tokens += b.tokens_per_step
-        state.loss = loss_value
         step_time = time.perf_counter() - t0
-        done = state.step - steps_at_start
-        eta = (time.perf_counter() - started) / done * (cfg.train.max_steps - state.step)
-        metrics.log({"train/loss": loss_value, "train/lr": engines.lr_at(state.step - 1, cfg),
+        eta = (time.perf_counter() - started) / (state.step - steps_at_start) * (cfg.train.max_steps - state.step)
+        metrics.log({"train/loss": state.loss, "train/lr": lr,
                      "train/grad_norm": None if grad_norm is None else float(grad_norm),
                      "train/tokens_per_s": b.tokens_per_step / step_time,
                      "train/mfu": flops_per_step / step_time / (peak * world) if peak else None,
@@ -113,47 +138,25 @@ def train_worker(payload: dict) -> dict:
 
         last = state.step == cfg.train.max_steps
         if val_x is not None and (state.step % cfg.eval.interval == 0 or last):
-            val_loss, val_tokens = evaluate(engine, val_x, val_y, b.micro_batch_size, rank, world, device)
-            metrics.log({"val/loss": val_loss, "val/perplexity": float(np.exp(val_loss)), "val/tokens": val_tokens},
-                        state.step)
+            engine.eval()
+            val = val_loss.evaluate(lambda idx: engine(idx)[0], val_x, val_y, b.micro_batch_size, device, rank, world)
+            engine.train()
+            metrics.log({f"val/{k}": v for k, v in val.items()}, state.step)
+        if swag and (state.step % cfg.eval.hellaswag_interval == 0 or last):
+            scores = hellaswag.score(engine, encoding().encode_ordinary, swag, device, model.config.block_size,
+                                     rank=rank, world=world, collective=True)
+            metrics.log(hellaswag.metrics(swag, scores), state.step)
         if state.step % cfg.checkpoint.interval == 0 or last:
-            url = checkpoint.save(engine, model, cfg.checkpoint_dir, state, cfg.checkpoint.keep_last)
-            _say(rank, f"checkpoint {url}")
-
-    metrics.close()
-    final = checkpoint.latest(cfg.checkpoint_dir)
-    dist.barrier()
-    return {"checkpoint": final, "step": state.step, "loss": state.loss, "tokens": state.tokens}
+            _say(rank, f"checkpoint {checkpoint.save(engine, model, cfg.checkpoint_dir, state, cfg.checkpoint.keep_last)}")
 
 
-def evaluate(engine, x: torch.Tensor, y: torch.Tensor, micro_batch: int, rank: int, world: int,
-             device: torch.device) -> tuple[float, int]:
-    """Mean cross-entropy over the fixed validation sequences, split across ranks.
+def _system_metrics(tracking: dict):
+    """CPU, memory, disk, network and (through pynvml) GPU use of rank 0's node, on the train run."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively);
-    ranks with fewer sequences pad with ignored targets.
-    """
-    import torch.distributed as dist
-
-    mine_x, mine_y = x[rank::world], y[rank::world]
-    per_rank = -(-len(x) // world)
-    passes = -(-per_rank // micro_batch)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, token count
-    engine.eval()
-    with torch.no_grad():
-        for i in range(passes):
-            bx, by = mine_x[i * micro_batch:(i + 1) * micro_batch], mine_y[i * micro_batch:(i + 1) * micro_batch]
-            if len(bx) < micro_batch:  # pad to a full batch of ignored rows
-                pad = micro_batch - len(bx)
-                bx = torch.cat([bx, torch.zeros(pad, x.shape[1], dtype=x.dtype)])
-                by = torch.cat([by, torch.full((pad, y.shape[1]), -1, dtype=y.dtype)])
-            logits, _ = engine(bx.to(device))
-            by = by.to(device)
-            totals[0] += F.cross_entropy(logits.float().flatten(0, 1), by.flatten(), ignore_index=-1, reduction="sum")
-            totals[1] += (by != -1).sum()
-    engine.train()
-    dist.all_reduce(totals)
-    return (totals[0] / totals[1]).item(), int(totals[1].item())
+    monitor = SystemMetricsMonitor(tracking["run_id"], sampling_interval=10, tracking_uri=tracking["uri"])
+    monitor.start()
+    return monitor
 
 
 def _grad_norm(model: torch.nn.Module) -> float:

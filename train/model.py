@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,12 +66,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        mask, causal = None, True
-        if cache is not None:
+        causal = mask is None
+        if mask is not None:
+            mask = mask[:, None]  # (B, 1, T, T): one pattern for every head
+        elif cache is not None:
             past = cache.length
             cache.k[layer][:, :, past:past + T] = k
             cache.v[layer][:, :, past:past + T] = v
@@ -106,8 +109,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -141,24 +145,34 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.transformer.wpe.weight.numel()
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx, targets: (B, T) token ids. Returns logits (B, T, V) and the mean cross-entropy
-        (None without targets); targets of -1 are ignored."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx, targets: (B, T) token ids; targets of -1 are ignored. Returns logits (B, T, V) and the
+        mean cross-entropy (None without targets).
+
+        For scoring several continuations of one context in one sequence: positions (B, T) replaces
+        0..T-1, mask (B, T, T) (True: may attend) replaces the causal mask, and logits_at (B, K)
+        computes the logits only at those positions, giving (B, K, V).
+        """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        if int(positions.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(positions.max())} is beyond the context of {self.config.block_size}")
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, cache, i)
+                x = block(x, cache, i, mask)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        x = self.transformer.ln_f(x)
+        if logits_at is not None:
+            x = x.gather(1, logits_at[..., None].expand(-1, -1, x.size(-1)))  # (B, K, C)
+        logits = self.lm_head(x)  # (B, T or K, V)
         if self.config.padded_vocab_size > self.config.vocab_size:
             logits[..., self.config.vocab_size:] = float("-inf")  # padding rows are never predicted
         loss = None

@@ -1,0 +1,98 @@
+"""Tokens/s of the full training stack against a plain PyTorch loop, side by side in one run.
+
+    python bench/train_throughput.py [--steps 30] [--warmup 5]
+
+Full stack: Ray Train's TorchTrainer, one worker, DeepSpeed (ZeRO stage from the config), our loader,
+metrics and LR schedule; its per-step times come from the run's metrics.jsonl. Plain loop: the same
+GPT, batch, data and AdamW in this process with as many threads as the worker has CPUs.
+Both exclude start-up and the first --warmup steps. Target: full stack / plain >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import ray
+import torch
+
+from pipeline import cluster
+from pipeline.config import load_config
+from pipeline.tracking import read_jsonl
+from tokenization import job
+from train import launch
+from train.data import ShardLoader
+from train.engine import gpt_config, lr_at, param_groups
+from train.model import GPT
+
+OVERRIDES = ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=256",
+             "batch.seq_len=256", "batch.micro_batch_size=8", "batch.tokens_per_step=8192",
+             "cluster.num_workers=1", "cluster.cpus_per_worker=2", "eval.interval=0", "checkpoint.interval=100000",
+             "train.warmup_steps=10"]
+
+
+def plain_loop(cfg, steps: int) -> list[float]:
+    """Seconds per optimizer step of the textbook loop."""
+    torch.set_num_threads(int(cfg.cluster.cpus_per_worker))
+    torch.manual_seed(cfg.run.seed)
+    model = GPT(gpt_config(cfg))
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                            betas=tuple(cfg.train.betas), eps=cfg.train.eps)
+    loader = ShardLoader(cfg.data_dir, cfg.batch.seq_len, cfg.run.seed)
+    per_step, micro = cfg.batch.tokens_per_step // cfg.batch.seq_len, cfg.batch.micro_batch_size
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        for i in range(0, per_step, micro):
+            x, y = loader.sequences(step * per_step + i, micro)
+            _, loss = model(x, y)
+            (loss * micro / per_step).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def full_stack(cfg) -> list[float]:
+    launch.run(cfg)
+    return [r["train/step_time_s"] for r in read_jsonl(cfg.metrics_file) if "train/step_time_s" in r]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster.connect()  # the Ray a user's run gets
+        base = load_config("smoke", OVERRIDES + [f"train.max_steps={args.steps}"], {"run.root": tmp})
+        job.run(base, log=lambda *_: None)
+        results: dict[str, list[float]] = {"plain": [], "full": []}
+        for i, kind in enumerate(["plain", "full", "plain", "full"]):
+            cfg = base.model_copy(update={"run": base.run.model_copy(update={"name": f"bench{i}"})})
+            cfg = cfg.model_copy(update={"tokenization": cfg.tokenization.model_copy(
+                update={"output": base.with_absolute_paths().data_dir})}).with_absolute_paths()
+            times = plain_loop(cfg, args.steps) if kind == "plain" else full_stack(cfg)
+            results[kind].append(cfg.batch.tokens_per_step / statistics.median(times[args.warmup:]))
+        ray.shutdown()
+    plain, full = statistics.median(results["plain"]), statistics.median(results["full"])
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads in the plain loop)")
+    print(f"model: {' '.join(OVERRIDES[:3])}, {base.batch.tokens_per_step} tokens/step, "
+          f"ZeRO-{base.deepspeed.zero_stage}, fp32")
+    print(f"plain PyTorch loop: {plain:,.0f} tokens/s  runs: " + ", ".join(f"{x:,.0f}" for x in results["plain"]))
+    print(f"Ray Train + DeepSpeed, 1 worker: {full:,.0f} tokens/s  runs: " + ", ".join(f"{x:,.0f}" for x in results["full"]))
+    print(f"ratio full stack / plain: {full / plain:.3f} (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Open a model from whatever `--ckpt` names, without unpickling anything untrusted.
+
+Accepted:
+- a checkpoint of our trainer: a step_NNNNNNNN directory (trainer_state.json, model.safetensors,
+  config.json) or the checkpoint directory holding them (its newest committed one);
+- a DeepSpeed checkpoint directory (a `latest` file and tag directories, or one tag directory),
+  consolidated through DeepSpeed's fp32 API with torch.load forced to weights_only;
+- a Hugging Face GPT-2 directory: config.json with model.safetensors, or pytorch_model.bin read
+  with weights_only=True;
+- hf:NAME, e.g. hf:gpt2, downloaded from the Hub (config and weights only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from train import checkpoint as trainer_checkpoint
+from train.model import GPT, GPTConfig, config_from_hf, from_hf_state_dict
+
+LAYOUTS = ("trainer checkpoint: trainer_state.json + model.safetensors + config.json (or step_* below it)",
+           "Hugging Face: config.json + model.safetensors or pytorch_model.bin",
+           "DeepSpeed: a 'latest' file naming a tag directory, or a tag directory of *_model_states.pt files")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def load(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """The model and a description of where it came from (layout, path, step, weights sha256)."""
+    trainer_checkpoint.forbid_unpickling()
+    if spec.startswith("hf:"):
+        return _hf_dir(_download(spec[3:]), device, {"layout": "huggingface-hub", "name": spec[3:]})
+    path = Path(spec)
+    if not path.exists():
+        raise CheckpointError(f"{spec}: no such file or directory")
+    if path.is_file():
+        if path.name in ("model.safetensors", "pytorch_model.bin", "trainer_state.json", "config.json"):
+            path = path.parent
+        else:
+            raise CheckpointError(f"{spec}: a file; --ckpt takes a directory ({'; '.join(LAYOUTS)})")
+    names = {p.name for p in path.iterdir()}
+    if trainer_checkpoint.STATE in names or any(re.match(r"step_\d{8}$", n) for n in names):
+        step_dir = Path(trainer_checkpoint.resolve(str(path)))
+        state = trainer_checkpoint.TrainerState.read(str(step_dir))
+        return _hf_dir(step_dir, device, {"layout": "trainer", "step": state.step, "tokens": state.tokens,
+                                          "run_id": state.run_id, "manifest_sha256": state.manifest_sha256})
+    if "config.json" in names and names & {"model.safetensors", "pytorch_model.bin"}:
+        return _hf_dir(path, device, {"layout": "huggingface"})
+    deepspeed_tag = _deepspeed_tag(path, names)
+    if deepspeed_tag is not None:
+        return _deepspeed(path, deepspeed_tag, device)
+    raise CheckpointError(f"{spec}: unknown checkpoint layout; found {sorted(names) or 'an empty directory'}; "
+                          f"expected one of: {'; '.join(LAYOUTS)}")
+
+
+def _hf_dir(path: Path, device, info: dict) -> tuple[GPT, dict]:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path}: no config.json beside the weights")
+    try:
+        config = config_from_hf(json.loads(config_file.read_text()))
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{config_file}: {err}") from None
+    weights = path / "model.safetensors"
+    if weights.exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+    else:
+        weights = path / "pytorch_model.bin"
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    model = _build(config, from_hf_state_dict(state, config), weights)
+    return model.to(device), {**info, "path": str(path), "weights": str(weights), "weights_sha256": _sha256(weights)}
+
+
+def _build(config: GPTConfig, state: dict[str, torch.Tensor], source: Path) -> GPT:
+    model = GPT(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: found {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{source}: weights do not fit the model its config describes "
+                              f"(n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, "
+                              f"block_size={config.block_size}); "
+                              + "; ".join(filter(None, [f"mismatched: {', '.join(wrong[:5])}" if wrong else "",
+                                                        f"missing: {', '.join(missing[:5])}" if missing else "",
+                                                        f"unexpected: {', '.join(unexpected[:5])}" if unexpected else ""])))
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model
+
+
+def _deepspeed_tag(path: Path, names: set[str]) -> str | None:
+    if "latest" in names:
+        tag = (path / "latest").read_text().strip()
+        return tag if (path / tag).is_dir() else None
+    if any(n.endswith("model_states.pt") for n in names):
+        return ""  # path is the tag directory itself
+    return None
+
+
+def _deepspeed(path: Path, tag: str, device) -> tuple[GPT, dict]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root, tag = (path, tag) if tag else (path.parent, path.name)
+    state = {k: v.detach() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag).items()}
+    config_file = next((d / "config.json" for d in (root, *root.parents[:3]) if (d / "config.json").exists()), None)
+    if config_file is not None:  # our layout: step_N/config.json beside step_N/deepspeed/state
+        config = config_from_hf(json.loads(config_file.read_text()))
+    else:
+        config = _config_from_shapes(state, root)
+    c_attn = state.get("transformer.h.0.attn.c_attn.weight")
+    if c_attn is not None and c_attn.shape[0] == config.n_embd:
+        state = from_hf_state_dict(state, config)  # a transformers GPT2 trained under DeepSpeed: Conv1D layout
+    model = _build(config, state, root / tag)
+    return model.to(device), {"layout": "deepspeed", "path": str(root / tag), "config": str(config_file),
+                              "weights_sha256": hashlib.sha256(b"".join(
+                                  state[k].contiguous().numpy().tobytes() for k in sorted(state))).hexdigest()}
+
+
+def _config_from_shapes(state: dict[str, torch.Tensor], where: Path) -> GPTConfig:
+    try:
+        wte, wpe = state["transformer.wte.weight"], state["transformer.wpe.weight"]
+    except KeyError:
+        raise CheckpointError(f"{where}: DeepSpeed state without transformer.wte/wpe weights; not a GPT-2 "
+                              f"({', '.join(list(state)[:5])}, ...)") from None
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    # no config.json to say otherwise: GPT-2's heads are 64 wide at every size
+    return GPTConfig(n_layer=len(layers), n_head=wte.shape[1] // 64, n_embd=wte.shape[1], block_size=wpe.shape[0])
+
+
+def _download(name: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as err:  # offline or unknown repo
+        raise CheckpointError(f"hf:{name}: cannot download from the Hugging Face Hub "
+                              f"({type(err).__name__}: {err})") from err
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,190 @@
+"""The MLflow record of a pipeline run: one parent run, one child run per stage, the registered model.
+
+Runs are found again by their tags, so submitting the same run name again continues the same parent
+and child runs. The tracking server is never allowed to stop the pipeline: every call is retried a
+few times with back-off and then skipped with a warning (training metrics travel separately, from a
+local file, see pipeline/tracking.MlflowUploader). Imports nothing else of the project.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+RUN_DIR_TAG, STAGE_TAG, PARENT_TAG = "gpt2.run_dir", "gpt2.stage", "mlflow.parentRunId"
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(configured: str | None) -> str:
+    """$MLFLOW_TRACKING_URI, else the config's, else ./mlflow.db; a relative SQLite path made absolute."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return uri
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    artifacts = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
+    return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifacts} --port 5000"
+
+
+def git_commit() -> str:
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=Path(__file__).parent, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("gpt2-pipeline", "torch", "deepspeed", "ray", "mlflow", "transformers", "tiktoken", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class Lineage:
+    """Parent and stage runs in one experiment; every method is safe to call with the server down."""
+
+    def __init__(self, uri: str, experiment: str, run_dir: str, attempts: int = 4, log=print):
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.run_dir, self.attempts, self.log = uri, run_dir, attempts, log
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = self.call("open the experiment", lambda: self._experiment(experiment))
+        self.parent_id: str | None = None
+
+    # -- resilience --
+    def call(self, what: str, fn: Callable[[], T]) -> T | None:
+        delay = 1.0
+        for attempt in range(self.attempts):
+            try:
+                return fn()
+            except Exception as err:  # server down, network, HTTP 5xx: all the same to the pipeline
+                if attempt == self.attempts - 1:
+                    self.log(f"tracking: could not {what} at {self.uri} ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200]}); continuing without it")
+                    return None
+                time.sleep(delay)
+                delay *= 2
+        return None
+
+    @property
+    def available(self) -> bool:
+        return self.experiment_id is not None
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):  # artifacts beside the database, not in the current directory
+            location = Path(os.path.dirname(self.uri[len("sqlite:///"):]), "mlartifacts").as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    # -- runs --
+    def start_parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
+        if not self.available:
+            return None
+
+        def start() -> str:
+            found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{self.run_dir}'"
+                                            f" and tags.`{STAGE_TAG}` = 'pipeline'", order_by=["attributes.start_time DESC"],
+                                            max_results=1)
+            if found:
+                run_id = found[0].info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+            else:
+                run_id = self.client.create_run(self.experiment_id, run_name=name,
+                                                tags={RUN_DIR_TAG: self.run_dir, STAGE_TAG: "pipeline"}).info.run_id
+            return run_id
+
+        self.parent_id = self.call("start the pipeline run", start)
+        if self.parent_id:
+            self.log_params(self.parent_id, params)
+            self.set_tags(self.parent_id, tags)
+        return self.parent_id
+
+    def stage_run(self, stage: str) -> str | None:
+        """The child run of a stage: the existing one on a re-run, else a new one."""
+        if not self.parent_id:
+            return None
+
+        def find_or_create() -> str:
+            found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'"
+                                            f" and tags.`{STAGE_TAG}` = '{stage}'", max_results=1)
+            if found:
+                self.client.update_run(found[0].info.run_id, status="RUNNING")
+                return found[0].info.run_id
+            return self.client.create_run(self.experiment_id, run_name=stage, tags={
+                PARENT_TAG: self.parent_id, STAGE_TAG: stage, RUN_DIR_TAG: self.run_dir}).info.run_id
+
+        return self.call(f"start the {stage} run", find_or_create)
+
+    def finish(self, run_id: str | None, status: str = "FINISHED") -> None:
+        if run_id:
+            self.call("end a run", lambda: self.client.set_terminated(run_id, status=status))
+
+    # -- data --
+    def log_params(self, run_id: str | None, params: dict[str, Any]) -> None:
+        if not run_id:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        existing = self.call("read params", lambda: self.client.get_run(run_id).data.params) or {}
+        items = [p for p in items if p.key not in existing]  # params are write-once in MLflow
+        for i in range(0, len(items), 100):
+            self.call("log params", lambda chunk=items[i:i + 100]: self.client.log_batch(run_id, params=chunk))
+
+    def set_tags(self, run_id: str | None, tags: dict[str, Any]) -> None:
+        if not run_id:
+            return
+        from mlflow.entities import RunTag
+
+        self.call("set tags", lambda: self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()]))
+
+    def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int = 0) -> None:
+        if not run_id or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        self.call("log metrics", lambda: self.client.log_batch(run_id, metrics=batch))
+
+    def log_artifact(self, run_id: str | None, path: str, folder: str | None = None) -> None:
+        if run_id and os.path.exists(path):
+            self.call(f"upload {os.path.basename(path)}", lambda: self.client.log_artifact(run_id, path, folder))
+
+    def log_text(self, run_id: str | None, text: str, name: str) -> None:
+        if run_id:
+            self.call(f"upload {name}", lambda: self.client.log_text(run_id, text, name))
+
+    def log_json(self, run_id: str | None, data: Any, name: str) -> None:
+        self.log_text(run_id, json.dumps(data, indent=2, sort_keys=True, default=str), name)
+
+    def run_url(self, run_id: str | None) -> str | None:
+        if not run_id or not self.experiment_id:
+            return None
+        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"

@@ -1,0 +1,81 @@
+"""The final model in MLflow's Model Registry: an MLflow pyfunc model that generates text, carrying
+the Hugging Face files (config.json + model.safetensors) and the code it needs, registered as a new
+version with an alias that always points at the version with the best HellaSwag score."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from pipeline.lineage import Lineage
+
+SCORE = "hellaswag/harness/acc_norm"  # what "best" means: the number published tables compare
+# bundled with the model so it loads wherever torch is installed, without this package
+_CODE = [Path(__file__).resolve().parents[1] / name for name in ("pipeline", "tokenization", "train", "eval")]
+
+
+class GPT2Generator(mlflow.pyfunc.PythonModel):
+    """predict(["prompt", ...]) -> ["completion", ...]; sampling with temperature 0.8 and top-k 50 by
+    default (params: max_new_tokens, temperature, top_k, seed)."""
+
+    def load_context(self, context) -> None:
+        from train.model import load_hf
+
+        self.model = load_hf(context.artifacts["checkpoint"]).eval()
+
+    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
+        from eval.generate import sample
+        from tokenization.tokenizer import encoding
+
+        params = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "seed": 0, **(params or {})}
+        enc, out = encoding(), []
+        for prompt in model_input:
+            tokens = enc.encode_ordinary(prompt)
+            budget = min(int(params["max_new_tokens"]), self.model.config.block_size - len(tokens))
+            completion = sample(self.model, tokens, budget, temperature=float(params["temperature"]),
+                                top_k=int(params["top_k"]), seed=int(params["seed"]))[0]
+            out.append(enc.decode(completion))
+        return out
+
+
+def register(lineage: Lineage, run_id: str | None, checkpoint_dir: str, name: str, alias: str,
+             score: float | None, tags: dict[str, str]) -> dict | None:
+    """Log the checkpoint as a model of run_id, register a version, move `alias` to it if it scores best."""
+    if not run_id:
+        return None
+
+    def log_and_register() -> dict:
+        mlflow.set_tracking_uri(lineage.uri)
+        with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
+            weights = Path(tmp, "checkpoint")
+            weights.mkdir()
+            for file in ("model.safetensors", "config.json"):
+                shutil.copy(Path(checkpoint_dir, file), weights / file)
+            info = mlflow.pyfunc.log_model(name="model", python_model=GPT2Generator(),
+                                           artifacts={"checkpoint": str(weights)},
+                                           code_paths=[str(p) for p in _CODE],
+                                           pip_requirements=["torch", "safetensors", "tiktoken", "numpy"])
+        version = mlflow.register_model(info.model_uri, name, tags={**tags, SCORE: str(score)})
+        best = _best(lineage, name, alias)
+        if best is None or (score is not None and score > best[1]):
+            lineage.client.set_registered_model_alias(name, alias, version.version)
+            aliased = version.version
+        else:
+            aliased = best[0]
+        return {"name": name, "version": version.version, "model_uri": info.model_uri, "alias": alias,
+                "alias_version": aliased}
+
+    return lineage.call("register the model", log_and_register)
+
+
+def _best(lineage: Lineage, name: str, alias: str) -> tuple[str, float] | None:
+    try:
+        current = lineage.client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    value = current.tags.get(SCORE)
+    return current.version, float(value) if value not in (None, "None") else float("-inf")
