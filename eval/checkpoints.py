@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from train import checkpoint as trainer_checkpoint
+from train.checkpoint import CheckpointError
 from train.model import GPT, GPTConfig, config_from_hf, from_hf_state_dict
 
 LAYOUTS = ("trainer checkpoint: trainer_state.json + model.safetensors + config.json (or step_* below it)",
@@ -27,13 +28,9 @@ LAYOUTS = ("trainer checkpoint: trainer_state.json + model.safetensors + config.
            "DeepSpeed: a 'latest' file naming a tag directory, or a tag directory of *_model_states.pt files")
 
 
-class CheckpointError(ValueError):
-    pass
-
-
 def load(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """The model and a description of where it came from (layout, path, step, weights sha256)."""
-    trainer_checkpoint.forbid_unpickling()
+    trainer_checkpoint.forbid_unpickling(deepspeed_records=False)
     if spec.startswith("hf:"):
         return _hf_dir(_download(spec[3:]), device, {"layout": "huggingface-hub", "name": spec[3:]})
     path = Path(spec)
@@ -80,7 +77,8 @@ def _hf_dir(path: Path, device, info: dict) -> tuple[GPT, dict]:
 
 
 def _build(config: GPTConfig, state: dict[str, torch.Tensor], source: Path) -> GPT:
-    model = GPT(config)
+    with torch.device("meta"):  # shapes only: the weights come from the checkpoint
+        model = GPT(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -93,22 +91,29 @@ def _build(config: GPTConfig, state: dict[str, torch.Tensor], source: Path) -> G
                               + "; ".join(filter(None, [f"mismatched: {', '.join(wrong[:5])}" if wrong else "",
                                                         f"missing: {', '.join(missing[:5])}" if missing else "",
                                                         f"unexpected: {', '.join(unexpected[:5])}" if unexpected else ""])))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True gave the tied head its own Parameter
     return model
 
 
 def _deepspeed_tag(path: Path, names: set[str]) -> str | None:
+    """The tag to load: named by `latest`, the only tag directory, or "" when path is a tag directory."""
     if "latest" in names:
         tag = (path / "latest").read_text().strip()
         return tag if (path / tag).is_dir() else None
     if any(n.endswith("model_states.pt") for n in names):
-        return ""  # path is the tag directory itself
-    return None
+        return ""
+    tags = sorted(n for n in names if (path / n).is_dir() and any((path / n).glob("*model_states.pt")))
+    if len(tags) > 1:
+        raise CheckpointError(f"{path}: DeepSpeed checkpoint with tags {tags} and no 'latest' file; "
+                              f"pass one of them, e.g. --ckpt {path / tags[-1]}")
+    return tags[0] if tags else None
 
 
 def _deepspeed(path: Path, tag: str, device) -> tuple[GPT, dict]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    trainer_checkpoint.forbid_unpickling(deepspeed_records=True)
     root, tag = (path, tag) if tag else (path.parent, path.name)
     state = {k: v.detach() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag).items()}
     config_file = next((d / "config.json" for d in (root, *root.parents[:3]) if (d / "config.json").exists()), None)

@@ -43,12 +43,13 @@ def hf_model_dir(tmp_path_factory) -> Path:
 def run_harness(model_dir: Path, items: Path, tmp_path: Path) -> dict:
     """lm-evaluation-harness's own hellaswag task (its process_docs, its scoring) on a local file."""
     import lm_eval
-    import lm_eval.tasks.hellaswag as upstream
     from lm_eval.tasks import TaskManager
+
+    upstream = Path(lm_eval.tasks.__file__).parent / "hellaswag"  # the harness's own task definition
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    shutil.copy(Path(upstream.__file__).parent / "utils.py", tasks / "utils.py")
+    shutil.copy(upstream / "utils.py", tasks / "utils.py")
     (tasks / "hellaswag_local.yaml").write_text(f"""task: hellaswag_local
 dataset_path: json
 dataset_kwargs:
@@ -159,7 +160,7 @@ def test_harness_preprocessing_follows_the_task_definition():
     item = hellaswag.Item("Home and Garden", "[header] How to x [title] Do a thing.", "[step] push  it",
                           "", ("the  door [substeps] wide.",) * 4, 0)
     context, choices = hellaswag.harness_texts(item)
-    assert context == "Home and Garden: How to x. Do a thing. Push it"
+    assert context == "Home and Garden: How to x. Do a thing. push it"  # capitalize() only uppercases the "["
     assert choices[0] == "the door wide."
 
 

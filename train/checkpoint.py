@@ -39,8 +39,8 @@ UNIVERSAL_TAG = "universal"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or does not fit; the message names the path."""
 
 
 @dataclass
@@ -62,18 +62,20 @@ class TrainerState:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
-def forbid_unpickling() -> None:
+def forbid_unpickling(deepspeed_records: bool = True) -> None:
     """Make every torch.load in this process weights_only, DeepSpeed's included.
 
-    DeepSpeed's state files hold tensors, dicts and three plain DeepSpeed records; those are
-    allowlisted, and nothing else in a checkpoint can run code when it is read.
+    DeepSpeed's state files hold tensors, dicts and three plain DeepSpeed records; with
+    deepspeed_records those are allowlisted (importing DeepSpeed), and nothing else in a checkpoint
+    can run code when it is read.
     """
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    torch.serialization.add_safe_globals([LossScaler, ZeroStageEnum, fragment_address])
+    if deepspeed_records:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        torch.serialization.add_safe_globals([LossScaler, ZeroStageEnum, fragment_address])
 
 
 def step_name(step: int) -> str:

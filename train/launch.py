@@ -27,6 +27,7 @@ class TrainResult:
     step: int
     loss: float | None
     tokens: int
+    nodes: int  # Ray nodes the workers ran on
 
 
 def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> TrainResult:
@@ -66,7 +67,7 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
         raise TrainingFailed(f"training failed (after {c.max_failures} automatic restarts); it resumes from "
                              f"its last checkpoint with --resume. Cause: {err}") from err
     out = result.return_value
-    return TrainResult(out["checkpoint"], out["step"], out["loss"], out["tokens"])
+    return TrainResult(out["checkpoint"], out["step"], out["loss"], out["tokens"], out["nodes"])
 
 
 def _worker(payload: dict) -> dict:

@@ -52,6 +52,9 @@ def train_worker(payload: dict) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     tracking = payload.get("tracking")
+    nodes = _nodes(world)
+    _say(rank, f"{world} worker(s) on {nodes} node(s), {'nccl' if cfg.cluster.use_gpu else 'gloo'}, "
+               f"ZeRO-{cfg.deepspeed.zero_stage}, {engines.precision(cfg)}")
     engine, state = _engine(cfg, rank, world, tracking["run_id"] if tracking else None)
 
     metrics = for_rank(rank, lambda: [Console(cfg.train.max_steps), JsonLines(cfg.metrics_file)])
@@ -66,7 +69,17 @@ def train_worker(payload: dict) -> dict:
         if monitor is not None:
             monitor.finish()
     return {"checkpoint": checkpoint.latest(cfg.checkpoint_dir), "step": state.step, "loss": state.loss,
-            "tokens": state.tokens}
+            "tokens": state.tokens, "nodes": nodes}
+
+
+def _nodes(world: int) -> int:
+    """How many Ray nodes the workers run on."""
+    import ray
+    import torch.distributed as dist
+
+    ids = [None] * world
+    dist.all_gather_object(ids, ray.get_runtime_context().get_node_id())
+    return len(set(ids))
 
 
 def _engine(cfg: Config, rank: int, world: int, run_id: str | None):

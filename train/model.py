@@ -259,8 +259,10 @@ def load_hf(directory: str | Path, pad_vocab_to: int = 64, device: str = "cpu") 
 
     directory = Path(directory)
     config = config_from_hf(json.loads((directory / "config.json").read_text()), pad_vocab_to)
-    model = GPT(config)
+    with torch.device("meta"):  # no initialisation: every weight comes from the file
+        model = GPT(config)
     state = from_hf_state_dict(load_file(str(directory / "model.safetensors"), device=device), config)
-    model.load_state_dict(state, strict=True)
-    return model.to(device)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True gave the tied head its own Parameter
+    return model
 

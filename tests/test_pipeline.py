@@ -1,0 +1,308 @@
+"""The pipeline as users run it: the embedded default, a real MLflow server killed mid-run, `ray job
+submit` to a real `ray start --head`, two-node placement, skipping finished stages, resuming a killed run.
+Everything is checked through MlflowClient, the way the MLflow UI reads it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, run_cli
+from pipeline.tracking import read_jsonl
+
+# A GPT-2 small enough that a whole pipeline run takes a minute on two CPUs.
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64", "batch.seq_len=64",
+        "batch.micro_batch_size=4", "batch.tokens_per_step=512", "train.warmup_steps=2", "train.max_steps=20",
+        "checkpoint.interval=5", "eval.interval=10", "eval.hellaswag_interval=10", "eval.val_tokens=2048",
+        "eval.max_new_tokens=8", "tracking.system_metrics=false"]
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def logged_steps(path: Path) -> int:
+    return max((r["step"] for r in read_jsonl(str(path)) if "train/loss" in r), default=0) if path.exists() else 0
+
+
+def runs_by_stage(client: MlflowClient) -> dict:
+    experiment = client.get_experiment_by_name("gpt2-pretraining")
+    return {r.data.tags["gpt2.stage"]: r for r in client.search_runs([experiment.experiment_id])}
+
+
+def loss_history(client: MlflowClient, run_id: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and a local artifact root."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination",
+             str(self.root / "artifacts"), "--workers", "1"],
+            stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._up, 120, "the MLflow server")
+        return self
+
+    def _up(self) -> bool:
+        import urllib.request
+
+        try:
+            return urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+# --- the embedded default ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """`python pipeline/run.py`, no arguments, in a fresh directory: the README's run command."""
+    cwd = tmp_path_factory.mktemp("embedded")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    started = time.time()
+    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py")], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return cwd, proc, time.time() - started
+
+
+def test_the_embedded_default_records_the_whole_lineage_in_mlflow(embedded):
+    cwd, proc, seconds = embedded
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    runs = runs_by_stage(client)
+    assert set(runs) == {"pipeline", "tokenize", "train", "eval", "register"}
+    parent = runs["pipeline"]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "smoke"
+    for stage in ("tokenize", "train", "eval", "register"):
+        assert runs[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert runs[stage].info.status == "FINISHED", stage
+    # params: the flattened config; tags: code, packages, cluster, data, checkpoint
+    assert parent.data.params["model.n_layer"] == "2" and parent.data.params["train.lr"] == "0.006"
+    assert parent.data.params["data.input"] == "['builtin']"
+    tags = parent.data.tags
+    assert {"git_commit", "version.torch", "version.deepspeed", "ray_cluster_resources", "manifest_sha256",
+            "checkpoint"} <= set(tags)
+    manifest = json.loads((cwd / "runs" / "smoke" / "data" / "manifest.json").read_text())
+    assert runs["tokenize"].data.metrics["tokenize/documents"] == manifest["input_documents"]
+    # every training step, exactly as rank 0 logged it
+    local = {r["step"]: r["train/loss"] for r in read_jsonl(str(cwd / "runs" / "smoke" / "metrics.jsonl")) if "train/loss" in r}
+    assert loss_history(client, runs["train"].info.run_id) == local and sorted(local) == list(range(1, 61))
+    train_metrics = runs["train"].data.metrics
+    assert {"val/loss", "hellaswag/harness/acc_norm", "train/grad_norm", "train/tokens_per_s"} <= set(train_metrics)
+    assert any(k.startswith("system/") for k in train_metrics)  # CPU, memory: the system metrics monitor
+    evaluation = runs["eval"].data.metrics
+    assert {"val/loss", "hellaswag/harness/acc", "hellaswag/harness/acc_norm", "hellaswag/completion/acc",
+            "hellaswag/completion/acc_norm"} <= set(evaluation)
+    assert parent.data.metrics["val/loss"] == evaluation["val/loss"]
+    # artifacts: config, DeepSpeed config, manifest, eval results, samples, the model
+    artifacts = {stage: {a.path for a in client.list_artifacts(runs[stage].info.run_id)} for stage in runs}
+    assert {"config.yaml", "deepspeed_config.json"} <= artifacts["train"]
+    assert "manifest.json" in artifacts["tokenize"] and {"results.json", "samples.txt"} <= artifacts["eval"]
+    # the registered model, its alias, and that it generates text
+    version = client.get_model_version_by_alias("gpt2-pipeline", "best")
+    assert version.run_id == runs["register"].info.run_id
+    assert float(version.tags["hellaswag/harness/acc_norm"]) == evaluation["hellaswag/harness/acc_norm"]
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
+    completion = mlflow.pyfunc.load_model("models:/gpt2-pipeline@best").predict(["Hello, I'm a language model,"])
+    assert len(completion) == 1 and isinstance(completion[0], str)
+    # the run ends by saying how to look at it
+    assert f"mlflow ui --backend-store-uri sqlite:///{cwd / 'mlflow.db'}" in proc.stdout
+    assert "hellaswag/harness/acc_norm" in proc.stdout
+    print(f"embedded default: {seconds:.0f} s")
+
+
+def test_a_rerun_of_a_finished_run_skips_every_stage(embedded):
+    cwd, _, _ = embedded
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py")], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for stage in ("tokenize", "train", "eval", "register"):
+        assert f"{stage}: complete (fingerprint" in proc.stdout, stage
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    assert len(client.search_model_versions("name='gpt2-pipeline'")) == 1
+    assert len(runs_by_stage(client)) == 5  # the same parent and child runs, not new ones
+
+
+def test_the_mlflow_run_page_shows_the_loss_chart_in_a_real_browser(embedded, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.path.exists(p)), None)
+    if chromium is None:
+        pytest.skip("no chromium here (.ci/run installs Debian's)")
+    cwd, _, _ = embedded
+    server = MlflowServer(tmp_path)
+    server.proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(server.port),
+         "--backend-store-uri", f"sqlite:///{cwd / 'mlflow.db'}", "--default-artifact-root", str(cwd / "mlartifacts"),
+         "--workers", "1"], stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(server._up, 120, "the MLflow server")
+        client = MlflowClient(tracking_uri=server.uri)
+        train = runs_by_stage(client)["train"]
+        url = f"{server.uri}/#/experiments/{train.info.experiment_id}/runs/{train.info.run_id}/model-metrics"
+        ARTIFACTS.mkdir(exist_ok=True)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_text("train/loss").first.wait_for(timeout=60_000)
+            page.wait_for_timeout(3000)  # let the charts draw
+            page.screenshot(path=str(ARTIFACTS / "mlflow-run.png"), full_page=True)
+            assert page.locator("canvas, svg").count() > 0
+            browser.close()
+        assert (ARTIFACTS / "mlflow-run.png").stat().st_size > 10_000
+    finally:
+        server.kill()
+
+
+# --- a real tracking server, killed and restarted during training -----------------------------------
+
+def test_a_tracking_server_outage_does_not_stop_training_and_the_metrics_arrive(tmp_path):
+    server = MlflowServer(tmp_path).start()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
+    args = [sys.executable, str(REPO / "pipeline" / "run.py"), *TINY, "train.max_steps=40", f"run.root={tmp_path / 'runs'}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=open(tmp_path / "out.log", "w"), stderr=subprocess.STDOUT)
+    metrics = tmp_path / "runs" / "smoke" / "metrics.jsonl"
+    try:
+        wait_for(lambda: logged_steps(metrics) >= 5, 300, "training to start")
+        server.kill()
+        down_at = logged_steps(metrics)
+        wait_for(lambda: logged_steps(metrics) >= down_at + 10 or proc.poll() is not None, 300, "training to go on")
+        assert proc.poll() is None, "the run ended while the server was down"
+        server.start()
+        assert proc.wait(timeout=600) == 0, (tmp_path / "out.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.kill()
+    log = (tmp_path / "out.log").read_text()
+    assert "unreachable" in log and "is back" in log
+    server.start()
+    try:
+        client = MlflowClient(tracking_uri=server.uri)
+        runs = runs_by_stage(client)
+        assert sorted(loss_history(client, runs["train"].info.run_id)) == list(range(1, 41))
+        assert runs["pipeline"].info.status == "FINISHED"
+        assert client.get_model_version_by_alias("gpt2-pipeline", "best") is not None
+    finally:
+        server.kill()
+
+
+# --- a real Ray cluster: `ray start --head` and `ray job submit` ---------------------------------------
+
+def test_ray_job_submit_runs_the_pipeline_on_a_ray_cluster(tmp_path):
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # `python` in the job
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                             "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+                            stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env=env)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for(lambda: subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True).returncode == 0,
+                 180, "the Ray head")
+        submit = subprocess.run([ray_bin, "job", "submit", "--address", address, "--submission-id", "smoke-job",
+                                 "--working-dir", str(REPO), "--", "python", "pipeline/run.py", *TINY, "train.max_steps=10",
+                                 f"run.root={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+                                capture_output=True, text=True, timeout=900)
+        assert submit.returncode == 0 and "succeeded" in submit.stdout, submit.stdout[-3000:] + submit.stderr[-2000:]
+        logs = subprocess.run([ray_bin, "job", "logs", "--address", address, "smoke-job"],
+                              capture_output=True, text=True, timeout=120).stdout
+        for progress in ("tokenize:", "step 10/10", "eval:", "register:", "pipeline: done"):
+            assert progress in logs, progress
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        resources = runs_by_stage(client)["pipeline"].data.tags["ray_cluster_resources"]
+        assert "'CPU': 2.0" in resources
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
+
+
+def test_two_workers_on_two_nodes_train_exactly_like_two_on_one(tmp_path, builtin_dataset):
+    from conftest import tiny_config
+    from train import launch
+
+    single = tiny_config(tmp_path / "single", builtin_dataset, "train.max_steps=6")
+    assert launch.run(single).nodes == 1
+    script = tmp_path / "two_nodes.py"
+    script.write_text(f"""
+import ray
+from ray.cluster_utils import Cluster
+from conftest import tiny_config
+from train import launch
+from pathlib import Path
+
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address)
+cfg = tiny_config(Path({str(tmp_path / 'spread')!r}), Path({str(builtin_dataset)!r}), "train.max_steps=6",
+                  "cluster.placement_strategy=STRICT_SPREAD")
+print("NODES", launch.run(cfg).nodes)
+""")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    assert proc.returncode == 0 and "NODES 2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    a = [r["train/loss"] for r in read_jsonl(str(tmp_path / "single" / "smoke" / "metrics.jsonl")) if "train/loss" in r]
+    b = [r["train/loss"] for r in read_jsonl(str(tmp_path / "spread" / "smoke" / "metrics.jsonl")) if "train/loss" in r]
+    assert len(a) == 6 and a == b
+
+
+# --- resuming a run whose driver was killed ------------------------------------------------------------
+
+def test_a_rerun_after_killing_the_driver_resumes_from_the_checkpoint(tmp_path):
+    args = [sys.executable, str(REPO / "pipeline" / "run.py"), *TINY, "train.max_steps=30", "tracking.enabled=false"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    metrics = tmp_path / "runs" / "smoke" / "metrics.jsonl"
+    wait_for(lambda: logged_steps(metrics) >= 12 or proc.poll() is not None, 600, "training to pass step 12")
+    assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    killed_at = logged_steps(metrics)
+    assert killed_at < 30
+    again = run_cli(*args[1:], cwd=tmp_path, timeout=900)
+    assert "tokenize: complete (fingerprint" in again.stdout
+    resumed = re.search(r"resumed from \S+step_(\d{8}) at step (\d+)", again.stdout)
+    assert resumed and int(resumed.group(1)) % 5 == 0 and 10 <= int(resumed.group(1)) <= killed_at
+    steps = [r["step"] for r in read_jsonl(str(metrics)) if "train/loss" in r]
+    assert steps[:killed_at] == list(range(1, killed_at + 1)) and steps[-1] == 30
+    assert (tmp_path / "runs" / "smoke" / "eval" / "results.json").exists()
