@@ -1,4 +1,5 @@
-"""The final model in MLflow's Model Registry: an MLflow pyfunc model that generates text, carrying
+"""The final model in MLflow's Model Registry: an MLflow pyfunc model that generates text (see
+pipeline/served_model.py), carrying
 the Hugging Face files (config.json + model.safetensors) and the code it needs, registered as a new
 version with an alias that always points at the version with the best HellaSwag score."""
 
@@ -14,32 +15,10 @@ from mlflow.exceptions import MlflowException
 from pipeline.lineage import Lineage
 
 SCORE = "hellaswag/harness/acc_norm"  # what "best" means: the number published tables compare
-# bundled with the model so it loads wherever torch is installed, without this package
+# The model is logged from code (pipeline/served_model.py), not pickled, so loading it runs no
+# unpickling; the code it needs is bundled, so it loads wherever torch is installed.
+_MODEL_CODE = Path(__file__).with_name("served_model.py")
 _CODE = [Path(__file__).resolve().parents[1] / name for name in ("pipeline", "tokenization", "train", "eval")]
-
-
-class GPT2Generator(mlflow.pyfunc.PythonModel):
-    """predict(["prompt", ...]) -> ["completion", ...]; sampling with temperature 0.8 and top-k 50 by
-    default (params: max_new_tokens, temperature, top_k, seed)."""
-
-    def load_context(self, context) -> None:
-        from train.model import load_hf
-
-        self.model = load_hf(context.artifacts["checkpoint"]).eval()
-
-    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
-        from eval.generate import sample
-        from tokenization.tokenizer import encoding
-
-        params = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "seed": 0, **(params or {})}
-        enc, out = encoding(), []
-        for prompt in model_input:
-            tokens = enc.encode_ordinary(prompt)
-            budget = min(int(params["max_new_tokens"]), self.model.config.block_size - len(tokens))
-            completion = sample(self.model, tokens, budget, temperature=float(params["temperature"]),
-                                top_k=int(params["top_k"]), seed=int(params["seed"]))[0]
-            out.append(enc.decode(completion))
-        return out
 
 
 def register(lineage: Lineage, run_id: str | None, checkpoint_dir: str, name: str, alias: str,
@@ -55,7 +34,7 @@ def register(lineage: Lineage, run_id: str | None, checkpoint_dir: str, name: st
             weights.mkdir()
             for file in ("model.safetensors", "config.json"):
                 shutil.copy(Path(checkpoint_dir, file), weights / file)
-            info = mlflow.pyfunc.log_model(name="model", python_model=GPT2Generator(),
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(_MODEL_CODE),
                                            artifacts={"checkpoint": str(weights)},
                                            code_paths=[str(p) for p in _CODE],
                                            pip_requirements=["torch", "safetensors", "tiktoken", "numpy"])

@@ -105,7 +105,7 @@ def _final_checkpoint(cfg: Config) -> str | None:
 
 
 def train_done(ctx: Context, marker: dict) -> bool:
-    return _final_checkpoint(ctx.cfg) == marker.get("output")
+    return _final_checkpoint(ctx.cfg) == marker["summary"].get("output")
 
 
 def train(ctx: Context, run_id: str | None) -> dict:

@@ -182,8 +182,9 @@ def test_the_mlflow_run_page_shows_the_loss_chart_in_a_real_browser(embedded, tm
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
-            page.get_by_text("train/loss").first.wait_for(timeout=60_000)
-            page.wait_for_timeout(3000)  # let the charts draw
+            page.get_by_placeholder("Search metric charts").fill("train/loss", timeout=60_000)
+            page.get_by_text("train (train/loss)").first.wait_for(timeout=60_000)  # the chart's legend
+            page.wait_for_timeout(2000)  # let the line draw
             page.screenshot(path=str(ARTIFACTS / "mlflow-run.png"), full_page=True)
             assert page.locator("canvas, svg").count() > 0
             browser.close()
