@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -230,24 +233,32 @@ def test_a_tracking_server_outage_does_not_stop_training_and_the_metrics_arrive(
 
 def test_ray_job_submit_runs_the_pipeline_on_a_ray_cluster(tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     port, dashboard = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # `python` in the job
+    # `python` in the job is ours; token auth as the README sets it up for a cluster (Ray's CLI only sends the
+    # token when RAY_AUTH_MODE=token, though a head started without it enforces one too)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                             "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+                             "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
                             stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
                             env=env)
     address = f"http://127.0.0.1:{dashboard}"
+
+    def head_is_up() -> bool:
+        assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+        return subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True, env=env).returncode == 0
+
     try:
-        wait_for(lambda: subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True).returncode == 0,
-                 180, "the Ray head")
+        wait_for(head_is_up, 180, "the Ray head")
         submit = subprocess.run([ray_bin, "job", "submit", "--address", address, "--submission-id", "smoke-job",
                                  "--working-dir", str(REPO), "--", "python", "pipeline/run.py", *TINY, "train.max_steps=10",
                                  f"run.root={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
-                                capture_output=True, text=True, timeout=900)
+                                capture_output=True, text=True, timeout=900, env=env)
         assert submit.returncode == 0 and "succeeded" in submit.stdout, submit.stdout[-3000:] + submit.stderr[-2000:]
         logs = subprocess.run([ray_bin, "job", "logs", "--address", address, "smoke-job"],
-                              capture_output=True, text=True, timeout=120).stdout
+                              capture_output=True, text=True, timeout=120, env=env).stdout
         for progress in ("tokenize:", "step 10/10", "eval:", "register:", "pipeline: done"):
             assert progress in logs, progress
         client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -256,6 +267,7 @@ def test_ray_job_submit_runs_the_pipeline_on_a_ray_cluster(tmp_path):
     finally:
         head.terminate()
         head.wait(timeout=120)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_two_workers_on_two_nodes_train_exactly_like_two_on_one(tmp_path, builtin_dataset):
