@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg, selected: list[str], force: set[str]) -> int:
     started = time.time()
     cluster.connect()
+    ray_start = time.time() - started
     uri = lineage.tracking_uri(cfg.tracking.uri)
     track = lineage.Lineage(uri, cfg.tracking.experiment, cfg.run_dir) if cfg.tracking.enabled else None
     import ray
@@ -72,17 +73,36 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
         if track:
             track.finish(parent, "FAILED")
         return 1
+    seconds = timings(ctx, ray_start, track, time.time() - started)
     if track:
+        track.log_metrics(parent, {f"pipeline/seconds/{k}": v for k, v in seconds.items()})
         track.finish(parent)
-    report(ctx, track, parent, time.time() - started)
+    report(ctx, track, parent, seconds)
     return 0
 
 
-def report(ctx: stages.Context, track, parent: str | None, seconds: float) -> None:
-    print(f"\npipeline: done in {format_duration(seconds)}")
+def timings(ctx: stages.Context, ray_start: float, track, total: float) -> dict[str, float]:
+    """Where the driver's wall time went: each stage's own work, and the orchestration around it (Ray start,
+    MLflow calls outside the register stage, whose whole job is MLflow, and the bookkeeping left over)."""
+    work = {name: s["seconds"] - s["tracking_seconds"] for name, s in ctx.results.items() if not s.get("skipped")}
+    if "register" in work:
+        work["register"] = ctx.results["register"]["seconds"]
+    mlflow = (track.seconds if track else 0.0) - (ctx.results.get("register", {}).get("tracking_seconds", 0.0)
+                                                  if "register" in work else 0.0)
+    out = {**work, "ray_start": ray_start, "mlflow": mlflow}
+    out["bookkeeping"] = max(0.0, total - sum(out.values()))
+    out["total"] = total
+    return out
+
+
+def report(ctx: stages.Context, track, parent: str | None, seconds: dict[str, float]) -> None:
+    print(f"\npipeline: done in {format_duration(seconds['total'])}")
     for name, summary in ctx.results.items():
-        status = "skipped (complete)" if summary.get("skipped") else f"{summary.get('seconds', 0):.0f} s"
+        status = "skipped (complete)" if summary.get("skipped") else f"{seconds[name]:.0f} s"
         print(f"  {name:<9} {status:<20} {summary.get('output') or ''}")
+    overhead = seconds["ray_start"] + seconds["mlflow"] + seconds["bookkeeping"]
+    print(f"  overhead  {overhead:.0f} s ({overhead / seconds['total']:.0%}): Ray start {seconds['ray_start']:.0f} s, "
+          f"MLflow {seconds['mlflow']:.0f} s, bookkeeping {seconds['bookkeeping']:.0f} s")
     metrics = ctx.results.get("eval", {}).get("metrics", {})
     for key in ("val/loss", "hellaswag/harness/acc", "hellaswag/harness/acc_norm",
                 "hellaswag/completion/acc", "hellaswag/completion/acc_norm"):

@@ -129,7 +129,8 @@ def train(ctx: Context, run_id: str | None) -> dict:
         ctx.lineage.log_json(run_id, engine.deepspeed_config(cfg, cfg.cluster.num_workers), "deepspeed_config.json")
     result = launch.run(cfg, resume=True, tracking=tracking)
     if tracking and storage.exists(cfg.metrics_file):  # whatever rank 0 could not send yet
-        MlflowUploader(cfg.metrics_file, run_id, ctx.lineage.uri, log=ctx.log).drain(timeout_s=120)
+        ctx.lineage.call("send the remaining training metrics", lambda: MlflowUploader(
+            cfg.metrics_file, run_id, ctx.lineage.uri, log=ctx.log).drain(timeout_s=120))
     if ctx.lineage:
         ctx.lineage.set_tags(run_id, {"checkpoint": result.checkpoint})
     return {"output": result.checkpoint, "step": result.step, "loss": result.loss, "tokens": result.tokens}
@@ -222,7 +223,7 @@ def run_stage(ctx: Context, stage: Stage, force: bool) -> dict:
         return {**marker["summary"], "skipped": True}
     ctx.force = force
     run_id = ctx.child(stage.name)
-    started = time.time()
+    started, tracked = time.time(), ctx.lineage.seconds if ctx.lineage else 0.0
     try:
         summary = stage.run(ctx, run_id)
     except BaseException:
@@ -230,6 +231,7 @@ def run_stage(ctx: Context, stage: Stage, force: bool) -> dict:
             ctx.lineage.finish(run_id, "FAILED")
         raise
     summary["seconds"] = time.time() - started
+    summary["tracking_seconds"] = (ctx.lineage.seconds - tracked) if ctx.lineage else 0.0
     if ctx.lineage:
         ctx.lineage.finish(run_id)
     storage.write_json(marker_url(ctx.cfg, stage.name), {"fingerprint": stage.fingerprint(ctx), "summary": summary,

@@ -110,6 +110,8 @@ def test_the_embedded_default_records_the_whole_lineage_in_mlflow(embedded):
     runs = runs_by_stage(client)
     assert set(runs) == {"pipeline", "tokenize", "train", "eval", "register"}
     parent = runs["pipeline"]
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's "Model training" view
     assert parent.info.status == "FINISHED" and parent.info.run_name == "smoke"
     for stage in ("tokenize", "train", "eval", "register"):
         assert runs[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id

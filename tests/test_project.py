@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -49,6 +50,55 @@ print("RESULT", *ray.get(probe.remote()))
     assert version.startswith("2.") and "working_dir_files" in cwd
     assert ours.startswith(cwd)  # our packages come from the uploaded working dir
     assert tokenize_module.startswith(sys.base_prefix)  # the standard library's, not shadowed
+
+
+def our_imports() -> dict[str, set[str]]:
+    """module -> the modules of ours it imports (anywhere in the file, lazy imports included)."""
+    graph = {}
+    for stage in STAGES:
+        for path in (REPO / stage).glob("*.py"):
+            found = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                found |= {n for n in names if n.split(".")[0] in STAGES and (REPO / (n.replace(".", "/") + ".py")).exists()}
+            graph[f"{stage}.{path.stem}"] = found - {f"{stage}.{path.stem}"}
+    return graph
+
+
+def test_imports_flow_one_way():
+    graph = our_imports()
+    # the layering a newcomer can rely on
+    for module in ("pipeline.config", "pipeline.storage", "pipeline.progress", "pipeline.tracking"):
+        assert not graph[module] - {"pipeline.storage", "pipeline.config"}, (module, graph[module])
+    for module, deps in graph.items():
+        stage = module.split(".")[0]
+        if stage == "tokenization":
+            assert not {d for d in deps if d.split(".")[0] in ("train", "eval")}, module
+        if stage == "train":  # the trainer evaluates during training with the two model-only evaluators
+            assert {d for d in deps if d.startswith("eval.")} <= {"eval.val_loss", "eval.hellaswag"}, module
+    assert not {d for d in graph["eval.val_loss"] | graph["eval.hellaswag"] if d.startswith("train.")}
+    # the model is one file with no distributed machinery
+    model = (REPO / "train" / "model.py").read_text()
+    assert not re.search(r"^\s*(import|from) (deepspeed|ray|torch\.distributed)", model, re.M)
+    # and no cycles among modules
+    state: dict[str, int] = {}
+
+    def visit(module, path):
+        if state.get(module) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join(path + [module])}")
+        if state.get(module) != 2:
+            state[module] = 1
+            for dep in graph.get(module, ()):
+                visit(dep, path + [module])
+            state[module] = 2
+
+    for module in graph:
+        visit(module, [])
 
 
 def test_ci_runs_the_test_command_written_in_the_readme():
