@@ -13,11 +13,13 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from pipeline.lineage import Lineage
+from train.checkpoint import local_copy
 
 SCORE = "hellaswag/harness/acc_norm"  # what "best" means: the number published tables compare
 # The model is logged from code (pipeline/served_model.py), not pickled, so loading it runs no
 # unpickling; the code it needs is bundled, so it loads wherever torch is installed.
 _MODEL_CODE = Path(__file__).with_name("served_model.py")
+_WEIGHTS = ("model.safetensors", "config.json")
 _CODE = [Path(__file__).resolve().parents[1] / name for name in ("pipeline", "tokenization", "train", "eval")]
 
 
@@ -32,8 +34,9 @@ def register(lineage: Lineage, run_id: str | None, checkpoint_dir: str, name: st
         with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp, "checkpoint")
             weights.mkdir()
-            for file in ("model.safetensors", "config.json"):
-                shutil.copy(Path(checkpoint_dir, file), weights / file)
+            source = local_copy(checkpoint_dir, keep=lambda rel: rel in _WEIGHTS)  # local, s3://, gs://...
+            for file in _WEIGHTS:
+                shutil.copy(Path(source, file), weights / file)
             info = mlflow.pyfunc.log_model(name="model", python_model=str(_MODEL_CODE),
                                            artifacts={"checkpoint": str(weights)},
                                            code_paths=[str(p) for p in _CODE],

@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -188,7 +189,7 @@ def _prune(directory: str, keep_last: int) -> None:
 
 # --- loading --------------------------------------------------------------------------------------
 
-def local_copy(url: str, keep: callable = lambda name: True) -> str:
+def local_copy(url: str, keep: Callable[[str], bool] = lambda name: True) -> str:
     """A local path holding url's files (url itself when local; else downloaded once per process)."""
     if storage.is_local(url):
         return storage.filesystem(url)[1]
@@ -196,9 +197,11 @@ def local_copy(url: str, keep: callable = lambda name: True) -> str:
     target = os.path.join(tempfile.gettempdir(), "gpt2-ckpt", re.sub(r"[^\w.-]", "_", url))
     for path in fs.find(remote):
         rel = os.path.relpath(path, remote)
-        if keep(rel) and not os.path.exists(os.path.join(target, rel)):
-            os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
-            fs.get(path, os.path.join(target, rel))
+        local = os.path.join(target, rel)
+        if keep(rel) and not os.path.exists(local):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get(path, local + ".part")  # a download cut short is never taken for the file
+            os.replace(local + ".part", local)
     return target
 
 
