@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import storage
 from train import checkpoint as trainer_checkpoint
 from train.checkpoint import CheckpointError
 from train.model import GPT, GPTConfig, config_from_hf, from_hf_state_dict
@@ -33,7 +34,7 @@ def load(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     trainer_checkpoint.forbid_unpickling(deepspeed_records=False)
     if spec.startswith("hf:"):
         return _hf_dir(_download(spec[3:]), device, {"layout": "huggingface-hub", "name": spec[3:]})
-    path = Path(spec)
+    path = Path(spec if storage.is_local(spec) else _fetch(spec))
     if not path.exists():
         raise CheckpointError(f"{spec}: no such file or directory")
     if path.is_file():
@@ -54,6 +55,18 @@ def load(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
         return _deepspeed(path, deepspeed_tag, device)
     raise CheckpointError(f"{spec}: unknown checkpoint layout; found {sorted(names) or 'an empty directory'}; "
                           f"expected one of: {'; '.join(LAYOUTS)}")
+
+
+def _fetch(url: str) -> str:
+    """A local copy of a checkpoint on object storage; of one of ours, only the model files, not the
+    DeepSpeed optimizer state beside them."""
+    if not storage.exists(url):
+        raise CheckpointError(f"{url}: no such file or directory")
+    try:
+        step = trainer_checkpoint.resolve(url)
+    except CheckpointError:
+        return trainer_checkpoint.local_copy(url)  # a Hugging Face or DeepSpeed directory: all of it
+    return trainer_checkpoint.local_copy(step, keep=lambda rel: "/" not in rel)
 
 
 def _hf_dir(path: Path, device, info: dict) -> tuple[GPT, dict]:

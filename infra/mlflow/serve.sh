@@ -3,7 +3,7 @@
 # an artifact store (S3-compatible, GCS, or a path) that the server proxies, so clients need no bucket
 # credentials of their own.
 #
-#   pip install mlflow==3.17.2 psycopg2-binary boto3
+#   pip install mlflow==3.17.2 "psycopg[binary]" boto3
 #   MLFLOW_DB_URI=postgresql://mlflow:PASSWORD@127.0.0.1:5432/mlflow \
 #   MLFLOW_ARTIFACTS=s3://my-bucket/mlflow infra/mlflow/serve.sh
 #
