@@ -254,10 +254,14 @@ def test_ray_job_submit_runs_the_pipeline_on_a_ray_cluster(tmp_path):
 
     try:
         wait_for(head_is_up, 180, "the Ray head")
-        submit = subprocess.run([ray_bin, "job", "submit", "--address", address, "--submission-id", "smoke-job",
-                                 "--working-dir", str(REPO), "--", "python", "pipeline/run.py", *TINY, "train.max_steps=10",
-                                 f"run.root={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
-                                capture_output=True, text=True, timeout=900, env=env)
+        command = [ray_bin, "job", "submit", "--address", address, "--submission-id", "smoke-job", "--working-dir",
+                   str(REPO), "--", "python", "pipeline/run.py", *TINY, "train.max_steps=10",
+                   f"run.root={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+        for _ in range(30):  # the job API answers before the head's job agent is up; Ray says "try again later"
+            submit = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+            if "No available agent" not in submit.stderr:
+                break
+            time.sleep(2)
         assert submit.returncode == 0 and "succeeded" in submit.stdout, submit.stdout[-3000:] + submit.stderr[-2000:]
         logs = subprocess.run([ray_bin, "job", "logs", "--address", address, "smoke-job"],
                               capture_output=True, text=True, timeout=120, env=env).stdout
@@ -267,9 +271,22 @@ def test_ray_job_submit_runs_the_pipeline_on_a_ray_cluster(tmp_path):
         resources = runs_by_stage(client)["pipeline"].data.tags["ray_cluster_resources"]
         assert "'CPU': 2.0" in resources
     finally:
-        head.terminate()
-        head.wait(timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start` and the GCS, raylet and dashboard it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        wait_for(lambda: not _kill_group(head.pid), 60, "the Ray head's processes to exit")
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _kill_group(pgid: int) -> bool:
+    """SIGKILL what is left of a process group after SIGTERM's grace period; False once it is empty."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_two_workers_on_two_nodes_train_exactly_like_two_on_one(tmp_path, builtin_dataset):
@@ -291,7 +308,9 @@ cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address)
 cfg = tiny_config(Path({str(tmp_path / 'spread')!r}), Path({str(builtin_dataset)!r}), "train.max_steps=6",
                   "cluster.placement_strategy=STRICT_SPREAD")
-print("NODES", launch.run(cfg).nodes)
+print("NODES", launch.run(cfg).nodes, flush=True)
+ray.shutdown()
+cluster.shutdown()
 """)
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO / "tests")})

@@ -17,6 +17,7 @@ through DeepSpeed's universal checkpoint, converted once and kept beside the ori
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -189,12 +190,19 @@ def _prune(directory: str, keep_last: int) -> None:
 
 # --- loading --------------------------------------------------------------------------------------
 
+_copies: str | None = None  # this process's downloads; another process may see the URL rewritten (--force)
+
+
 def local_copy(url: str, keep: Callable[[str], bool] = lambda name: True) -> str:
     """A local path holding url's files (url itself when local; else downloaded once per process)."""
+    global _copies
     if storage.is_local(url):
         return storage.filesystem(url)[1]
+    if _copies is None:
+        _copies = tempfile.mkdtemp(prefix="gpt2-ckpt-")
+        atexit.register(shutil.rmtree, _copies, True)
     fs, remote = storage.filesystem(url)
-    target = os.path.join(tempfile.gettempdir(), "gpt2-ckpt", re.sub(r"[^\w.-]", "_", url))
+    target = os.path.join(_copies, re.sub(r"[^\w.-]", "_", url))
     for path in fs.find(remote):
         rel = os.path.relpath(path, remote)
         local = os.path.join(target, rel)
