@@ -107,7 +107,7 @@ class Lineage:
         location = None
         if self.uri.startswith("sqlite:///"):  # artifacts beside the database, not in the current directory
             location = Path(os.path.dirname(self.uri[len("sqlite:///"):]), "mlartifacts").as_uri()
-        # without the kind, MLflow 3's UI files a run with traces-free metrics under GenAI "Evaluations"
+        # MLflow 3 tags experiments as GenAI or model development; say which instead of leaving it to inference
         return self.client.create_experiment(name, artifact_location=location,
                                              tags={"mlflow.experimentKind": "custom_model_development"})
 

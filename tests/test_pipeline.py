@@ -174,7 +174,7 @@ def test_the_embedded_default_records_the_whole_lineage_in_mlflow(embedded):
     assert set(runs) == {"pipeline", "tokenize", "train", "eval", "register"}
     parent = runs["pipeline"]
     experiment = client.get_experiment(parent.info.experiment_id)
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's "Model training" view
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.info.status == "FINISHED" and parent.info.run_name == "smoke"
     for stage in ("tokenize", "train", "eval", "register"):
         assert runs[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id
