@@ -1,7 +1,7 @@
 """The final model in MLflow's Model Registry: an MLflow pyfunc model that generates text (see
-pipeline/served_model.py), carrying
-the Hugging Face files (config.json + model.safetensors) and the code it needs, registered as a new
-version with an alias that always points at the version with the best HellaSwag score."""
+pipeline/served_model.py), carrying the Hugging Face files (config.json + model.safetensors) and the
+code it needs, registered as a new version with an alias that always points at the version with the
+best HellaSwag score."""
 
 from __future__ import annotations
 

@@ -84,11 +84,9 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
 def timings(ctx: stages.Context, ray_start: float, track, total: float) -> dict[str, float]:
     """Where the driver's wall time went: each stage's own work, and the orchestration around it (Ray start,
     MLflow calls outside the register stage, whose whole job is MLflow, and the bookkeeping left over)."""
-    work = {name: s["seconds"] - s["tracking_seconds"] for name, s in ctx.results.items() if not s.get("skipped")}
-    if "register" in work:
-        work["register"] = ctx.results["register"]["seconds"]
-    mlflow = (track.seconds if track else 0.0) - (ctx.results.get("register", {}).get("tracking_seconds", 0.0)
-                                                  if "register" in work else 0.0)
+    ran = {name: s for name, s in ctx.results.items() if not s.get("skipped")}
+    work = {name: s["seconds"] - (0.0 if name == "register" else s["tracking_seconds"]) for name, s in ran.items()}
+    mlflow = (track.seconds if track else 0.0) - ran.get("register", {}).get("tracking_seconds", 0.0)
     out = {**work, "ray_start": ray_start, "mlflow": mlflow}
     out["bookkeeping"] = max(0.0, total - sum(out.values()))
     out["total"] = total
