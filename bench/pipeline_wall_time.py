@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import read_jsonl
+from pipeline.core.tracking import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("tokenize", "train", "eval", "register", "ray_start", "mlflow", "bookkeeping")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import ray
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from tokenization import builtin, job, tokenizer
 
 

@@ -20,9 +20,9 @@ import time
 import ray
 import torch
 
-from pipeline import cluster
-from pipeline.config import load_config
-from pipeline.tracking import read_jsonl
+from pipeline.core import cluster
+from pipeline.core.config import load_config
+from pipeline.core.tracking import read_jsonl
 from tokenization import job
 from train import launch
 from train.data import ShardLoader

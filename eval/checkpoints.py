@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import storage
+from pipeline.core import storage
 from train import checkpoint as trainer_checkpoint
 from train.checkpoint import CheckpointError
 from train.model import GPT, GPTConfig, config_from_hf, from_hf_state_dict

@@ -17,7 +17,7 @@ import sys
 from eval import suite
 from eval.checkpoints import CheckpointError
 from eval.hellaswag import HellaSwagError
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
 from tokenization.shards import ShardError
 from tokenization.tokenizer import TokenizerUnavailable
 

@@ -9,8 +9,8 @@ import time
 import torch
 
 from eval import checkpoints, generate, hellaswag, val_loss
-from pipeline import storage
-from pipeline.config import Config, join
+from pipeline.core import storage
+from pipeline.core.config import Config, join
 from tokenization.shards import manifest_hash
 from tokenization.tokenizer import encoding
 
@@ -88,7 +88,7 @@ def score_on_workers(ckpt: str, items: list, workers: int, device: torch.device)
     """HellaSwag split over Ray workers (a GPU each when the cluster has them), each loading the model."""
     import ray
 
-    from pipeline import cluster
+    from pipeline.core import cluster
 
     cluster.connect()
     gpus = 1 if device.type == "cuda" else 0

@@ -3,7 +3,7 @@
 Runs are found again by their tags, so submitting the same run name again continues the same parent
 and child runs. The tracking server is never allowed to stop the pipeline: every call is retried a
 few times with back-off and then skipped with a warning (training metrics travel separately, from a
-local file, see pipeline/tracking.MlflowUploader). Imports nothing else of the project.
+local file, see pipeline/core/tracking.MlflowUploader). Imports nothing else of the project.
 """
 
 from __future__ import annotations

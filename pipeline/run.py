@@ -15,9 +15,10 @@ import argparse
 import sys
 import time
 
-from pipeline import cluster, lineage, stages
-from pipeline.config import ConfigError, load_config
-from pipeline.progress import format_duration
+from pipeline import lineage, stages
+from pipeline.core import cluster
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.progress import format_duration
 
 
 def main(argv: list[str] | None = None) -> int:

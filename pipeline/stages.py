@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline import registry, storage
-from pipeline.config import Config, join
+from pipeline import registry
+from pipeline.core import storage
+from pipeline.core.config import Config, join
 from pipeline.lineage import Lineage
-from pipeline.tracking import MlflowUploader
+from pipeline.core.tracking import MlflowUploader
 
 STAGES = ("tokenize", "train", "eval", "register")
 

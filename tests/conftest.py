@@ -83,7 +83,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def builtin_dataset(tmp_path_factory, ray_local) -> Path:
     """The built-in corpus tokenized once for every test that trains or evaluates."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from tokenization import job
 
     out = tmp_path_factory.mktemp("builtin") / "data"
@@ -93,7 +93,7 @@ def builtin_dataset(tmp_path_factory, ray_local) -> Path:
 
 def tiny_config(root: Path, data: Path, *overrides: str):
     """A GPT-2 small enough to train in seconds on a CPU, two workers by default."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     return load_config("smoke", ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64",
                                  "batch.seq_len=64", "batch.micro_batch_size=4", "batch.tokens_per_step=1024",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import PRESET_DIR, ConfigError, _load_raw, load_config, parse_yaml, preset_names
+from pipeline.core.config import PRESET_DIR, ConfigError, _load_raw, load_config, parse_yaml, preset_names
 
 
 @pytest.mark.parametrize("name", preset_names())

@@ -246,7 +246,7 @@ def trained(tmp_path_factory, builtin_dataset):
 
 
 def test_the_trainers_hellaswag_equals_eval_run_on_the_same_checkpoint(trained):
-    from pipeline.tracking import read_jsonl
+    from pipeline.core.tracking import read_jsonl
 
     logged = [r for r in read_jsonl(trained.metrics_file) if "hellaswag/harness/acc" in r]
     assert [r["step"] for r in logged] == [3, 6]

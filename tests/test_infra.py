@@ -22,7 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from test_pipeline import TINY, free_port, loss_history, runs_by_stage, wait_for
 
 INFRA = REPO / "infra"

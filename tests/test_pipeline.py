@@ -21,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, run_cli
-from pipeline.tracking import read_jsonl
+from pipeline.core.tracking import read_jsonl
 
 # A GPT-2 small enough that a whole pipeline run takes a minute on two CPUs.
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64", "batch.seq_len=64",

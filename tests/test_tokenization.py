@@ -21,7 +21,7 @@ import pytest
 import tiktoken
 from conftest import REPO, run_cli, tree_bytes, write_jsonl
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from tokenization import job, shards
 from tokenization.sources import SKIP_REASONS, CorpusError
 

@@ -16,8 +16,8 @@ import torch
 from conftest import run_cli, tiny_config
 from safetensors.torch import load_file
 
-from pipeline.config import load_config
-from pipeline.tracking import read_jsonl
+from pipeline.core.config import load_config
+from pipeline.core.tracking import read_jsonl
 from train import checkpoint, launch
 from train.data import SequenceOrder, ShardLoader
 from train.engine import deepspeed_config, flops_per_token, lr_at, peak_flops

@@ -17,7 +17,7 @@ import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
-from pipeline import storage
+from pipeline.core import storage
 
 _EXTRACTOR_VERSION = 1  # bump when the extraction below changes, to invalidate caches
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "turtledemo"}

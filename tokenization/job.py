@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import cluster, storage
-from pipeline.config import Config, join
-from pipeline.progress import Progress, format_duration, human
+from pipeline.core import cluster, storage
+from pipeline.core.config import Config, join
+from pipeline.core.progress import Progress, format_duration, human
 from tokenization import shards, sources, tokenizer
 from tokenization.shards import MANIFEST, MANIFEST_VERSION, ShardError
 from tokenization.sources import CorpusError, Piece, Source

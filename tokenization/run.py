@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
 from tokenization import job
 from tokenization.shards import ShardError
 from tokenization.sources import CorpusError

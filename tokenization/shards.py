@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import storage
-from pipeline.config import join
+from pipeline.core import storage
+from pipeline.core.config import join
 
 MAGIC = 20240520
 VERSION = 1

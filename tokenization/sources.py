@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from pipeline import storage
-from pipeline.config import DataConfig
+from pipeline.core import storage
+from pipeline.core.config import DataConfig
 from tokenization import builtin
 
 # Why a document was skipped; the manifest and the summary count each.

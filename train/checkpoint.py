@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import storage
-from pipeline.config import join
+from pipeline.core import storage
+from pipeline.core.config import join
 from train.model import GPT, hf_config, to_hf_state_dict
 
 STATE = "trainer_state.json"

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 from train.model import GPT, GPTConfig
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pipeline import cluster, storage
-from pipeline.config import Config, join
+from pipeline.core import cluster, storage
+from pipeline.core.config import Config, join
 from tokenization.shards import load_manifest
 from train import checkpoint
 from train.checkpoint import CheckpointError

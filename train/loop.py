@@ -19,8 +19,8 @@ import psutil
 import torch
 
 from eval import hellaswag, val_loss
-from pipeline.config import Config
-from pipeline.tracking import Console, JsonLines, MlflowUploader, for_rank
+from pipeline.core.config import Config
+from pipeline.core.tracking import Console, JsonLines, MlflowUploader, for_rank
 from tokenization.shards import manifest_hash
 from tokenization.tokenizer import encoding
 from train import checkpoint
@@ -195,6 +195,6 @@ def _check_resumable(saved: TrainerState, now: TrainerState, cfg: Config, url: s
 
 
 def _say(rank: int, text: str) -> None:
-    if rank == 0:  # write, not print: see pipeline/tracking.Console
+    if rank == 0:  # write, not print: see pipeline/core/tracking.Console
         sys.stdout.write(f"train: {text}\n")
         sys.stdout.flush()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
 from tokenization.shards import ShardError
 from train import launch
 from train.checkpoint import CheckpointError

@@ -1,6 +1,6 @@
 """The one typed configuration of the pipeline, its YAML presets and dotted command-line overrides.
 
-Every stage takes a `Config`. Presets live in `pipeline/configs/*.yaml`; a preset names the preset it
+Every stage takes a `Config`. Presets live in `pipeline/core/configs/*.yaml`; a preset names the preset it
 derives from with `extends:` and states only what differs. Overrides such as `train.lr=3e-4` are applied
 after the preset is merged, and the result is validated once, before any work starts: an unknown key, a
 wrong type or an impossible combination raises `ConfigError` naming the key.
