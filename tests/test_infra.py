@@ -230,3 +230,37 @@ def test_the_mlflow_server_from_plain_commands_on_postgres_takes_a_pipeline_run_
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
         pg.stop()
+
+
+# --- GPU system metrics: the path a GPU node runs, on a CPU ------------------------------------------
+
+def test_system_metrics_are_on_by_default_per_node_and_survive_a_machine_without_nvml(tmp_path, monkeypatch):
+    import mlflow.system_metrics.metrics.gpu_monitor as gpu_monitor
+    import pynvml  # the gpu extra (and the test extra) installs nvidia-ml-py
+
+    from pipeline.core.config import Config
+    from train.loop import _system_metrics
+
+    assert Config().tracking.system_metrics  # every training run samples them unless told not to
+    assert "pynvml" in vars(gpu_monitor)  # MLflow found the bindings: GPU metrics are attempted, not skipped
+    try:
+        pynvml.nvmlInit()
+        gpus = pynvml.nvmlDeviceGetCount()
+    except pynvml.NVMLError:
+        gpus = 0  # this machine: the library or the driver is missing
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("system")).info.run_id
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monitor = _system_metrics({"uri": uri, "run_id": run_id}, node=1)
+    try:
+        wait_for(lambda: "system/node_1/cpu_utilization_percentage" in client.get_run(run_id).data.metrics, 120,
+                 "the first system metrics")
+    finally:
+        monitor.finish()
+    logged = set(client.get_run(run_id).data.metrics)
+    assert all(k.startswith("system/node_1/") for k in logged), logged
+    assert "system/node_1/system_memory_usage_megabytes" in logged
+    gpu = {k for k in logged if k.startswith("system/node_1/gpu_")}
+    assert {f"system/node_1/gpu_{i}_utilization_percentage" for i in range(gpus)} <= gpu
+    assert bool(gpu) == bool(gpus), gpu
