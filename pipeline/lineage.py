@@ -197,4 +197,6 @@ class Lineage:
         if not run_id or not self.experiment_id:
             return None
         base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        # MLflow's UI picks its sidebar (GenAI or Model training) from this parameter, else from the browser's
+        # localStorage (default GenAI), never from the experiment's kind tag (mlflow issue 24498, open in 3.18)
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}?workflowType=machine_learning"
