@@ -5,12 +5,16 @@ from __future__ import annotations
 import pytest
 
 from pipeline.core.config import PRESET_DIR, ConfigError, _load_raw, load_config, parse_yaml, preset_names
+from train.engine import deepspeed_config
 
 
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_loads(name):
     cfg = load_config(name)
-    assert cfg.grad_accum_steps >= 1
+    ds = deepspeed_config(cfg, cfg.cluster.num_workers)  # the batch splits into whole micro-batches per worker
+    b = cfg.batch
+    assert ds["gradient_accumulation_steps"] >= 1 and ds["train_micro_batch_size_per_gpu"] == b.micro_batch_size
+    assert ds["train_batch_size"] * b.seq_len == b.tokens_per_step
     assert cfg.model.n_embd % cfg.model.n_head == 0
 
 

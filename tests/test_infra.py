@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-
 from conftest import REPO
-from pipeline.core.config import load_config
+from mlflow.tracking import MlflowClient
 from test_pipeline import TINY, free_port, loss_history, runs_by_stage, wait_for
+
+from pipeline.core.config import load_config
 
 INFRA = REPO / "infra"
 PINNED = {re.split(r"[\[=<>]", d)[0]: d.split("==")[1] for d in tomllib.loads(

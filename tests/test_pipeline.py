@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, run_cli
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_cli
 from pipeline.core.tracking import read_jsonl
 
 # A GPT-2 small enough that a whole pipeline run takes a minute on two CPUs.
@@ -308,6 +308,7 @@ def test_a_tracking_server_outage_does_not_stop_training_and_the_metrics_arrive(
 
 def test_two_workers_on_two_nodes_train_exactly_like_two_on_one(tmp_path, builtin_dataset):
     from conftest import tiny_config
+
     from train import launch
 
     single = tiny_config(tmp_path / "single", builtin_dataset, "train.max_steps=6")

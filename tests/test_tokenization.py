@@ -22,7 +22,7 @@ import tiktoken
 from conftest import REPO, run_cli, tree_bytes, write_jsonl
 
 from pipeline.core.config import load_config
-from tokenization import job, shards
+from tokenization import job, shards, tokenizer
 from tokenization.sources import SKIP_REASONS, CorpusError
 
 ENC = tiktoken.get_encoding("gpt2")
@@ -39,8 +39,8 @@ def documents_in(out: Path, split: str) -> list[tuple[int, ...]]:
     docs = []
     for tokens in shards.read_split(str(out), split):
         t = tokens.tolist()
-        assert t[0] == shards.EOT, "every shard starts with a document separator"
-        bounds = [i for i, x in enumerate(t) if x == shards.EOT] + [len(t)]
+        assert t[0] == tokenizer.EOT, "every shard starts with a document separator"
+        bounds = [i for i, x in enumerate(t) if x == tokenizer.EOT] + [len(t)]
         docs += [tuple(t[a + 1:b]) for a, b in zip(bounds, bounds[1:])]
     return docs
 
@@ -67,7 +67,7 @@ def test_tokens_equal_tiktoken_and_split_follows_the_documented_rule(ray_local, 
     # shards respect the target size (documents whole) and the manifest's counts
     for info in shards.shards(m):
         tokens = shards.read_tokens(str(out / info.file), info.tokens)
-        assert info.tokens <= 200_000 and int((tokens == shards.EOT).sum()) == info.documents
+        assert info.tokens <= 200_000 and int((tokens == tokenizer.EOT).sum()) == info.documents
     assert m["tokenizer"]["files_sha256"] == {
         "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
         "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}

@@ -42,7 +42,7 @@ def reference_run(cfg, steps: int) -> list[float]:
     weights only, accumulation over the whole global batch, clipping, warm-up then cosine."""
     t, m, b = cfg.train, cfg.model, cfg.batch
     torch.manual_seed(cfg.run.seed)
-    model = GPT(GPTConfig(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size))
+    model = GPT(GPTConfig(**m.model_dump()))
     params = list(model.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],

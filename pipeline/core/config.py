@@ -22,6 +22,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from pipeline.core.storage import join
+
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
@@ -268,11 +270,6 @@ class Config(_Section):
             return os.path.join(tempfile.gettempdir(), "gpt2-pipeline", self.run.name, "metrics.jsonl")
         return join(self.run_dir, "metrics.jsonl")
 
-    @property
-    def grad_accum_steps(self) -> int:
-        b = self.batch
-        return b.tokens_per_step // (b.micro_batch_size * b.seq_len * self.cluster.num_workers)
-
     def with_absolute_paths(self) -> Config:
         """A copy whose local paths are absolute: Ray workers run in other directories."""
         def absolute(path: str | None) -> str | None:
@@ -299,11 +296,6 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
-
-
-def join(base: str, *parts: str) -> str:
-    """Join path parts onto a local path or a URL (s3://bucket/x) with '/'."""
-    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
 # ---------------------------------------------------------------------------------------------
