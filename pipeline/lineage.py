@@ -187,5 +187,5 @@ class Lineage:
             return None
         base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
         # MLflow's UI picks its sidebar (GenAI or Model training) from this parameter, else from the browser's
-        # localStorage (default GenAI), never from the experiment's kind tag (mlflow issue 24498, open in 3.18)
+        # localStorage (default GenAI), never from the experiment's kind tag (mlflow issue 24498; 3.18.0 still does)
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}?workflowType=machine_learning"
