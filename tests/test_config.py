@@ -93,3 +93,20 @@ def test_config_round_trips_and_fingerprints_are_stable():
                                 for k, v in c.flat().items() if v is not None]).model_dump() == c.model_dump()
     assert c.fingerprint("model") == load_config("gpt2-350m", ["train.lr=1e-4"]).fingerprint("model")
     assert c.fingerprint("train") != load_config("gpt2-350m", ["train.lr=1e-4"]).fingerprint("train")
+
+
+def test_every_config_field_is_documented_where_it_is_declared():
+    # config.py is the reference for presets: each field says what it does on its line or the line above
+    import ast
+
+    source = (PRESET_DIR.parent / "config.py").read_text()
+    lines = source.splitlines()
+    bare = []
+    for cls in ast.parse(source).body:
+        if isinstance(cls, ast.ClassDef) and cls.name.endswith("Config") and cls.name != "Config":
+            for node in cls.body:
+                if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    line, above = lines[node.lineno - 1], lines[node.lineno - 2].strip()
+                    if "#" not in line and not above.startswith("#"):
+                        bare.append(f"{cls.name}.{node.target.id}")
+    assert not bare, f"config fields without a comment: {bare}"

@@ -294,6 +294,7 @@ def s3_server():
     server.stop()
 
 
+@pytest.mark.slow
 def test_the_mlflow_server_from_plain_commands_on_postgres_takes_a_pipeline_run_stored_on_s3(tmp_path, s3_server):
     bindir = _postgres_bin()
     if bindir is None:

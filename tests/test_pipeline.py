@@ -30,6 +30,8 @@ TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_siz
         "eval.max_new_tokens=8", "tracking.system_metrics=false"]
 ARTIFACTS = REPO / "tests" / "artifacts"
 
+pytestmark = pytest.mark.slow  # every test here runs the pipeline, with Ray and MLflow
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -306,6 +308,7 @@ def test_a_tracking_server_outage_does_not_stop_training_and_the_metrics_arrive(
         server.kill()
 
 
+@pytest.mark.cluster
 def test_two_workers_on_two_nodes_train_exactly_like_two_on_one(tmp_path, builtin_dataset):
     from conftest import tiny_config
 

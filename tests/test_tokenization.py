@@ -86,6 +86,7 @@ def test_an_independent_llmc_reader_reads_a_shard(ray_local, prose_corpus, prose
     assert list(tokens[:len(first) + 2]) == [50256, *first, 50256]
 
 
+@pytest.mark.slow
 def test_output_is_byte_identical_with_one_or_two_workers_and_any_piece_size(ray_local, prose_corpus, tmp_path):
     runs = {"1 worker": ("tokenization.num_workers=1", "tokenization.piece_bytes=65536"),
             "2 workers": ("tokenization.num_workers=2", "tokenization.piece_bytes=65536"),
@@ -99,6 +100,7 @@ def test_output_is_byte_identical_with_one_or_two_workers_and_any_piece_size(ray
     assert "manifest.json" in trees["1 worker"] and len(trees["1 worker"]) >= 5
 
 
+@pytest.mark.slow
 def test_val_split_does_not_depend_on_file_order(ray_local, prose_texts, tmp_path):
     forward, backward = tmp_path / "fwd", tmp_path / "bwd"
     forward.mkdir(), backward.mkdir()
@@ -131,6 +133,7 @@ def test_rerun_of_a_finished_job_does_nothing(ray_local, prose_corpus, tmp_path)
     assert job.verify(str(out))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_output_and_a_second_rerun_does_nothing(ray_local, prose_texts, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -209,6 +212,7 @@ def test_strict_mode_fails_on_the_first_bad_document_naming_file_and_line(ray_lo
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_line_numbers_are_exact_in_later_pieces_of_a_file(ray_local, tmp_path):
     lines = [{"text": f"document number {i} " * 20} for i in range(600)]
     lines[456] = b'{"text": broken json}'
@@ -221,6 +225,7 @@ def test_line_numbers_are_exact_in_later_pieces_of_a_file(ray_local, tmp_path):
     assert result.manifest["totals"]["train"]["documents"] + result.manifest["totals"]["val"]["documents"] == 599
 
 
+@pytest.mark.slow
 def test_parquet_gzip_text_and_hub_layout_inputs(ray_local, tmp_path):
     texts = [f"Parquet document {i}: the quick brown fox." for i in range(50)]
     pq.write_table(pa.table({"text": texts + [None], "n": list(range(51))}), tmp_path / "p.parquet", row_group_size=10)
@@ -291,6 +296,7 @@ def test_verify_names_a_shard_with_a_flipped_byte_or_a_truncation(ray_local, pro
         shards.read_tokens(str(out / "train_000000.bin"), expected_tokens=7)
 
 
+@pytest.mark.slow
 def test_the_stage_reads_and_writes_object_storage(tmp_path, prose_texts):
     """s3:// in and out, against a real S3 API (moto's server) on 127.0.0.1."""
     moto_server = pytest.importorskip("moto.server")
