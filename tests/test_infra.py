@@ -389,10 +389,16 @@ def test_system_metrics_are_on_by_default_per_node_and_survive_a_machine_without
 
 # --- the interconnect check of the runbook, on CPUs ----------------------------------------------------
 
-def test_the_allreduce_bandwidth_check_runs_under_torchrun_and_reports_bus_bandwidth():
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(free_port()), str(REPO / "bench" / "allreduce_bandwidth.py"), "--sizes-mb", "0.5", "4",
-                           "--iters", "3", "--warmup", "1"], capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("ray", marks=pytest.mark.slow)])
+def test_the_allreduce_bandwidth_check_runs_and_reports_bus_bandwidth(launcher, tmp_path):
+    bench = [str(REPO / "bench" / "allreduce_bandwidth.py"), "--sizes-mb", "0.5", "4", "--iters", "3", "--warmup", "1"]
+    if launcher == "torchrun":
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                *bench]
+    else:  # 2 Ray Train workers on a local Ray, as `ray job submit` runs it on a cluster
+        argv = [sys.executable, *bench, "--ray-workers", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "2 ranks on 1 node(s), backend gloo" in proc.stdout  # the sums were checked on every rank
     rows = [line.split() for line in proc.stdout.splitlines() if re.match(r"\s+[\d.]+(\s+[\d.e+-]+){3}$", line)]
