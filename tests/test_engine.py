@@ -22,11 +22,15 @@ def tiny(*overrides: str):
                                  "train.warmup_steps=0", "train.lr=1e-3", *overrides])
 
 
+def accum(cfg) -> int:
+    return cfg.batch.tokens_per_step // (cfg.batch.micro_batch_size * cfg.batch.seq_len)
+
+
 def batches(cfg, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(step)
     b = cfg.batch
     out = []
-    for _ in range(cfg.grad_accum_steps):
+    for _ in range(accum(cfg)):
         seq = torch.randint(0, 50257, (b.micro_batch_size, b.seq_len + 1), generator=g)
         out.append((seq[:, :-1], seq[:, 1:]))
     return out
@@ -41,7 +45,7 @@ def run(cfg, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     for step in range(steps):
         engines.set_lr(engine, engines.lr_at(step, cfg))
         loss_sum, _ = engines.train_step(engine, batches(cfg, step), torch.device("cpu"))
-        losses.append(loss_sum.item() / cfg.grad_accum_steps)
+        losses.append(loss_sum.item() / accum(cfg))
     weights = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
     return losses, weights
 
@@ -87,3 +91,18 @@ def test_bf16_with_fp32_gradients_agrees_across_zero_stages_and_with_fp32(proces
         assert distance(weights, results[1][1]) < 0.01 * update, stage  # measured: 0 (ZeRO-2), 0.4% (ZeRO-3)
     engine = engines.initialize(tiny("deepspeed.zero_stage=1", "deepspeed.precision=bf16"), world_size=1)
     assert isinstance(engine.optimizer, BF16_Optimizer)  # ZeRO-1's fp32-gradient path, not bf16 sums
+
+
+def test_only_the_keeping_rank_builds_the_full_fp32_copy_and_it_is_the_master_weights(process_group):
+    from train.checkpoint import full_state_dict
+
+    cfg = tiny("deepspeed.zero_stage=3")
+    engine = engines.initialize(cfg, world_size=1)
+    engines.train_step(engine, batches(cfg, 0), torch.device("cpu"))  # master weights move off the init
+    kept, dropped = full_state_dict(engine, engine.module), full_state_dict(engine, engine.module, keep=False)
+    assert dropped == {}
+    assert set(kept) == {n for n, _ in engine.module.named_parameters()} | {"lm_head.weight"}
+    torch.manual_seed(cfg.run.seed)
+    initial = GPT(engine.module.config)
+    assert (kept["transformer.h.0.mlp.c_fc.weight"] - initial.transformer.h[0].mlp.c_fc.weight).abs().max() > 1e-4
+    assert kept["transformer.wte.weight"].shape == (50304, 64) and kept["lm_head.weight"] is kept["transformer.wte.weight"]
