@@ -15,7 +15,8 @@ from pipeline.core.config import Config
 from pipeline.core.storage import join
 from tokenization.shards import load_manifest
 from train import checkpoint
-from train.checkpoint import CheckpointError
+from train.checkpoint import CheckpointError, TrainerState
+from train.data import check_order
 
 
 class TrainingFailed(RuntimeError):
@@ -42,6 +43,7 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
         raise CheckpointError(f"{cfg.checkpoint_dir} already holds checkpoints (latest: {existing}); "
                               f"pass --resume to continue that run, or set run.name for a new one")
     if existing:
+        check_order(TrainerState.read(existing).data_order, existing)
         print(f"train: resuming from {existing}", flush=True)
 
     import ray.train
