@@ -24,6 +24,7 @@ from train import checkpoint as trainer_checkpoint
 from train.checkpoint import CheckpointError
 from train.model import GPT, GPTConfig, config_from_hf, from_hf_state_dict
 
+HEAD_TENSORS = ("score.", "classifier.", "heads.")  # task heads beside the trunk (train/heads.py)
 LAYOUTS = ("trainer checkpoint: trainer_state.json + model.safetensors + config.json (or step_* below it)",
            "Hugging Face: config.json + model.safetensors or pytorch_model.bin",
            "DeepSpeed: a 'latest' file naming a tag directory, or a tag directory of *_model_states.pt files")
@@ -85,6 +86,7 @@ def _hf_dir(path: Path, device, info: dict) -> tuple[GPT, dict]:
     else:
         weights = path / "pytorch_model.bin"
         state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith(HEAD_TENSORS)}  # a fine-tuned model's trunk
     model = _build(config, from_hf_state_dict(state, config), weights)
     return model.to(device), {**info, "path": str(path), "weights": str(weights), "weights_sha256": _sha256(weights)}
 

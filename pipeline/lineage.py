@@ -141,7 +141,8 @@ class Lineage:
 
         def find_or_create() -> str:
             found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'"
-                                            f" and tags.`{STAGE_TAG}` = '{stage}'", max_results=1)
+                                            f" and tags.`{STAGE_TAG}` = '{stage}' and tags.`{RUN_DIR_TAG}` = '{self.run_dir}'",
+                                            max_results=1)
             if found:
                 self.client.update_run(found[0].info.run_id, status="RUNNING")
                 return found[0].info.run_id

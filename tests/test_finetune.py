@@ -146,3 +146,84 @@ def test_batches_follow_one_global_order_for_any_number_of_workers():
     idx, labels = tasks.collate(whole[:4], {"task": HeadSpec("classification", 2)}, 50256)
     assert idx.shape == (4, max(len(e.ids) for e in whole[:4])) and labels["task"].dtype == torch.long
     assert all(idx[r, len(e.ids):].eq(50256).all() for r, e in enumerate(whole[:4]))
+
+
+# --- the stage: DeepSpeed under Ray Train, MLflow lineage, registry, resume -------------------------
+
+def passages(n_per_kind: int, seed: int) -> list[dict]:
+    """Two kinds of text from the built-in corpus, a label for which (0: Python's help topics, 1: the standard
+    library's docstrings), and a regression target: the passage's length in words (12 to 30), standardised."""
+    import random
+
+    from tokenization import builtin
+
+    rng = random.Random(seed)
+    kinds: dict[int, list[str]] = {0: [], 1: []}
+    for name, text in builtin.documents():
+        words = text.split()
+        for i in range(0, len(words) - 30, 30):
+            kinds[0 if name.startswith("pydoc_data") else 1].append(words[i:i + 30])
+    out = []
+    for kind, chunks in kinds.items():
+        for words in rng.sample(chunks, n_per_kind):
+            n = rng.randint(12, 30)
+            out.append({"passage": " ".join(words[:n]), "kind": kind, "words": (n - 21) / 9})
+    rng.shuffle(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, builtin_dataset):
+    """A tiny GPT-2 pretrained for a few steps by the pipeline's train stage code, with its MLflow lineage."""
+    from conftest import tiny_config
+
+    from pipeline.lineage import Lineage
+    from train import launch
+
+    root = tmp_path_factory.mktemp("pretrained")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = tiny_config(root, builtin_dataset, "cluster.num_workers=1", "train.max_steps=8", "checkpoint.interval=8",
+                      "model.block_size=64")
+    track = Lineage(uri, "gpt2-pretraining", cfg.with_absolute_paths().run_dir)
+    parent = track.start_parent("pretrained", {}, {})
+    result = launch.run(cfg, tracking={"uri": uri, "run_id": track.stage_run("train")})
+    return {"checkpoint": result.checkpoint, "uri": uri, "parent": parent, "root": root}
+
+
+FT = ["finetune.text_fields=passage", "finetune.max_len=32", "finetune.batch_size=16", "finetune.micro_batch_size=8",
+      "finetune.lr=3e-3", "finetune.warmup_steps=4", "cluster.num_workers=1", "cluster.cpus_per_worker=1",
+      "cluster.max_failures=0", "tracking.system_metrics=false"]
+
+
+@pytest.mark.slow
+def test_multi_task_fine_tune_separates_the_texts_fits_the_lengths_and_lands_in_mlflow(pretrained, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from conftest import run_cli
+
+    records = passages(150, seed=0)
+    write_jsonl(tmp_path / "task.jsonl", records[:240])
+    write_jsonl(tmp_path / "held.jsonl", records[240:])
+    proc = run_cli("train/finetune.py", "--ckpt", str(pretrained["checkpoint"]), "--task", str(tmp_path / "task.jsonl"),
+                   "--eval-task", str(tmp_path / "held.jsonl"), *FT, "finetune.head=multi",
+                   "finetune.heads={kind: {head: classification, label_field: kind}, "
+                   "length: {head: regression, label_field: words}}",
+                   "finetune.max_steps=50", "finetune.checkpoint_interval=25", f"run.root={tmp_path}",
+                   env={"MLFLOW_TRACKING_URI": pretrained["uri"]})
+    results = json.loads((tmp_path / "smoke" / "finetune" / "results.json").read_text())
+    scores = results["metrics"]
+    assert scores["finetune/kind/accuracy"] > 0.7, scores  # chance: 0.5 (60 held-out passages of each kind)
+    gold = [r["words"] for r in records[240:]]
+    variance = sum((g - sum(gold) / len(gold)) ** 2 for g in gold) / len(gold)
+    # fit: predicting the mean scores an MSE of the variance and no correlation
+    assert scores["finetune/length/pearson"] > 0.5 and scores["finetune/length/mse"] < 0.75 * variance, (scores, variance)
+    assert "finetune/kind/accuracy" in proc.stdout
+
+    client = MlflowClient(pretrained["uri"])
+    run = client.search_runs([client.get_experiment_by_name("gpt2-pretraining").experiment_id],
+                             "tags.`gpt2.stage` = 'finetune'")[0]
+    assert run.data.tags["mlflow.parentRunId"] == pretrained["parent"]  # beside the train run that made the checkpoint
+    assert run.data.metrics["finetune/kind/accuracy"] == pytest.approx(scores["finetune/kind/accuracy"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 51))
+    version = client.get_model_version_by_alias("gpt2-pipeline-finetuned", "best")
+    assert version.run_id == run.info.run_id

@@ -110,7 +110,7 @@ def resolve(path: str) -> str:
 
 # --- saving ---------------------------------------------------------------------------------------
 
-def save(engine, model: GPT, directory: str, state: TrainerState, keep_last: int) -> str:
+def save(engine, model: torch.nn.Module, directory: str, state: TrainerState, keep_last: int) -> str:
     """Write a checkpoint on every rank and commit it on rank 0. Collective: all ranks call it."""
     import torch.distributed as dist
     from deepspeed.checkpoint.constants import (
@@ -131,9 +131,11 @@ def save(engine, model: GPT, directory: str, state: TrainerState, keep_last: int
         if rank == 0:
             from safetensors.torch import save_file
 
-            save_file(to_hf_state_dict(weights, model.config), os.path.join(local, "model.safetensors"),
-                      metadata={"format": "pt"})
-            Path(local, "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+            # a model with task heads (train/heads.py) knows its own Hugging Face layout
+            tensors, config = (model.hf_files(weights) if hasattr(model, "hf_files")
+                               else (to_hf_state_dict(weights, model.config), hf_config(model.config)))
+            save_file(tensors, os.path.join(local, "model.safetensors"), metadata={"format": "pt"})
+            Path(local, "config.json").write_text(json.dumps(config, indent=2) + "\n")
     dist.barrier()  # every rank's files are in place
     if rank == 0:
         storage.write_json(join(url, STATE), {**asdict(state), "saved_at": time.time()})
@@ -143,7 +145,7 @@ def save(engine, model: GPT, directory: str, state: TrainerState, keep_last: int
     return url
 
 
-def full_state_dict(engine, model: GPT) -> dict[str, torch.Tensor]:
+def full_state_dict(engine, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """fp32 master weights, whole, on CPU (on every rank for ZeRO 0-2; gathered for ZeRO-3)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -151,7 +153,8 @@ def full_state_dict(engine, model: GPT) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         full = safe_get_full_fp32_param(p) if engine.zero_optimization_stage() > 0 else None
         out[name] = (full if full is not None else p).detach().float().cpu().clone()
-    out["lm_head.weight"] = out["transformer.wte.weight"]
+    if "transformer.wte.weight" in out:  # a bare GPT: its tied head (a task model's trunk is prefixed)
+        out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 
 

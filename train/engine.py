@@ -84,13 +84,14 @@ def optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=cfg.cluster.use_gpu)
 
 
-def initialize(cfg: Config, world_size: int, load_universal: bool = False):
-    """The DeepSpeed engine around a freshly initialised GPT (seeded by run.seed)."""
+def initialize(cfg: Config, world_size: int, load_universal: bool = False, model: nn.Module | None = None):
+    """The DeepSpeed engine around `model`, by default a freshly initialised GPT (seeded by run.seed)."""
     import deepspeed
 
-    torch.manual_seed(cfg.run.seed)
-    model = GPT(gpt_config(cfg))
-    model.activation_checkpointing = cfg.deepspeed.activation_checkpointing
+    if model is None:
+        torch.manual_seed(cfg.run.seed)
+        model = GPT(gpt_config(cfg))
+        model.activation_checkpointing = cfg.deepspeed.activation_checkpointing
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer(model, cfg),
                                            config=deepspeed_config(cfg, world_size, load_universal))
     if cfg.deepspeed.compile:

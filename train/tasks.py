@@ -230,6 +230,15 @@ def collate(batch: list[Example], specs: dict[str, HeadSpec], pad_token_id: int)
 
 # --- metrics ---------------------------------------------------------------------------------------
 
+PRIMARY = {"classification": "accuracy", "regression": "pearson", "token_classification": "token_accuracy"}
+
+
+def primary_metric(specs: dict[str, HeadSpec], prefix: str = "finetune/") -> str:
+    """The score that ranks fine-tuned models (higher is better): the first head's."""
+    name, spec = next(iter(specs.items()))
+    return f"{prefix}{'' if len(specs) == 1 else name + '/'}{PRIMARY[spec.kind]}"
+
+
 def metrics(specs: dict[str, HeadSpec], logits: dict[str, list[torch.Tensor]], labels: dict[str, list[torch.Tensor]],
             prefix: str = "finetune/") -> dict[str, float]:
     """Held-out scores per head: accuracy and macro-F1 (classification), MSE and Pearson's r (regression),
