@@ -21,10 +21,10 @@ import torch
 
 from pipeline.core import storage
 from train import checkpoint as trainer_checkpoint
+from train import heads
 from train.checkpoint import CheckpointError
-from train.model import GPT, GPTConfig, config_from_hf, from_hf_state_dict
+from train.model import GPT, GPTConfig, config_from_hf, from_hf_state_dict, from_state_dict, load_hf
 
-HEAD_TENSORS = ("score.", "classifier.", "heads.")  # task heads beside the trunk (train/heads.py)
 LAYOUTS = ("trainer checkpoint: trainer_state.json + model.safetensors + config.json (or step_* below it)",
            "Hugging Face: config.json + model.safetensors or pytorch_model.bin",
            "DeepSpeed: a 'latest' file naming a tag directory, or a tag directory of *_model_states.pt files")
@@ -44,7 +44,7 @@ def load(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
         else:
             raise CheckpointError(f"{spec}: a file; --ckpt takes a directory ({'; '.join(LAYOUTS)})")
     names = {p.name for p in path.iterdir()}
-    if trainer_checkpoint.STATE in names or any(re.match(r"step_\d{8}$", n) for n in names):
+    if trainer_checkpoint.STATE in names or any(trainer_checkpoint.is_step_name(n) for n in names):
         step_dir = Path(trainer_checkpoint.resolve(str(path)))
         state = trainer_checkpoint.TrainerState.read(str(step_dir))
         return _hf_dir(step_dir, device, {"layout": "trainer", "step": state.step, "tokens": state.tokens,
@@ -66,49 +66,21 @@ def _fetch(url: str) -> str:
     try:
         step = trainer_checkpoint.resolve(url)
     except CheckpointError:
-        return trainer_checkpoint.local_copy(url)  # a Hugging Face or DeepSpeed directory: all of it
-    return trainer_checkpoint.local_copy(step, keep=lambda rel: "/" not in rel)
+        return storage.local_copy(url)  # a Hugging Face or DeepSpeed directory: all of it
+    return storage.local_copy(step, keep=lambda rel: "/" not in rel)
 
 
 def _hf_dir(path: Path, device, info: dict) -> tuple[GPT, dict]:
-    config_file = path / "config.json"
-    if not config_file.exists():
+    if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: no config.json beside the weights")
     try:
-        config = config_from_hf(json.loads(config_file.read_text()))
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"{config_file}: {err}") from None
+        fine_tuned = heads.specs_from_hf(json.loads((path / "config.json").read_text()))
+        model = heads.load_hf(path).trunk if fine_tuned else load_hf(path)  # with task heads: the trunk
+    except ValueError as err:  # a config we do not implement, or weights that do not fit it
+        raise CheckpointError(str(err)) from None
     weights = path / "model.safetensors"
-    if weights.exists():
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights))
-    else:
-        weights = path / "pytorch_model.bin"
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith(HEAD_TENSORS)}  # a fine-tuned model's trunk
-    model = _build(config, from_hf_state_dict(state, config), weights)
+    weights = weights if weights.exists() else path / "pytorch_model.bin"
     return model.to(device), {**info, "path": str(path), "weights": str(weights), "weights_sha256": _sha256(weights)}
-
-
-def _build(config: GPTConfig, state: dict[str, torch.Tensor], source: Path) -> GPT:
-    with torch.device("meta"):  # shapes only: the weights come from the checkpoint
-        model = GPT(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: found {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
-             for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"{source}: weights do not fit the model its config describes "
-                              f"(n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, "
-                              f"block_size={config.block_size}); "
-                              + "; ".join(filter(None, [f"mismatched: {', '.join(wrong[:5])}" if wrong else "",
-                                                        f"missing: {', '.join(missing[:5])}" if missing else "",
-                                                        f"unexpected: {', '.join(unexpected[:5])}" if unexpected else ""])))
-    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True gave the tied head its own Parameter
-    return model
 
 
 def _deepspeed_tag(path: Path, names: set[str]) -> str | None:
@@ -139,7 +111,10 @@ def _deepspeed(path: Path, tag: str, device) -> tuple[GPT, dict]:
     c_attn = state.get("transformer.h.0.attn.c_attn.weight")
     if c_attn is not None and c_attn.shape[0] == config.n_embd:
         state = from_hf_state_dict(state, config)  # a transformers GPT2 trained under DeepSpeed: Conv1D layout
-    model = _build(config, state, root / tag)
+    try:
+        model = from_state_dict(config, state, root / tag)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     return model.to(device), {"layout": "deepspeed", "path": str(root / tag), "config": str(config_file),
                               "weights_sha256": hashlib.sha256(b"".join(
                                   state[k].contiguous().numpy().tobytes() for k in sorted(state))).hexdigest()}

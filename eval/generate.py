@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from tokenization.tokenizer import EOT
 from train.model import GPT, KVCache
-
-EOT = 50256
 
 
 def _check_length(model: GPT, prompt: list[int], max_new_tokens: int) -> None:

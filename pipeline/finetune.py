@@ -22,7 +22,8 @@ import torch
 
 from pipeline import registry
 from pipeline.core import storage
-from pipeline.core.config import Config, join
+from pipeline.core.config import Config
+from pipeline.core.storage import join
 from pipeline.core.tracking import MlflowUploader
 from pipeline.lineage import PARENT_TAG, Lineage, tracking_uri
 from train import checkpoint, finetuning, heads, tasks

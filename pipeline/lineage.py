@@ -112,23 +112,21 @@ class Lineage:
                                              tags={"mlflow.experimentKind": "custom_model_development"})
 
     # -- runs --
+    def _find_or_create(self, name: str, tags: dict[str, str]) -> str:
+        """The newest run carrying all of `tags`, set RUNNING again (a re-run continues it), else a new one."""
+        found = self.client.search_runs([self.experiment_id],
+                                        filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()),
+                                        order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            self.client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
     def start_parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
         if not self.available:
             return None
-
-        def start() -> str:
-            found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{self.run_dir}'"
-                                            f" and tags.`{STAGE_TAG}` = 'pipeline'", order_by=["attributes.start_time DESC"],
-                                            max_results=1)
-            if found:
-                run_id = found[0].info.run_id
-                self.client.update_run(run_id, status="RUNNING")
-            else:
-                run_id = self.client.create_run(self.experiment_id, run_name=name,
-                                                tags={RUN_DIR_TAG: self.run_dir, STAGE_TAG: "pipeline"}).info.run_id
-            return run_id
-
-        self.parent_id = self.call("start the pipeline run", start)
+        self.parent_id = self.call("start the pipeline run", lambda: self._find_or_create(
+            name, {RUN_DIR_TAG: self.run_dir, STAGE_TAG: "pipeline"}))
         if self.parent_id:
             self.log_params(self.parent_id, params)
             self.set_tags(self.parent_id, tags)
@@ -138,18 +136,8 @@ class Lineage:
         """The child run of a stage: the existing one on a re-run, else a new one."""
         if not self.parent_id:
             return None
-
-        def find_or_create() -> str:
-            found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'"
-                                            f" and tags.`{STAGE_TAG}` = '{stage}' and tags.`{RUN_DIR_TAG}` = '{self.run_dir}'",
-                                            max_results=1)
-            if found:
-                self.client.update_run(found[0].info.run_id, status="RUNNING")
-                return found[0].info.run_id
-            return self.client.create_run(self.experiment_id, run_name=stage, tags={
-                PARENT_TAG: self.parent_id, STAGE_TAG: stage, RUN_DIR_TAG: self.run_dir}).info.run_id
-
-        return self.call(f"start the {stage} run", find_or_create)
+        return self.call(f"start the {stage} run", lambda: self._find_or_create(
+            stage, {PARENT_TAG: self.parent_id, STAGE_TAG: stage, RUN_DIR_TAG: self.run_dir}))
 
     def finish(self, run_id: str | None, status: str = "FINISHED") -> None:
         if run_id:
@@ -198,4 +186,6 @@ class Lineage:
         if not run_id or not self.experiment_id:
             return None
         base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        # MLflow's UI picks its sidebar (GenAI or Model training) from this parameter, else from the browser's
+        # localStorage (default GenAI), never from the experiment's kind tag (mlflow issue 24498; 3.18.0 still does)
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}?workflowType=machine_learning"

@@ -12,8 +12,8 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from pipeline.core import storage
 from pipeline.lineage import Lineage
-from train.checkpoint import local_copy
 
 SCORE = "hellaswag/harness/acc_norm"  # what "best" means: the number published tables compare
 # The model is logged from code (pipeline/served_model.py), not pickled, so loading it runs no
@@ -37,7 +37,7 @@ def register(lineage: Lineage, run_id: str | None, checkpoint_dir: str, name: st
         with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp, "checkpoint")
             weights.mkdir()
-            source = local_copy(checkpoint_dir, keep=lambda rel: rel in _WEIGHTS)  # local, s3://, gs://...
+            source = storage.local_copy(checkpoint_dir, keep=lambda rel: rel in _WEIGHTS)  # local, s3://, gs://...
             for file in _WEIGHTS:
                 shutil.copy(Path(source, file), weights / file)
             info = mlflow.pyfunc.log_model(name="model", python_model=str(model_code),

@@ -58,11 +58,10 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
     ctx = stages.Context(cfg, track)
     try:
         for name in selected:
-            ctx.results[name] = stages.run_stage(ctx, stages.ALL[name], name in force)
-            if name == "tokenize" and track:
-                track.set_tags(parent, {"manifest_sha256": ctx.results[name].get("manifest_sha256")})
-            if name == "train" and track:
-                track.set_tags(parent, {"checkpoint": ctx.results[name].get("output")})
+            summary = ctx.results[name] = stages.run_stage(ctx, stages.ALL[name], name in force)
+            if track and "parent" in summary:  # what the stage says the pipeline's run should carry
+                track.set_tags(parent, summary["parent"].get("tags", {}))
+                track.log_metrics(parent, summary["parent"].get("metrics", {}), summary["parent"].get("step", 0))
     except KeyboardInterrupt:
         print("pipeline: interrupted; run the same command again to continue", file=sys.stderr)
         if track:
@@ -84,10 +83,11 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
 
 def timings(ctx: stages.Context, ray_start: float, track, total: float) -> dict[str, float]:
     """Where the driver's wall time went: each stage's own work, and the orchestration around it (Ray start,
-    MLflow calls outside the register stage, whose whole job is MLflow, and the bookkeeping left over)."""
+    the MLflow calls that are no stage's work, and the bookkeeping left over)."""
     ran = {name: s for name, s in ctx.results.items() if not s.get("skipped")}
-    work = {name: s["seconds"] - (0.0 if name == "register" else s["tracking_seconds"]) for name, s in ran.items()}
-    mlflow = (track.seconds if track else 0.0) - ran.get("register", {}).get("tracking_seconds", 0.0)
+    work = {name: s["work_seconds"] for name, s in ran.items()}
+    tracking_work = sum(s["tracking_seconds"] for name, s in ran.items() if stages.ALL[name].tracking_is_work)
+    mlflow = (track.seconds if track else 0.0) - tracking_work
     out = {**work, "ray_start": ray_start, "mlflow": mlflow}
     out["bookkeeping"] = max(0.0, total - sum(out.values()))
     out["total"] = total

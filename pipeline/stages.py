@@ -13,11 +13,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from eval import suite
 from pipeline import registry
 from pipeline.core import storage
-from pipeline.core.config import Config, join
-from pipeline.lineage import Lineage
+from pipeline.core.config import Config
+from pipeline.core.storage import join
 from pipeline.core.tracking import MlflowUploader
+from pipeline.lineage import Lineage
+from tokenization import job
+from tokenization.shards import MANIFEST, manifest_hash
+from train import checkpoint, engine, launch
 
 STAGES = ("tokenize", "train", "eval", "register")
 
@@ -30,7 +35,6 @@ class StageError(RuntimeError):
 class Context:
     cfg: Config
     lineage: Lineage | None
-    force: bool = False
     log: Callable[[str], None] = print
     results: dict[str, dict] = field(default_factory=dict)  # summaries of the stages run or skipped
 
@@ -54,22 +58,15 @@ def read_marker(cfg: Config, stage: str) -> dict | None:
 # --- tokenize ---------------------------------------------------------------------------------------
 
 def tokenize_fingerprint(ctx: Context) -> str:
-    from tokenization import job
-
     return job.fingerprint(ctx.cfg)
 
 
 def tokenize_done(ctx: Context, marker: dict) -> bool:
-    from tokenization import job
-
     return job.complete(ctx.cfg)
 
 
-def tokenize(ctx: Context, run_id: str | None) -> dict:
-    from tokenization import job
-    from tokenization.shards import MANIFEST, manifest_hash
-
-    result = job.run(ctx.cfg, overwrite=ctx.force, log=ctx.log)
+def tokenize(ctx: Context, run_id: str | None, force: bool) -> dict:
+    result = job.run(ctx.cfg, overwrite=force, log=ctx.log)
     m = result.manifest
     metrics = {"tokenize/documents": m["input_documents"], "tokenize/tokens_train": m["totals"]["train"]["tokens"],
                "tokenize/tokens_val": m["totals"]["val"]["tokens"], "tokenize/shards": len(m["shards"]),
@@ -84,21 +81,18 @@ def tokenize(ctx: Context, run_id: str | None) -> dict:
         ctx.lineage.log_metrics(run_id, metrics)
         ctx.lineage.log_json(run_id, m, MANIFEST)
         ctx.lineage.set_tags(run_id, {"manifest_sha256": digest, "data_dir": result.output})
-    return {"output": result.output, "manifest_sha256": digest, "metrics": metrics}
+    return {"output": result.output, "manifest_sha256": digest, "metrics": metrics,
+            "parent": {"tags": {"manifest_sha256": digest}}}
 
 
 # --- train ------------------------------------------------------------------------------------------
 
 def train_fingerprint(ctx: Context) -> str:
-    from tokenization.shards import manifest_hash
-
     c = ctx.cfg
     return _sha(manifest_hash(c.data_dir), c.run.seed, c.fingerprint("model", "train", "batch", "deepspeed"))
 
 
 def _final_checkpoint(cfg: Config) -> str | None:
-    from train import checkpoint
-
     url = checkpoint.latest(cfg.checkpoint_dir)
     if url and checkpoint.TrainerState.read(url).step >= cfg.train.max_steps:
         return url
@@ -109,12 +103,10 @@ def train_done(ctx: Context, marker: dict) -> bool:
     return _final_checkpoint(ctx.cfg) == marker["summary"].get("output")
 
 
-def train(ctx: Context, run_id: str | None) -> dict:
-    from train import checkpoint, engine, launch
-
+def train(ctx: Context, run_id: str | None, force: bool) -> dict:
     cfg = ctx.cfg
     started, fingerprint = join(cfg.run_dir, "stages", "train.started.json"), train_fingerprint(ctx)
-    if ctx.force:
+    if force:
         storage.remove(cfg.checkpoint_dir, recursive=True)
         storage.remove(cfg.metrics_file)
     elif (checkpoint.latest(cfg.checkpoint_dir) and storage.exists(started)
@@ -134,7 +126,8 @@ def train(ctx: Context, run_id: str | None) -> dict:
             cfg.metrics_file, run_id, ctx.lineage.uri, log=ctx.log).drain(timeout_s=120))
     if ctx.lineage:
         ctx.lineage.set_tags(run_id, {"checkpoint": result.checkpoint})
-    return {"output": result.checkpoint, "step": result.step, "loss": result.loss, "tokens": result.tokens}
+    return {"output": result.checkpoint, "step": result.step, "loss": result.loss, "tokens": result.tokens,
+            "parent": {"tags": {"checkpoint": result.checkpoint}}}
 
 
 # --- eval -------------------------------------------------------------------------------------------
@@ -149,21 +142,19 @@ def eval_done(ctx: Context, marker: dict) -> bool:
     return storage.exists(join(ctx.cfg.eval_dir, "results.json"))
 
 
-def evaluate(ctx: Context, run_id: str | None) -> dict:
-    from eval import suite
-
-    checkpoint = _final_checkpoint(ctx.cfg)
-    if checkpoint is None:
+def evaluate(ctx: Context, run_id: str | None, force: bool) -> dict:
+    final = _final_checkpoint(ctx.cfg)
+    if final is None:
         raise StageError(f"no finished training in {ctx.cfg.checkpoint_dir}; run the train stage first")
-    results = suite.run(ctx.cfg, checkpoint, ctx.cfg.eval_dir, log=ctx.log)
+    results = suite.run(ctx.cfg, final, ctx.cfg.eval_dir, log=ctx.log)
+    step = results["checkpoint"].get("step") or 0
     if ctx.lineage:
-        step = results["checkpoint"].get("step") or 0
         ctx.lineage.log_metrics(run_id, results["metrics"], step)
-        ctx.lineage.log_metrics(ctx.lineage.parent_id, results["metrics"], step)
         ctx.lineage.log_artifact(run_id, join(ctx.cfg.eval_dir, suite.RESULTS))
         ctx.lineage.log_text(run_id, samples_text(results), "samples.txt")
-        ctx.lineage.set_tags(run_id, {"checkpoint": checkpoint})
-    return {"output": join(ctx.cfg.eval_dir, suite.RESULTS), "metrics": results["metrics"]}
+        ctx.lineage.set_tags(run_id, {"checkpoint": final})
+    return {"output": join(ctx.cfg.eval_dir, suite.RESULTS), "metrics": results["metrics"],
+            "parent": {"metrics": results["metrics"], "step": step}}
 
 
 def samples_text(results: dict) -> str:
@@ -184,7 +175,7 @@ def register_done(ctx: Context, marker: dict) -> bool:
     return found is not None
 
 
-def register(ctx: Context, run_id: str | None) -> dict:
+def register(ctx: Context, run_id: str | None, force: bool) -> dict:
     cfg = ctx.cfg
     if not ctx.lineage or not run_id:
         ctx.log("register: tracking is off or unreachable; nothing registered")
@@ -206,33 +197,35 @@ class Stage:
     name: str
     fingerprint: Callable[[Context], str]
     done: Callable[[Context, dict], bool]
-    run: Callable[[Context, str | None], dict]
+    run: Callable[[Context, str | None, bool], dict]  # (context, its MLflow run, force) -> summary
+    tracking_is_work: bool = False  # its MLflow calls are what it does, not overhead (register)
 
 
 ALL = {s.name: s for s in (Stage("tokenize", tokenize_fingerprint, tokenize_done, tokenize),
                            Stage("train", train_fingerprint, train_done, train),
                            Stage("eval", eval_fingerprint, eval_done, evaluate),
-                           Stage("register", register_fingerprint, register_done, register))}
+                           Stage("register", register_fingerprint, register_done, register, tracking_is_work=True))}
 
 
 def run_stage(ctx: Context, stage: Stage, force: bool) -> dict:
-    """Run a stage unless its output exists and matches its fingerprint; returns its summary."""
+    """Run a stage unless its output exists and matches its fingerprint; returns its summary: outputs,
+    metrics, `parent` (tags, metrics and step for the pipeline's MLflow run), `tracking_seconds` (its MLflow
+    calls) and `work_seconds` (its wall time, less those calls unless they are its work)."""
     marker = read_marker(ctx.cfg, stage.name)
     fingerprint = stage.fingerprint(ctx)
     if not force and marker and marker["fingerprint"] == fingerprint and stage.done(ctx, marker):
         ctx.log(f"{stage.name}: complete (fingerprint {fingerprint[:12]}), skipped")
         return {**marker["summary"], "skipped": True}
-    ctx.force = force
     run_id = ctx.child(stage.name)
     started, tracked = time.time(), ctx.lineage.seconds if ctx.lineage else 0.0
     try:
-        summary = stage.run(ctx, run_id)
+        summary = stage.run(ctx, run_id, force)
     except BaseException:
         if ctx.lineage:
             ctx.lineage.finish(run_id, "FAILED")
         raise
-    summary["seconds"] = time.time() - started
     summary["tracking_seconds"] = (ctx.lineage.seconds - tracked) if ctx.lineage else 0.0
+    summary["work_seconds"] = time.time() - started - (0.0 if stage.tracking_is_work else summary["tracking_seconds"])
     if ctx.lineage:
         ctx.lineage.finish(run_id)
     storage.write_json(marker_url(ctx.cfg, stage.name), {"fingerprint": stage.fingerprint(ctx), "summary": summary,

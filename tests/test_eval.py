@@ -74,6 +74,7 @@ metric_list:
                                    batch_size=4, log_samples=True)
 
 
+@pytest.mark.slow
 def test_hellaswag_matches_lm_evaluation_harness_exactly(hf_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -119,6 +120,7 @@ def test_completion_style_is_build_nanogpts_computation(hf_model_dir):
     assert ours["hellaswag/completion/acc_norm"] == np.mean(expected_norm)
 
 
+@pytest.mark.slow
 def test_items_too_long_for_the_context_are_truncated_as_the_harness_does(hf_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -166,6 +168,7 @@ def test_harness_preprocessing_follows_the_task_definition():
 
 # --- validation loss ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_val_loss_equals_transformers_on_the_same_tokens(hf_model_dir, builtin_dataset, tmp_path):
     from transformers import GPT2LMHeadModel
 
@@ -245,6 +248,7 @@ def trained(tmp_path_factory, builtin_dataset):
     return cfg
 
 
+@pytest.mark.slow
 def test_the_trainers_hellaswag_equals_eval_run_on_the_same_checkpoint(trained):
     from pipeline.core.tracking import read_jsonl
 
@@ -258,6 +262,7 @@ def test_the_trainers_hellaswag_equals_eval_run_on_the_same_checkpoint(trained):
         assert logged[-1][key] == pytest.approx(value, abs=1e-9), key
 
 
+@pytest.mark.slow
 def test_every_checkpoint_layout_loads_to_the_same_model(trained, hf_model_dir, tmp_path):
     step = Path(trained.checkpoint_dir) / "step_00000006"
     idx = torch.randint(0, 50257, (2, 32))
@@ -287,6 +292,7 @@ class _Payload:
         return (os.system, (f"touch {os.environ.get('PWNED_MARKER', '/tmp/pwned')}",))
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_get_clear_errors_and_nothing_is_unpickled(hf_model_dir, trained, tmp_path, monkeypatch):
     def error(spec) -> str:
         with pytest.raises(CheckpointError) as err:

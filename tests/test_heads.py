@@ -134,7 +134,7 @@ def test_heads_that_do_not_fit_are_refused_naming_the_key_and_file(tmp_path):
         heads.check_heads({"task": HeadSpec("regression", 1)}, found, str(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
     config["task_heads"]["task"]["num_labels"] = 5  # a config.json that lies about its tensors
-    with pytest.raises(HeadMismatch, match=r"model\.safetensors.*heads\.task\.score\.weight"):
+    with pytest.raises(HeadMismatch, match=r"model\.safetensors.*task\.score\.weight: found \(3, 64\), expected \(5, 64\)"):
         heads.from_hf(config, load_file(tmp_path / "model.safetensors"), str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="regression head has 1 output"):
         HeadSpec("regression", 2)

@@ -19,15 +19,29 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-
 from conftest import REPO
-from pipeline.core.config import load_config
+from mlflow.tracking import MlflowClient
 from test_pipeline import TINY, free_port, loss_history, runs_by_stage, wait_for
+
+from pipeline.core.config import load_config
 
 INFRA = REPO / "infra"
 PINNED = {re.split(r"[\[=<>]", d)[0]: d.split("==")[1] for d in tomllib.loads(
     (REPO / "pyproject.toml").read_text())["project"]["dependencies"] if "==" in d}
+
+
+# EFA network cards per instance type (EC2 user guide, "Supported instance types" for EFA): the interfaces a
+# launcher must attach and the vpc.amazonaws.com/efa devices a pod must request to get the whole fabric
+EFA_CARDS = {"p4d.24xlarge": 4, "p4de.24xlarge": 4, "p5.48xlarge": 32, "p5e.48xlarge": 32, "p5en.48xlarge": 16}
+# NVIDIA's minimum Linux driver branch for each CUDA toolkit (CUDA release notes, "CUDA Toolkit and driver versions")
+CUDA_MIN_DRIVER = {(12, 8): 570, (12, 9): 575, (13, 0): 580}
+# The driver branch each host image ships. AWS's DLAMI parameter moves with releases: 580 from late 2025, 595 in 2026
+# (its release notes); Google's image family names its branch.
+HOST_IMAGE_DRIVER = {
+    "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id": 580,
+    "projects/ubuntu-os-accelerator-images/global/images/family/ubuntu-accelerator-2204-amd64-with-nvidia-580": 580,
+    "projects/deeplearning-platform-release/global/images/family/common-cu128-ubuntu-2204-nvidia-570": 570,
+}
 
 
 def manifests(*kinds: str) -> list[tuple[Path, dict]]:
@@ -93,6 +107,105 @@ def test_kuberay_manifests_carry_what_kuberay_and_training_need():
             shm = {v["name"] for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"}
             mounts = {m["name"] for c in pod["containers"] for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"}
             assert shm & mounts, (path, name)
+            # EFA: the pod lands on an EFA instance type and takes all its devices, may pin memory, and NCCL must use it
+            cards = EFA_CARDS[pod["nodeSelector"]["node.kubernetes.io/instance-type"]]
+            for c in pod["containers"]:
+                assert c["resources"]["requests"]["vpc.amazonaws.com/efa"] == c["resources"]["limits"][
+                    "vpc.amazonaws.com/efa"] == str(cards), (path, name)
+                assert "IPC_LOCK" in c["securityContext"]["capabilities"]["add"], (path, name)
+                env = {e["name"]: e.get("value") for e in c["env"]}
+                assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1", (path, name)
+                assert env["NCCL_NET"] == "AWS Libfabric", (path, name)
+
+
+def _launcher(name: str) -> dict:
+    return yaml.safe_load((INFRA / "ray" / name).read_text())
+
+
+def _host_images(raw: dict) -> dict[str, str]:
+    """node type -> the image its VMs boot (AWS ImageId, GCP boot disk sourceImage)."""
+    images = {}
+    for node_type, spec in raw["available_node_types"].items():
+        cfg = spec["node_config"]
+        images[node_type] = cfg.get("ImageId") or next(d["initializeParams"]["sourceImage"] for d in cfg["disks"] if d["boot"])
+    return images
+
+
+def _driver_problems(raw: dict, cuda: tuple[int, int]) -> list[str]:
+    need = CUDA_MIN_DRIVER[cuda]
+    problems = []
+    for node_type, image in _host_images(raw).items():
+        if image not in HOST_IMAGE_DRIVER:
+            problems.append(f"{node_type}: {image} is not in the image -> driver table")
+        elif HOST_IMAGE_DRIVER[image] < need:
+            problems.append(f"{node_type}: {image} has driver {HOST_IMAGE_DRIVER[image]}, CUDA {cuda} needs {need}")
+    return problems
+
+
+def _dockerfile_cuda() -> tuple[int, int]:
+    major, minor = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)", (INFRA / "docker" / "Dockerfile").read_text(), re.M).groups()
+    return int(major), int(minor)
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_every_launcher_host_image_has_a_driver_for_the_images_cuda(name):
+    cuda = _dockerfile_cuda()
+    assert cuda in CUDA_MIN_DRIVER, f"add CUDA {cuda}'s minimum driver to CUDA_MIN_DRIVER"
+    raw = _launcher(name)
+    assert _driver_problems(raw, cuda) == []
+    # the check catches what the issue found: GCP's old driver-570 image under a CUDA 13.0 image
+    old = copy.deepcopy(raw)
+    first = next(iter(old["available_node_types"].values()))["node_config"]
+    image = "projects/deeplearning-platform-release/global/images/family/common-cu128-ubuntu-2204-nvidia-570"
+    if "ImageId" in first:
+        first["ImageId"] = image
+    else:
+        first["disks"][0]["initializeParams"]["sourceImage"] = image
+    assert any("has driver 570" in p for p in _driver_problems(old, (13, 0)))
+
+
+def _docker_args(options: list[str]) -> list[str]:
+    return shlex.split(" ".join(options))  # as Ray's launcher joins them into its `docker run` command line
+
+
+def test_the_aws_launcher_attaches_every_efa_card_and_hands_the_devices_to_the_container():
+    raw = _launcher("aws.yaml")
+    gpu_types = {k: t for k, t in raw["available_node_types"].items() if k != raw["head_node_type"]}
+    for node_type, spec in gpu_types.items():
+        cfg = spec["node_config"]
+        nics = cfg["NetworkInterfaces"]
+        assert sorted(n["NetworkCardIndex"] for n in nics) == list(range(EFA_CARDS[cfg["InstanceType"]])), node_type
+        for nic in nics:  # card 0 carries the IP address; the others are EFA-only on device index 1
+            first = nic["NetworkCardIndex"] == 0
+            assert (nic["DeviceIndex"], nic["InterfaceType"]) == ((0, "efa") if first else (1, "efa-only")), nic
+            assert nic["SubnetId"] == nics[0]["SubnetId"] and nic["Groups"] == nics[0]["Groups"]  # Ray wants both
+        assert cfg["Placement"]["GroupName"], node_type  # EFA between nodes of one cluster placement group
+    args = _docker_args(raw["docker"]["worker_run_options"])
+    assert {"--device=/dev/infiniband", "--cap-add=IPC_LOCK"} <= set(args)
+    assert args[args.index("--ulimit") + 1] == "memlock=-1:-1"
+    env = dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--env")
+    assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    assert env["NCCL_NET"] == "AWS Libfabric"  # one argument, its space kept
+    assert "--device=/dev/infiniband" not in _docker_args(raw["docker"]["run_options"])  # the CPU head has none
+
+
+def test_the_gcp_launcher_runs_a3_ultra_rdma_through_the_gib_plugin():
+    raw = _launcher("gcp.yaml")
+    gpu = raw["available_node_types"]["gpu_8x_h200"]["node_config"]
+    assert gpu["machineType"] == "a3-ultragpu-8g"
+    nics = gpu["networkInterfaces"]
+    assert [n["nicType"] for n in nics] == ["GVNIC", "GVNIC"] + ["MRDMA"] * 8  # one RDMA NIC per GPU
+    assert len({n["subnetwork"] for n in nics}) == len(nics)
+    args = _docker_args(raw["docker"]["worker_run_options"])
+    assert {"--device=/dev/infiniband", "--cap-add=IPC_LOCK"} <= set(args)
+    assert args[args.index("--volume") + 1].startswith("/var/lib/gib:/usr/local/gib")
+    # the host installs gIB where the container mounts it from ...
+    install = next(c for c in raw["initialization_commands"] if "nccl-plugin-gib" in c)
+    assert "-v /var/lib:/var/lib" in install and "install --install-nccl" in install
+    # ... and the raylet, whose environment every training worker inherits, starts with gIB's settings and libraries
+    start = next(c for c in raw["worker_start_ray_commands"] if "ray start" in c)
+    assert start.index("source /usr/local/gib/scripts/set_nccl_env.sh") < start.index("ray start")
+    assert "LD_LIBRARY_PATH=/usr/local/gib/lib64:" in start
 
 
 def test_the_rayjob_entrypoint_is_a_valid_pipeline_command_with_a_stable_run_name():
@@ -122,6 +235,13 @@ def test_the_dockerfile_lints_clean_and_pins_what_the_project_pins():
     assert f"deepspeed=={PINNED['deepspeed']}" in dockerfile and "DS_BUILD_FUSED_ADAM=1" in dockerfile
     assert "TIKTOKEN_CACHE_DIR=" in dockerfile and "get_encoding('gpt2')" in dockerfile
     assert "RAY_worker_niceness=0" in dockerfile
+    # EFA userspace + aws-ofi-nccl, installed the way AWS documents for containers, and on the library path
+    assert re.search(r"aws-efa-installer-\$\{EFA_INSTALLER_VERSION\}\.tar\.gz", dockerfile)
+    assert "./efa_installer.sh -y --skip-kmod --skip-limit-conf --no-verify" in dockerfile
+    assert re.search(r"LD_LIBRARY_PATH=/opt/amazon/efa/lib:/opt/amazon/ofi-nccl/lib", dockerfile)
+    # the gpu extra (NVML bindings for MLflow's GPU metrics) is what the image installs
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("nvidia-ml-py==") for d in extras["gpu"]) and 'pip install -e ".[gpu]"' in dockerfile
     compose = yaml.safe_load((INFRA / "mlflow" / "compose.yaml").read_text())
     assert compose["services"]["mlflow"]["image"].endswith(f"v{PINNED['mlflow']}")
 
@@ -174,6 +294,7 @@ def s3_server():
     server.stop()
 
 
+@pytest.mark.slow
 def test_the_mlflow_server_from_plain_commands_on_postgres_takes_a_pipeline_run_stored_on_s3(tmp_path, s3_server):
     bindir = _postgres_bin()
     if bindir is None:
@@ -230,3 +351,37 @@ def test_the_mlflow_server_from_plain_commands_on_postgres_takes_a_pipeline_run_
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
         pg.stop()
+
+
+# --- GPU system metrics: the path a GPU node runs, on a CPU ------------------------------------------
+
+def test_system_metrics_are_on_by_default_per_node_and_survive_a_machine_without_nvml(tmp_path, monkeypatch):
+    import mlflow.system_metrics.metrics.gpu_monitor as gpu_monitor
+    import pynvml  # the gpu extra (and the test extra) installs nvidia-ml-py
+
+    from pipeline.core.config import Config
+    from train.loop import _system_metrics
+
+    assert Config().tracking.system_metrics  # every training run samples them unless told not to
+    assert "pynvml" in vars(gpu_monitor)  # MLflow found the bindings: GPU metrics are attempted, not skipped
+    try:
+        pynvml.nvmlInit()
+        gpus = pynvml.nvmlDeviceGetCount()
+    except pynvml.NVMLError:
+        gpus = 0  # this machine: the library or the driver is missing
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("system")).info.run_id
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monitor = _system_metrics({"uri": uri, "run_id": run_id}, node=1)
+    try:
+        wait_for(lambda: "system/node_1/cpu_utilization_percentage" in client.get_run(run_id).data.metrics, 120,
+                 "the first system metrics")
+    finally:
+        monitor.finish()
+    logged = set(client.get_run(run_id).data.metrics)
+    assert all(k.startswith("system/node_1/") for k in logged), logged
+    assert "system/node_1/system_memory_usage_megabytes" in logged
+    gpu = {k for k in logged if k.startswith("system/node_1/gpu_")}
+    assert {f"system/node_1/gpu_{i}_utilization_percentage" for i in range(gpus)} <= gpu
+    assert bool(gpu) == bool(gpus), gpu

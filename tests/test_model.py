@@ -9,9 +9,24 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from pipeline.core.config import ModelConfig
 from train.model import GPT, GPTConfig, KVCache, load_hf, save_hf
 
 TINY = GPTConfig(n_layer=3, n_head=4, n_embd=64, block_size=48)
+
+
+def test_the_pipeline_model_config_is_the_models_own():
+    # the trainer builds GPTConfig(**cfg.model.model_dump()): the two must list the same fields and defaults
+    ours = {name: f.default for name, f in GPTConfig.__dataclass_fields__.items()}
+    assert ours == {name: f.default for name, f in ModelConfig.model_fields.items()}
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_by_name(tmp_path):
+    save_hf(GPT(TINY), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 96, "n_head": 4}))
+    with pytest.raises(ValueError, match=r"model\.safetensors: weights do not fit.*transformer\.wte\.weight"):
+        load_hf(tmp_path)
 
 
 def test_our_model_saved_as_hf_gives_transformers_the_same_logits(tmp_path):

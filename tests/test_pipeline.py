@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, run_cli
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_cli
 from pipeline.core.tracking import read_jsonl
 
 # A GPT-2 small enough that a whole pipeline run takes a minute on two CPUs.
@@ -29,6 +29,8 @@ TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_siz
         "checkpoint.interval=5", "eval.interval=10", "eval.hellaswag_interval=10", "eval.val_tokens=2048",
         "eval.max_new_tokens=8", "tracking.system_metrics=false"]
 ARTIFACTS = REPO / "tests" / "artifacts"
+
+pytestmark = pytest.mark.slow  # every test here runs the pipeline, with Ray and MLflow
 
 
 def free_port() -> int:
@@ -229,12 +231,13 @@ def test_a_rerun_of_a_finished_run_skips_every_stage(embedded):
     assert len(runs_by_stage(client)) == 5  # the same parent and child runs, not new ones
 
 
-def test_the_mlflow_run_page_shows_the_loss_chart_in_a_real_browser(embedded, tmp_path):
+def test_the_printed_link_opens_the_training_view_and_the_loss_chart_in_a_real_browser(embedded, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     chromium = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.path.exists(p)), None)
     if chromium is None:
         pytest.skip("no chromium here (.ci/run installs Debian's)")
-    cwd, _, _ = embedded
+    cwd, proc, _ = embedded
+    printed = re.search(r"then open (\S+)", proc.stdout).group(1)
     server = MlflowServer(tmp_path)
     server.proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(server.port),
@@ -243,13 +246,24 @@ def test_the_mlflow_run_page_shows_the_loss_chart_in_a_real_browser(embedded, tm
     try:
         wait_for(server._up, 120, "the MLflow server")
         client = MlflowClient(tracking_uri=server.uri)
-        train = runs_by_stage(client)["train"]
-        url = f"{server.uri}/#/experiments/{train.info.experiment_id}/runs/{train.info.run_id}/model-metrics"
+        parent, train = runs_by_stage(client)["pipeline"], runs_by_stage(client)["train"]
+        # the run printed a link to its parent run on `mlflow ui`'s port; this server listens elsewhere
+        assert printed.startswith("http://127.0.0.1:5000/#/") and parent.info.run_id in printed
+        link = printed.replace("http://127.0.0.1:5000", server.uri)
         ARTIFACTS.mkdir(exist_ok=True)
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})  # a fresh profile: empty localStorage
+            # the Model training view: its sidebar lists Runs and Models; the GenAI one Judges, Sessions, ...
+            page.goto(link)
+            page.get_by_role("link", name="Models", exact=True).first.wait_for(timeout=60_000)
+            assert page.get_by_role("link", name="Runs", exact=True).count() > 0
+            assert page.get_by_role("link", name="Judges").count() == 0
+            # chosen by the link, not by a preference stored in the browser
+            assert page.evaluate("window.localStorage.getItem('mlflow.workflowType')") is None
+            page.screenshot(path=str(ARTIFACTS / "mlflow-training-view.png"))
+            # then the train run's loss chart, in the same view
+            page.goto(link.replace(parent.info.run_id, f"{train.info.run_id}/model-metrics"))
             page.get_by_placeholder("Search metric charts").fill("train/loss", timeout=60_000)
             page.get_by_text("train (train/loss)").first.wait_for(timeout=60_000)  # the chart's legend
             page.wait_for_timeout(2000)  # let the line draw
@@ -294,8 +308,10 @@ def test_a_tracking_server_outage_does_not_stop_training_and_the_metrics_arrive(
         server.kill()
 
 
+@pytest.mark.cluster
 def test_two_workers_on_two_nodes_train_exactly_like_two_on_one(tmp_path, builtin_dataset):
     from conftest import tiny_config
+
     from train import launch
 
     single = tiny_config(tmp_path / "single", builtin_dataset, "train.max_steps=6")

@@ -22,7 +22,7 @@ import tiktoken
 from conftest import REPO, run_cli, tree_bytes, write_jsonl
 
 from pipeline.core.config import load_config
-from tokenization import job, shards
+from tokenization import job, shards, tokenizer
 from tokenization.sources import SKIP_REASONS, CorpusError
 
 ENC = tiktoken.get_encoding("gpt2")
@@ -39,8 +39,8 @@ def documents_in(out: Path, split: str) -> list[tuple[int, ...]]:
     docs = []
     for tokens in shards.read_split(str(out), split):
         t = tokens.tolist()
-        assert t[0] == shards.EOT, "every shard starts with a document separator"
-        bounds = [i for i, x in enumerate(t) if x == shards.EOT] + [len(t)]
+        assert t[0] == tokenizer.EOT, "every shard starts with a document separator"
+        bounds = [i for i, x in enumerate(t) if x == tokenizer.EOT] + [len(t)]
         docs += [tuple(t[a + 1:b]) for a, b in zip(bounds, bounds[1:])]
     return docs
 
@@ -67,7 +67,7 @@ def test_tokens_equal_tiktoken_and_split_follows_the_documented_rule(ray_local, 
     # shards respect the target size (documents whole) and the manifest's counts
     for info in shards.shards(m):
         tokens = shards.read_tokens(str(out / info.file), info.tokens)
-        assert info.tokens <= 200_000 and int((tokens == shards.EOT).sum()) == info.documents
+        assert info.tokens <= 200_000 and int((tokens == tokenizer.EOT).sum()) == info.documents
     assert m["tokenizer"]["files_sha256"] == {
         "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
         "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
@@ -86,6 +86,7 @@ def test_an_independent_llmc_reader_reads_a_shard(ray_local, prose_corpus, prose
     assert list(tokens[:len(first) + 2]) == [50256, *first, 50256]
 
 
+@pytest.mark.slow
 def test_output_is_byte_identical_with_one_or_two_workers_and_any_piece_size(ray_local, prose_corpus, tmp_path):
     runs = {"1 worker": ("tokenization.num_workers=1", "tokenization.piece_bytes=65536"),
             "2 workers": ("tokenization.num_workers=2", "tokenization.piece_bytes=65536"),
@@ -99,6 +100,7 @@ def test_output_is_byte_identical_with_one_or_two_workers_and_any_piece_size(ray
     assert "manifest.json" in trees["1 worker"] and len(trees["1 worker"]) >= 5
 
 
+@pytest.mark.slow
 def test_val_split_does_not_depend_on_file_order(ray_local, prose_texts, tmp_path):
     forward, backward = tmp_path / "fwd", tmp_path / "bwd"
     forward.mkdir(), backward.mkdir()
@@ -131,6 +133,7 @@ def test_rerun_of_a_finished_job_does_nothing(ray_local, prose_corpus, tmp_path)
     assert job.verify(str(out))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_output_and_a_second_rerun_does_nothing(ray_local, prose_texts, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -209,6 +212,7 @@ def test_strict_mode_fails_on_the_first_bad_document_naming_file_and_line(ray_lo
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_line_numbers_are_exact_in_later_pieces_of_a_file(ray_local, tmp_path):
     lines = [{"text": f"document number {i} " * 20} for i in range(600)]
     lines[456] = b'{"text": broken json}'
@@ -221,6 +225,7 @@ def test_line_numbers_are_exact_in_later_pieces_of_a_file(ray_local, tmp_path):
     assert result.manifest["totals"]["train"]["documents"] + result.manifest["totals"]["val"]["documents"] == 599
 
 
+@pytest.mark.slow
 def test_parquet_gzip_text_and_hub_layout_inputs(ray_local, tmp_path):
     texts = [f"Parquet document {i}: the quick brown fox." for i in range(50)]
     pq.write_table(pa.table({"text": texts + [None], "n": list(range(51))}), tmp_path / "p.parquet", row_group_size=10)
@@ -291,6 +296,7 @@ def test_verify_names_a_shard_with_a_flipped_byte_or_a_truncation(ray_local, pro
         shards.read_tokens(str(out / "train_000000.bin"), expected_tokens=7)
 
 
+@pytest.mark.slow
 def test_the_stage_reads_and_writes_object_storage(tmp_path, prose_texts):
     """s3:// in and out, against a real S3 API (moto's server) on 127.0.0.1."""
     moto_server = pytest.importorskip("moto.server")

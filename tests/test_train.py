@@ -42,7 +42,7 @@ def reference_run(cfg, steps: int) -> list[float]:
     weights only, accumulation over the whole global batch, clipping, warm-up then cosine."""
     t, m, b = cfg.train, cfg.model, cfg.batch
     torch.manual_seed(cfg.run.seed)
-    model = GPT(GPTConfig(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size))
+    model = GPT(GPTConfig(**m.model_dump()))
     params = list(model.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -71,6 +71,7 @@ def reference_run(cfg, steps: int) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_workers_with_zero_stage_match_a_plain_pytorch_loop_and_the_loss_falls(stage, tmp_path, builtin_dataset):
     cfg = tiny_config(tmp_path, builtin_dataset, f"deepspeed.zero_stage={stage}", "train.max_steps=10")
@@ -105,6 +106,7 @@ def kill_a_worker_after(metrics_file: str, step: int, killed: list, timeout: flo
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_the_run_repeats_identical_losses(uninterrupted, tmp_path, builtin_dataset):
     cfg = tiny_config(tmp_path, builtin_dataset, "train.max_steps=16", "deepspeed.zero_stage=2",
                       "cluster.max_failures=2")
@@ -124,6 +126,7 @@ def test_a_killed_worker_is_restarted_and_the_run_repeats_identical_losses(unint
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_on_one_worker_after_two_continues_at_the_same_sequence(uninterrupted, tmp_path, builtin_dataset):
     cfg = tiny_config(tmp_path, builtin_dataset, "train.max_steps=16", "deepspeed.zero_stage=2")
     killed: list[int] = []
@@ -149,6 +152,7 @@ def test_resume_on_one_worker_after_two_continues_at_the_same_sequence(uninterru
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
+@pytest.mark.slow
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(uninterrupted, tmp_path, builtin_dataset):
     cfg = tiny_config(tmp_path, builtin_dataset, "train.max_steps=16", "deepspeed.zero_stage=2")
     shutil.copytree(uninterrupted.checkpoint_dir, cfg.checkpoint_dir)
@@ -170,6 +174,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(uni
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_to_overwrite_a_run_and_names_missing_data(uninterrupted, tmp_path):
     proc = run_cli("train/run.py", f"run.root={uninterrupted.run.root}",
                    f"tokenization.output={uninterrupted.data_dir}", check=False)
@@ -205,6 +210,7 @@ def test_ranks_never_overlap_and_an_epoch_covers_every_sequence_once(world):
     assert [t for _, _, t in second[:20]] != [order.locate(i)[2] for i in range(20)]  # reshuffled
 
 
+@pytest.mark.slow
 def test_any_world_size_reads_the_same_global_batch(builtin_dataset):
     loader = ShardLoader(str(builtin_dataset), seq_len=64, seed=3)
     whole_x, whole_y = loader.sequences(48, 24)

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core import cluster, storage
-from pipeline.core.config import Config, join
+from pipeline.core.config import Config
 from pipeline.core.progress import Progress, format_duration, human
+from pipeline.core.storage import join
 from tokenization import shards, sources, tokenizer
 from tokenization.shards import MANIFEST, MANIFEST_VERSION, ShardError
 from tokenization.sources import CorpusError, Piece, Source
@@ -169,7 +170,7 @@ class PieceTokenizer:
         tokens = np.empty(int(lengths.sum(dtype=np.int64)), dtype=shards.TOKEN_DTYPE)
         pos = 0
         for a in arrays:  # <|endoftext|> before every document
-            tokens[pos] = shards.EOT
+            tokens[pos] = tokenizer.EOT
             tokens[pos + 1:pos + 1 + len(a)] = a
             pos += len(a) + 1
         doc_hash = np.frombuffer(b"".join(hashes), dtype="<u8")

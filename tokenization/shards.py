@@ -18,14 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core import storage
-from pipeline.core.config import join
+from pipeline.core.storage import join
 
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
-EOT = 50256
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val")

@@ -17,22 +17,18 @@ through DeepSpeed's universal checkpoint, converted once and kept beside the ori
 from __future__ import annotations
 
 import argparse
-import atexit
-import json
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 
 from pipeline.core import storage
-from pipeline.core.config import join
-from train.model import GPT, hf_config, to_hf_state_dict
+from pipeline.core.storage import join
+from train.model import GPT, save_hf
 
 STATE = "trainer_state.json"
 LATEST = "latest"
@@ -55,8 +51,6 @@ class TrainerState:
     manifest_sha256: str = ""  # the dataset the run trains on
     run_id: str | None = None  # the tracking (MLflow) run
     loss: float | None = None  # training loss of the last step
-    rng: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
 
     @classmethod
     def read(cls, url: str) -> TrainerState:
@@ -84,9 +78,14 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def is_step_name(name: str) -> bool:
+    """Whether `name` is a checkpoint's directory name (step_NNNNNNNN)."""
+    return bool(_NAME.match(name))
+
+
 def committed(directory: str) -> list[str]:
     """Names of the committed checkpoints in a checkpoint directory, oldest first."""
-    names = [n for n in storage.listdir(directory) if _NAME.match(n)]
+    names = [n for n in storage.listdir(directory) if is_step_name(n)]
     return [n for n in names if storage.exists(join(directory, n, STATE))]
 
 
@@ -129,13 +128,10 @@ def save(engine, model: torch.nn.Module, directory: str, state: TrainerState, ke
             UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
         weights = full_state_dict(engine, model)  # collective under ZeRO-3
         if rank == 0:
-            from safetensors.torch import save_file
-
-            # a model with task heads (train/heads.py) knows its own Hugging Face layout
-            tensors, config = (model.hf_files(weights) if hasattr(model, "hf_files")
-                               else (to_hf_state_dict(weights, model.config), hf_config(model.config)))
-            save_file(tensors, os.path.join(local, "model.safetensors"), metadata={"format": "pt"})
-            Path(local, "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            if hasattr(model, "hf_files"):  # a model with task heads (train/heads.py) writes its own layout
+                model.save_hf(local, state=weights)
+            else:
+                save_hf(model, local, state=weights)
     dist.barrier()  # every rank's files are in place
     if rank == 0:
         storage.write_json(join(url, STATE), {**asdict(state), "saved_at": time.time()})
@@ -187,34 +183,11 @@ def _prune(directory: str, keep_last: int) -> None:
         storage.remove(join(directory, name), recursive=True)
     newest = names[-1]
     for name in storage.listdir(directory):  # uncommitted leftovers of crashed saves
-        if _NAME.match(name) and name not in names and name < newest:
+        if is_step_name(name) and name not in names and name < newest:
             storage.remove(join(directory, name), recursive=True)
 
 
 # --- loading --------------------------------------------------------------------------------------
-
-_copies: str | None = None  # this process's downloads; another process may see the URL rewritten (--force)
-
-
-def local_copy(url: str, keep: Callable[[str], bool] = lambda name: True) -> str:
-    """A local path holding url's files (url itself when local; else downloaded once per process)."""
-    global _copies
-    if storage.is_local(url):
-        return storage.filesystem(url)[1]
-    if _copies is None:
-        _copies = tempfile.mkdtemp(prefix="gpt2-ckpt-")
-        atexit.register(shutil.rmtree, _copies, True)
-    fs, remote = storage.filesystem(url)
-    target = os.path.join(_copies, re.sub(r"[^\w.-]", "_", url))
-    for path in fs.find(remote):
-        rel = os.path.relpath(path, remote)
-        local = os.path.join(target, rel)
-        if keep(rel) and not os.path.exists(local):
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            fs.get(path, local + ".part")  # a download cut short is never taken for the file
-            os.replace(local + ".part", local)
-    return target
-
 
 def prepare_universal(url: str) -> str:
     """Convert a checkpoint's DeepSpeed state to a universal checkpoint once (rank 0 calls this);
@@ -225,7 +198,7 @@ def prepare_universal(url: str) -> str:
     if storage.exists(join(target, "zero")):
         return join(url, "deepspeed")
     with _staged(target) as out:
-        source = local_copy(join(url, "deepspeed", DS_TAG))
+        source = storage.local_copy(join(url, "deepspeed", DS_TAG))
         ds_to_universal.main(argparse.Namespace(
             input_folder=source, output_folder=out, num_extract_workers=1, num_merge_workers=1,
             keep_temp_folder=False, strict=True, inject_missing_state=False))
@@ -237,8 +210,8 @@ def load(engine, url: str, state: TrainerState, world_size: int) -> None:
     rank = engine.global_rank
     if state.world_size == world_size:
         mine = re.compile(rf"(^|/)(mp_rank_\d+_model_states\.pt|zero_pp_rank_{rank}_.*)$")
-        path = local_copy(join(url, "deepspeed", DS_TAG), lambda name: bool(mine.search(name)))
+        path = storage.local_copy(join(url, "deepspeed", DS_TAG), lambda name: bool(mine.search(name)))
         engine.load_checkpoint(os.path.dirname(path), tag=DS_TAG, load_lr_scheduler_states=False)
     else:
-        path = local_copy(join(url, "deepspeed", UNIVERSAL_TAG))
+        path = storage.local_copy(join(url, "deepspeed", UNIVERSAL_TAG))
         engine.load_checkpoint(os.path.dirname(path), tag=UNIVERSAL_TAG, load_lr_scheduler_states=False)

@@ -16,9 +16,7 @@ from train.model import GPT, GPTConfig
 
 
 def gpt_config(cfg: Config) -> GPTConfig:
-    m = cfg.model
-    return GPTConfig(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
-                     vocab_size=m.vocab_size, pad_vocab_to=m.pad_vocab_to, dropout=m.dropout)
+    return GPTConfig(**cfg.model.model_dump())  # the same fields: tests/test_model.py keeps them so
 
 
 def precision(cfg: Config) -> str:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.core import storage
-from pipeline.core.config import Config, ConfigError, join
+from pipeline.core.config import Config, ConfigError
+from pipeline.core.storage import join
 from pipeline.core.tracking import Console, JsonLines, MlflowUploader, for_rank
 from tokenization.tokenizer import encoding
 from train import checkpoint, heads, launch, tasks
@@ -104,7 +105,7 @@ def _worker(payload: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo")
-    model = heads.load_hf(checkpoint.local_copy(payload["init"]))
+    model = heads.load_hf(storage.local_copy(payload["init"]))
     model.trunk.activation_checkpointing = cfg.deepspeed.activation_checkpointing
     tracking = payload.get("tracking")
     state = TrainerState(world_size=world, zero_stage=cfg.deepspeed.zero_stage, manifest_sha256=payload["fingerprint"],

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.model import GPT, GPTConfig, config_from_hf, from_hf_state_dict, hf_config, to_hf_state_dict
+from train.model import GPT, GPTConfig, config_from_hf, from_hf_state_dict, from_state_dict, hf_config, to_hf_state_dict
 
 KINDS = ("classification", "regression", "token_classification")
 IGNORE = -100  # token label that adds no loss (HF's ignore index)
@@ -159,12 +159,14 @@ class TaskModel(nn.Module):
             config["architectures"] = ["GPT2Model"]
         return tensors, config
 
-    def save_hf(self, directory: str | Path) -> None:
+    def save_hf(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """config.json + model.safetensors; `state`: a consolidated state dict to write instead of the
+        model's own (as train/model.save_hf)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors, config = self.hf_files()
+        tensors, config = self.hf_files(state)
         save_file({k: v.float().cpu().contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"),
                   metadata={"format": "pt"})
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -193,25 +195,24 @@ def from_hf(config: dict, tensors: dict[str, torch.Tensor], where: str = "model.
     if not specs:
         raise HeadMismatch(f"{where}: config.json describes no task head (architectures: {config.get('architectures')})")
     gpt_config = config_from_hf(config, pad_vocab_to)
-    heads, trunk = {}, {}
+    head_state, trunk = {}, {}
     for name, tensor in tensors.items():
-        if name.startswith(("score.", "classifier.")):
-            heads[f"{next(iter(specs))}.{name}"] = tensor
+        if name.startswith(("score.", "classifier.")):  # a transformers class's one head
+            head_state[f"{next(iter(specs))}.{name}"] = tensor
         elif name.startswith("heads."):
-            heads[name.removeprefix("heads.")] = tensor
+            head_state[name.removeprefix("heads.")] = tensor
         else:
             trunk[name] = tensor
-    with torch.device("meta"):  # shapes only: every weight comes from the tensors
-        model = TaskModel(GPT(gpt_config), specs, config.get("pad_token_id"))
-    state = {f"trunk.{k}": v for k, v in from_hf_state_dict(trunk, gpt_config).items()}
-    state.update({f"heads.{k}": v for k, v in heads.items()})
-    expected = model.state_dict()
-    problems = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    model = TaskModel(from_state_dict(gpt_config, from_hf_state_dict(trunk, gpt_config), where), specs,
+                      config.get("pad_token_id"))
+    expected = model.heads.state_dict()
+    problems = sorted(set(expected) ^ set(head_state)) + [
+        f"{k}: found {tuple(head_state[k].shape)}, expected {tuple(v.shape)}"
+        for k, v in expected.items() if k in head_state and head_state[k].shape != v.shape]
     if problems:
         raise HeadMismatch(f"{where}: tensors do not fit the heads config.json describes "
                            f"({', '.join(f'{n}: {s.kind}/{s.num_labels}' for n, s in specs.items())}): {', '.join(problems[:5])}")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
-    model.trunk.lm_head.weight = model.trunk.transformer.wte.weight  # assign=True untied them
+    model.heads.load_state_dict({k: v.float() for k, v in head_state.items()})
     return model
 
 

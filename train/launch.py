@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.core import cluster, storage
-from pipeline.core.config import Config, join
+from pipeline.core.config import Config
+from pipeline.core.storage import join
 from tokenization.shards import load_manifest
 from train import checkpoint
 from train.checkpoint import CheckpointError

@@ -59,7 +59,9 @@ def train_worker(payload: dict) -> dict:
 
     metrics = for_rank(rank, lambda: [Console(cfg.train.max_steps), JsonLines(cfg.metrics_file)])
     uploader = MlflowUploader(cfg.metrics_file, tracking["run_id"], tracking["uri"]).start() if tracking and rank == 0 else None
-    monitor = _system_metrics(tracking) if tracking and rank == 0 and cfg.tracking.system_metrics else None
+    # one monitor per node (its first local worker), each under system/node_N/: NVML sees all the node's GPUs
+    monitor = (_system_metrics(tracking, ctx.get_node_rank())
+               if tracking and ctx.get_local_rank() == 0 and cfg.tracking.system_metrics else None)
     try:
         _train(cfg, engine, state, metrics, rank, world, device)
     finally:
@@ -169,11 +171,13 @@ def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: 
             _say(rank, f"checkpoint {checkpoint.save(engine, model, cfg.checkpoint_dir, state, cfg.checkpoint.keep_last)}")
 
 
-def _system_metrics(tracking: dict):
-    """CPU, memory, disk, network and (through pynvml) GPU use of rank 0's node, on the train run."""
+def _system_metrics(tracking: dict, node: int):
+    """CPU, memory, disk, network and GPU use (nvidia-ml-py, the `gpu` extra) of one node, on the train run.
+    Without a GPU or NVML, MLflow leaves the GPU metrics out and logs the rest."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(tracking["run_id"], sampling_interval=10, tracking_uri=tracking["uri"])
+    monitor = SystemMetricsMonitor(tracking["run_id"], sampling_interval=10, node_id=f"node_{node}",
+                                   tracking_uri=tracking["uri"])
     monitor.start()
     return monitor
 

@@ -21,10 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-SIZES = {  # GPT-2's released sizes: (n_layer, n_head, n_embd)
-    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
-}
-
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -248,7 +244,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[s
 
 def save_hf(model: GPT, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json + model.safetensors that `transformers` opens as GPT2LMHeadModel.
-    `state`: a consolidated state dict to write instead of the model's own (ZeRO-3 gathers one)."""
+    `state`: a consolidated state dict to write instead of the model's own (ZeRO partitions the model's)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -259,16 +255,42 @@ def save_hf(model: GPT, directory: str | Path, state: dict[str, torch.Tensor] | 
     (directory / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
 
 
-def load_hf(directory: str | Path, pad_vocab_to: int = 64, device: str = "cpu") -> GPT:
-    """A GPT from a Hugging Face GPT-2 directory (config.json + model.safetensors)."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config = config_from_hf(json.loads((directory / "config.json").read_text()), pad_vocab_to)
-    with torch.device("meta"):  # no initialisation: every weight comes from the file
+def from_state_dict(config: GPTConfig, state: dict[str, torch.Tensor], source: str | Path) -> GPT:
+    """A GPT holding `state` (our names), after checking every tensor's name and shape against the
+    model `config` describes; the error names `source` and what does not fit."""
+    with torch.device("meta"):  # shapes only: the weights come from `state`
         model = GPT(config)
-    state = from_hf_state_dict(load_file(str(directory / "model.safetensors"), device=device), config)
-    model.load_state_dict(state, strict=True, assign=True)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: found {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        problems = [f"mismatched: {', '.join(wrong[:5])}" if wrong else "",
+                    f"missing: {', '.join(missing[:5])}" if missing else "",
+                    f"unexpected: {', '.join(unexpected[:5])}" if unexpected else ""]
+        raise ValueError(f"{source}: weights do not fit the model its config describes (n_layer={config.n_layer}, "
+                         f"n_head={config.n_head}, n_embd={config.n_embd}, block_size={config.block_size}); "
+                         + "; ".join(filter(None, problems)))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True gave the tied head its own Parameter
     return model
 
+
+def load_hf(directory: str | Path, pad_vocab_to: int = 64) -> GPT:
+    """A GPT from a Hugging Face GPT-2 directory: config.json with model.safetensors, or with
+    pytorch_model.bin (read with weights_only=True: nothing in it can run code)."""
+    directory = Path(directory)
+    try:
+        config = config_from_hf(json.loads((directory / "config.json").read_text()), pad_vocab_to)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{directory / 'config.json'}: {err}") from None
+    weights = directory / "model.safetensors"
+    if weights.exists():
+        from safetensors.torch import load_file
+
+        hf = load_file(str(weights))
+    else:
+        weights = directory / "pytorch_model.bin"
+        hf = torch.load(weights, map_location="cpu", weights_only=True)
+    return from_state_dict(config, from_hf_state_dict(hf, config), weights)

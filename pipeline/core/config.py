@@ -22,6 +22,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from pipeline.core.storage import join
+
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
@@ -40,21 +42,21 @@ class _Section(BaseModel):
 
 
 class RunConfig(_Section):
-    name: str = "smoke"
+    name: str = "smoke"  # the run's name: its directory under run.root and its MLflow run name
     root: str = "runs"  # local path or object-storage URL; the run directory is root/name
-    seed: int = 1337
+    seed: int = 1337  # seeds the model's initialisation and the data order
 
 
 class DataConfig(_Section):
     # "builtin" (the English prose shipped with Python), files / directories / globs (local, s3://,
     # gs://, any fsspec URL), or "hf:OWNER/NAME" for a Hugging Face Hub dataset.
     input: list[str] = ["builtin"]
-    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
-    text_field: str = "text"
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"  # input format; auto: from the file suffix
+    text_field: str = "text"  # the JSONL / Parquet / Hub column that holds a document's text
     text_unit: Literal["file", "line", "paragraph"] = "file"  # what one document is in a text file
-    hf_config: str | None = None
-    hf_split: str = "train"
-    hf_revision: str | None = None
+    hf_config: str | None = None  # a Hub dataset's configuration (subset), e.g. sample-10BT
+    hf_split: str = "train"  # the Hub dataset's split to read
+    hf_revision: str | None = None  # a Hub dataset's git revision (commit, tag or branch); null: main
 
     @field_validator("input", mode="before")
     @classmethod
@@ -63,13 +65,13 @@ class DataConfig(_Section):
 
 
 class TokenizationConfig(_Section):
-    output: str | None = None  # default: <run dir>/data
-    tokenizer: Literal["gpt2"] = "gpt2"
-    shard_tokens: int = 100_000_000
-    val_fraction: float = 0.01
+    output: str | None = None  # where shards and manifest go; default: <run dir>/data
+    tokenizer: Literal["gpt2"] = "gpt2"  # GPT-2's BPE (tiktoken), 50,257 tokens
+    shard_tokens: int = 100_000_000  # tokens per shard file (2 bytes each): 100M tokens = 200 MB
+    val_fraction: float = 0.01  # share of documents held out for validation, chosen by document hash
     val_tokens: int | None = None  # when set, a token budget replaces val_fraction
     strict: bool = False  # fail on the first bad document instead of skipping and counting it
-    max_doc_bytes: int = 1_000_000
+    max_doc_bytes: int = 1_000_000  # longer documents are skipped and counted (bytes of UTF-8)
     piece_bytes: int = 64 * 2**20  # input bytes per unit of parallel work
     num_workers: int | None = None  # tokenizer actors; default: one per CPU of the cluster
 
@@ -85,13 +87,13 @@ class TokenizationConfig(_Section):
 
 
 class ModelConfig(_Section):
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50257
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # width of the residual stream; a multiple of n_head
+    block_size: int = 1024  # context length in tokens (learned position embeddings)
+    vocab_size: int = 50257  # GPT-2's BPE vocabulary
     pad_vocab_to: int = 64  # embedding rows rounded up to a multiple of this (1: no padding)
-    dropout: float = 0.0
+    dropout: float = 0.0  # on attention, residual and embeddings (GPT-2 pretraining: 0)
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -106,14 +108,14 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """Optimizer and schedule: AdamW, linear warm-up, cosine decay to min_lr_ratio * lr."""
 
-    lr: float = 6e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 715
-    max_steps: int = 19073
-    weight_decay: float = 0.1
-    betas: list[float] = [0.9, 0.95]
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
+    lr: float = 6e-4  # peak learning rate, reached at the end of warm-up
+    min_lr_ratio: float = 0.1  # the cosine decay ends at min_lr_ratio * lr
+    warmup_steps: int = 715  # optimizer steps of linear warm-up from 0
+    max_steps: int = 19073  # optimizer steps in the run (each of batch.tokens_per_step tokens)
+    weight_decay: float = 0.1  # AdamW decay on 2-D weights only (not biases or LayerNorm)
+    betas: list[float] = [0.9, 0.95]  # AdamW's (beta1, beta2)
+    eps: float = 1e-8  # AdamW's epsilon
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables clipping
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -131,16 +133,16 @@ class TrainConfig(_Section):
 class BatchConfig(_Section):
     tokens_per_step: int = 2**19  # the global batch, over all workers and accumulation steps
     micro_batch_size: int = 64  # sequences per worker per forward pass
-    seq_len: int = 1024
+    seq_len: int = 1024  # tokens per training sequence; at most model.block_size
 
 
 class DeepSpeedConfig(_Section):
-    zero_stage: int = 1
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    zero_stage: int = 1  # 0: plain data parallel; 1: shard optimizer states; 2: + gradients; 3: + weights
+    offload_optimizer: bool = False  # optimizer states in CPU memory (ZeRO >= 1): less GPU memory, slower steps
+    offload_params: bool = False  # weights in CPU memory (ZeRO-3 only)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    activation_checkpointing: bool = False
-    compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block in backward: ~1/3 more compute, far less memory
+    compile: bool = False  # torch.compile the model inside the DeepSpeed engine
 
     @model_validator(mode="after")
     def _check(self) -> DeepSpeedConfig:
@@ -155,7 +157,7 @@ class DeepSpeedConfig(_Section):
 class CheckpointConfig(_Section):
     dir: str | None = None  # default: <run dir>/checkpoints
     interval: int = 1000  # steps; a checkpoint is also written at the end
-    keep_last: int = 3
+    keep_last: int = 3  # committed checkpoints kept; older ones are deleted after each save
 
     @model_validator(mode="after")
     def _check(self) -> CheckpointConfig:
@@ -172,15 +174,15 @@ class EvalConfig(_Section):
     hellaswag: str | None = "official"
     hellaswag_interval: int = 0  # steps between HellaSwag evaluations during training (0: never)
     hellaswag_limit: int | None = None  # first N items only
-    prompts: list[str] = ["Hello, I'm a language model,"]
-    max_new_tokens: int = 64
-    greedy: bool = False
-    temperature: float = 0.8
-    top_k: int | None = 50
-    top_p: float | None = None
+    prompts: list[str] = ["Hello, I'm a language model,"]  # prompts of the text samples after training
+    max_new_tokens: int = 64  # tokens generated per sample
+    greedy: bool = False  # argmax decoding instead of sampling
+    temperature: float = 0.8  # sampling temperature (> 0)
+    top_k: int | None = 50  # sample among the k likeliest tokens; null: all
+    top_p: float | None = None  # nucleus sampling: the smallest set with this probability; null: off
     num_beams: int = 1  # > 1: beam search instead of sampling
-    num_samples: int = 2
-    seed: int = 42
+    num_samples: int = 2  # completions per prompt
+    seed: int = 42  # sampling seed: the same seed gives the same text
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
@@ -193,18 +195,18 @@ class EvalConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    enabled: bool = True
+    enabled: bool = True  # false: no MLflow at all (metrics still go to the console and metrics.jsonl)
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment: str = "gpt2-pretraining"
-    registered_model: str = "gpt2-pipeline"
-    best_alias: str = "best"
-    system_metrics: bool = True
+    experiment: str = "gpt2-pretraining"  # MLflow experiment the runs go to
+    registered_model: str = "gpt2-pipeline"  # MLflow registered-model name of the register stage
+    best_alias: str = "best"  # alias moved to the version with the best HellaSwag score
+    system_metrics: bool = True  # log CPU, memory, (GPU) utilisation of the training run to MLflow
 
 
 class ClusterConfig(_Section):
     num_workers: int = 1  # training workers (one per GPU)
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    use_gpu: bool = False  # one GPU per worker, nccl and (precision auto) bf16; false: CPU, gloo, fp32
+    cpus_per_worker: float = 1.0  # Ray CPUs reserved per training worker (data loading, the host side)
     max_failures: int = 3  # automatic restarts of the training run from its last checkpoint
     # how Ray places the workers: PACK fills nodes, STRICT_SPREAD puts each worker on its own node
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -343,11 +345,6 @@ class Config(_Section):
             return os.path.join(tempfile.gettempdir(), "gpt2-pipeline", self.run.name, "metrics.jsonl")
         return join(self.run_dir, "metrics.jsonl")
 
-    @property
-    def grad_accum_steps(self) -> int:
-        b = self.batch
-        return b.tokens_per_step // (b.micro_batch_size * b.seq_len * self.cluster.num_workers)
-
     def with_absolute_paths(self) -> Config:
         """A copy whose local paths are absolute: Ray workers run in other directories."""
         def absolute(path: str | None) -> str | None:
@@ -376,11 +373,6 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
-
-
-def join(base: str, *parts: str) -> str:
-    """Join path parts onto a local path or a URL (s3://bucket/x) with '/'."""
-    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
 # ---------------------------------------------------------------------------------------------

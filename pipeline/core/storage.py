@@ -7,11 +7,15 @@ discarded rather than committed. This module imports nothing else of the project
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import posixpath
+import re
+import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -22,6 +26,11 @@ from fsspec.implementations.local import LocalFileSystem
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for a path or URL, and the path within it."""
     return fsspec.core.url_to_fs(url)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URL (s3://bucket/x) with '/'."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
 def is_local(url: str) -> bool:
@@ -105,3 +114,27 @@ def write_bytes(url: str, data: bytes) -> None:
 def write_json(url: str, obj: Any) -> None:
     """Deterministic JSON (sorted keys, fixed indent), written atomically."""
     write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+_copies: str | None = None  # this process's downloads; another process may see the URL rewritten (--force)
+
+
+def local_copy(url: str, keep: Callable[[str], bool] = lambda rel: True) -> str:
+    """A local directory holding url's files (url itself when local; else downloaded once per process,
+    into a temporary directory removed at exit). `keep(relative path)` picks the files to fetch."""
+    global _copies
+    if is_local(url):
+        return filesystem(url)[1]
+    if _copies is None:
+        _copies = tempfile.mkdtemp(prefix="gpt2-pipeline-copies-")
+        atexit.register(shutil.rmtree, _copies, True)
+    fs, remote = filesystem(url)
+    target = os.path.join(_copies, re.sub(r"[^\w.-]", "_", url))
+    for path in fs.find(remote):
+        rel = os.path.relpath(path, remote)
+        local = os.path.join(target, rel)
+        if keep(rel) and not os.path.exists(local):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get(path, local + ".part")  # a download cut short is never taken for the file
+            os.replace(local + ".part", local)
+    return target

@@ -1,7 +1,7 @@
 """One metrics interface, `log(dict, step)`, with sinks behind it: the console now, MLflow beside it.
 
 Only rank 0 logs: every other rank gets a `Metrics` with no sinks, so training code calls `log`
-everywhere without asking which rank it is on. This module imports nothing else of the project.
+everywhere without asking which rank it is on. It imports only progress.py's number formats.
 """
 
 from __future__ import annotations
@@ -14,23 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Protocol, TextIO
 
+from pipeline.core.progress import format_duration, human
+
 
 class Sink(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
     def close(self) -> None: ...
-
-
-def _tokens(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def _duration(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 # How the console shows each metric it knows, in this order; others are printed as name=value.
@@ -39,11 +29,11 @@ _SHOWN = {
     "val/loss": lambda v: f"val {v:.4f}",
     "train/lr": lambda v: f"lr {v:.2e}",
     "train/grad_norm": lambda v: f"norm {v:.3f}",
-    "train/tokens_per_s": lambda v: f"{_tokens(v)} tok/s",
+    "train/tokens_per_s": lambda v: f"{human(v)} tok/s",
     "train/mfu": lambda v: f"MFU {v:.1%}",
     "train/step_time_s": lambda v: f"{v * 1000:.0f} ms/step",
     "train/memory_gb": lambda v: f"mem {v:.1f} GB",
-    "train/eta_s": lambda v: f"eta {_duration(v)}",
+    "train/eta_s": lambda v: f"eta {format_duration(v)}",
     "hellaswag/harness/acc": lambda v: f"hellaswag acc {v:.4f}",
     "hellaswag/harness/acc_norm": lambda v: f"acc_norm {v:.4f} (harness)",
     "hellaswag/completion/acc": lambda v: f"acc {v:.4f}",
