@@ -106,3 +106,26 @@ def test_only_the_keeping_rank_builds_the_full_fp32_copy_and_it_is_the_master_we
     initial = GPT(engine.module.config)
     assert (kept["transformer.h.0.mlp.c_fc.weight"] - initial.transformer.h[0].mlp.c_fc.weight).abs().max() > 1e-4
     assert kept["transformer.wte.weight"].shape == (50304, 64) and kept["lm_head.weight"] is kept["transformer.wte.weight"]
+
+
+@pytest.mark.slow
+def test_compiled_engine_gives_the_eager_losses_and_gradients(process_group):
+    # deepspeed.compile=true: torch.compile (inductor; on CPU it builds C++ with gcc) inside the engine
+    from deepspeed.utils import safe_get_full_grad
+
+    results = []
+    for compiled in (False, True):
+        cfg = tiny("model.n_layer=1", "batch.tokens_per_step=128", f"deepspeed.compile={str(compiled).lower()}")
+        engine = engines.initialize(cfg, world_size=1)
+        assert engine.is_compiled == compiled
+        x, y = batches(cfg, 0)[0]
+        first = engine(x, y)[1]
+        engine.backward(first)
+        grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+        engine.step()  # one micro-batch per step (no accumulation)
+        loss_sum, _ = engines.train_step(engine, batches(cfg, 1), torch.device("cpu"))
+        results.append((first.item(), grads, loss_sum.item()))
+    (eager_loss, eager_grads, eager_next), (loss, grads, following) = results
+    assert loss == pytest.approx(eager_loss, rel=1e-6) and following == pytest.approx(eager_next, rel=1e-5)
+    for name, g in eager_grads.items():
+        assert torch.allclose(grads[name], g, atol=1e-6, rtol=1e-4), name

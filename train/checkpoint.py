@@ -110,7 +110,7 @@ def resolve(path: str) -> str:
 
 # --- saving ---------------------------------------------------------------------------------------
 
-def save(engine, model: GPT, directory: str, state: TrainerState, keep_last: int) -> str:
+def save(engine, model: torch.nn.Module, directory: str, state: TrainerState, keep_last: int) -> str:
     """Write a checkpoint on every rank and commit it on rank 0. Collective: all ranks call it."""
     import torch.distributed as dist
     from deepspeed.checkpoint.constants import (
@@ -129,7 +129,10 @@ def save(engine, model: GPT, directory: str, state: TrainerState, keep_last: int
             UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
         weights = full_state_dict(engine, model, keep=rank == 0)  # collective; only rank 0 keeps a copy
         if rank == 0:
-            save_hf(model, local, state=weights)
+            if hasattr(model, "hf_files"):  # a model with task heads (train/heads.py) writes its own layout
+                model.save_hf(local, state=weights)
+            else:
+                save_hf(model, local, state=weights)
     dist.barrier()  # every rank's files are in place
     if rank == 0:
         storage.write_json(join(url, STATE), {**asdict(state), "saved_at": time.time()})
@@ -139,7 +142,7 @@ def save(engine, model: GPT, directory: str, state: TrainerState, keep_last: int
     return url
 
 
-def full_state_dict(engine, model: GPT, keep: bool = True) -> dict[str, torch.Tensor]:
+def full_state_dict(engine, model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """fp32 master weights, whole, on CPU. Collective under ZeRO (every rank takes part in assembling
     each parameter from the partitions, one parameter at a time); only where keep is set are they
     copied to the CPU and returned: the other ranks return {} (a 1.5B model is 6.2 GB per copy)."""
@@ -151,7 +154,7 @@ def full_state_dict(engine, model: GPT, keep: bool = True) -> dict[str, torch.Te
         if keep:
             out[name] = (full if full is not None else p).detach().float().cpu().clone()
         del full  # the device copy of this one parameter goes now, not at the end
-    if keep:
+    if "transformer.wte.weight" in out:  # a bare GPT: its tied head (a task model's trunk is prefixed)
         out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 

@@ -28,12 +28,12 @@ from train.checkpoint import CheckpointError
 ORDER = "global-feistel-v1"
 
 
-def check_order(recorded: str, url: str) -> None:
+def check_order(recorded: str, url: str, expected: str = ORDER) -> None:
     """Refuse to resume a checkpoint trained in another order: the remaining steps would see other windows."""
-    if recorded != ORDER:
+    if recorded != expected:
         raise CheckpointError(
             f"{url} was trained in data order '{recorded or 'shard-by-shard (before orders were recorded)'}', "
-            f"this version draws '{ORDER}'; resuming would change the order mid-run. Finish that run with "
+            f"this version draws '{expected}'; resuming would change the order mid-run. Finish that run with "
             f"the version that started it, or start a new run (run.name)")
 
 

@@ -8,6 +8,7 @@ cluster.max_failures times, and the workers resume from the last committed check
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.core import cluster, storage
@@ -46,6 +47,13 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
         check_order(TrainerState.read(existing).data_order, existing)
         print(f"train: resuming from {existing}", flush=True)
 
+    out = fit(cfg, _worker, {"config": cfg.model_dump(), "tracking": tracking}, "train")
+    return TrainResult(out["checkpoint"], out["step"], out["loss"], out["tokens"], out["nodes"])
+
+
+def fit(cfg: Config, worker: Callable[[dict], dict], payload: dict, name: str) -> dict:
+    """Run worker(payload) on cluster.num_workers Ray Train workers (restarted up to cluster.max_failures
+    times); rank 0's return value. The worker resumes from its own checkpoints."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -54,23 +62,22 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
     ray_dir = join(cfg.run_dir, "ray")
     trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"config": cfg.model_dump(), "tracking": tracking},
+        worker,
+        train_loop_config=payload,
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=c.placement_strategy),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=os.path.abspath(ray_dir) if storage.is_local(ray_dir) else ray_dir,
+            name=name, storage_path=os.path.abspath(ray_dir) if storage.is_local(ray_dir) else ray_dir,
             failure_config=ray.train.FailureConfig(max_failures=c.max_failures)),
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
-        raise TrainingFailed(f"training failed (after {c.max_failures} automatic restarts); it resumes from "
+        raise TrainingFailed(f"{name} failed (after {c.max_failures} automatic restarts); it resumes from "
                              f"its last checkpoint with --resume. Cause: {err}") from err
-    out = result.return_value
-    return TrainResult(out["checkpoint"], out["step"], out["loss"], out["tokens"], out["nodes"])
+    return result.return_value
 
 
 def _worker(payload: dict) -> dict:

@@ -87,22 +87,28 @@ def _nodes(world: int) -> int:
 def _engine(cfg: Config, rank: int, world: int, run_id: str | None):
     """The DeepSpeed engine and the trainer state: from the latest committed checkpoint when there is one
     (through a universal checkpoint when the number of workers changed), else fresh."""
-    import torch.distributed as dist
-
     state = TrainerState(world_size=world, zero_stage=cfg.deepspeed.zero_stage,
                          manifest_sha256=manifest_hash(cfg.data_dir), data_order=ORDER, run_id=run_id)
+    return engine_and_state(cfg, rank, world, state)
+
+
+def engine_and_state(cfg: Config, rank: int, world: int, state: TrainerState, model: torch.nn.Module | None = None):
+    """The DeepSpeed engine around model (default: a fresh GPT) and the trainer state, resumed from the latest
+    committed checkpoint in cfg.checkpoint_dir when there is one. state.manifest_sha256 names the data."""
+    import torch.distributed as dist
+
     resume_from = checkpoint.latest(cfg.checkpoint_dir)
     if not resume_from:
-        return engines.initialize(cfg, world), state
+        return engines.initialize(cfg, world, model=model), state
     saved = TrainerState.read(resume_from)
     _check_resumable(saved, state, cfg, resume_from)
     if saved.world_size != world and rank == 0:
         checkpoint.prepare_universal(resume_from)
     dist.barrier()
-    engine = engines.initialize(cfg, world, load_universal=saved.world_size != world)
+    engine = engines.initialize(cfg, world, load_universal=saved.world_size != world, model=model)
     checkpoint.load(engine, resume_from, saved, world)
     _say(rank, f"resumed from {resume_from} at step {saved.step} ({saved.sequences} sequences consumed)")
-    return engine, TrainerState(**{**saved.__dict__, "world_size": world, "run_id": saved.run_id or run_id})
+    return engine, TrainerState(**{**saved.__dict__, "world_size": world, "run_id": saved.run_id or state.run_id})
 
 
 def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: int, device: torch.device) -> None:
@@ -174,7 +180,7 @@ def _memory_gb(device: torch.device) -> float:
 
 
 def _check_resumable(saved: TrainerState, now: TrainerState, cfg: Config, url: str) -> None:
-    check_order(saved.data_order, url)
+    check_order(saved.data_order, url, now.data_order)  # fine-tuning (train/finetuning.py) records none
     if saved.manifest_sha256 != now.manifest_sha256:
         raise checkpoint.CheckpointError(
             f"{url} was trained on dataset {saved.manifest_sha256[:12]}, but {cfg.data_dir} is "
