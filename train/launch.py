@@ -44,16 +44,21 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
     if existing:
         print(f"train: resuming from {existing}", flush=True)
 
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cluster.connect()
+    cluster.connect(cfg)
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
+    if existing and checkpoint.TrainerState.read(existing).world_size != c.num_workers:
+        # once, in a task of its own, so no rank converts while the others wait on a collective's timeout
+        print(f"train: converting {existing} to a universal checkpoint for {c.num_workers} worker(s)", flush=True)
+        ray.get(ray.remote(_to_universal).options(num_cpus=c.cpus_per_worker).remote(existing))
     ray_dir = join(cfg.run_dir, "ray")
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": cfg.model_dump(), "tracking": tracking},
+        train_loop_config={"config": cfg.model_dump(), "tracking": tracking, "hellaswag": _hellaswag(cfg)},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                                resources_per_worker=resources,
@@ -69,6 +74,23 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
                              f"its last checkpoint with --resume. Cause: {err}") from err
     out = result.return_value
     return TrainResult(out["checkpoint"], out["step"], out["loss"], out["tokens"], out["nodes"])
+
+
+def _hellaswag(cfg: Config):
+    """The in-training HellaSwag items, read (and for "official", downloaded and verified) once by the
+    driver and handed to every rank through Ray's object store; None when not evaluated in training."""
+    if not (cfg.eval.hellaswag and cfg.eval.hellaswag_interval):
+        return None
+    import ray
+
+    from eval import hellaswag
+
+    return ray.put(hellaswag.load(cfg.eval.hellaswag, limit=cfg.eval.hellaswag_limit)[0])
+
+
+def _to_universal(url: str) -> None:
+    checkpoint.forbid_unpickling()  # DeepSpeed's converter reads the state with torch.load
+    checkpoint.prepare_universal(url)
 
 
 def _worker(payload: dict) -> dict:
