@@ -1,6 +1,6 @@
 """The pipeline: corpus -> shards -> trainer -> checkpoint -> eval -> registered model, one MLflow lineage.
 
-    python pipeline/run.py [--config PRESET] [--stages tokenize,train,eval,register] [--force STAGE]...
+    python pipeline/run.py [--config PRESET] [--stages tokenize,train,eval,register] [--force STAGE]... [--plan]
                            [section.key=value ...]
     ray job submit --working-dir . -- python pipeline/run.py --config gpt2-124m
 
@@ -19,6 +19,7 @@ from pipeline import lineage, stages
 from pipeline.core import cluster
 from pipeline.core.config import ConfigError, load_config
 from pipeline.core.progress import format_duration
+from train import plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=",".join(stages.STAGES), help="comma-separated stages to run, in order")
     parser.add_argument("--force", action="append", default=[], choices=stages.STAGES, metavar="STAGE",
                         help="redo this stage even if it is complete (repeatable)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the training memory and cost plan (no Ray, no model); exit 2 if it does not fit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     selected = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -36,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stages.STAGES)}")
     try:
         cfg = load_config(args.config, args.overrides).with_absolute_paths()
-    except ConfigError as err:
+        if args.plan:
+            print(plan.check(cfg, args.config).report(args.config))
+            return 0
+    except (ConfigError, plan.PlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return run(cfg, selected, set(args.force))
