@@ -207,17 +207,10 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.transformer.wpe.weight.numel()
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """idx, targets: (B, T) token ids; targets of -1 are ignored. Returns (logits (B, T, V), None)
-        without targets, and (None, mean cross-entropy) with them: the loss never materialises the
-        logits of the whole batch (see LMHead).
-
-        For scoring several continuations of one context in one sequence: positions (B, T) replaces
-        0..T-1, mask (B, T, T) (True: may attend) replaces the causal mask, and logits_at (B, K)
-        computes the logits only at those positions, giving (B, K, V).
-        """
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk: GPT-2 without its LM head. idx (B, T) -> the final LayerNorm's output (B, T, C),
+        what task heads (train/heads.py) and the LM head read."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if positions is None:
@@ -235,7 +228,20 @@ class GPT(nn.Module):
                 x = block(x, cache, i, mask)
         if cache is not None:
             cache.length += T
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx, targets: (B, T) token ids; targets of -1 are ignored. Returns (logits (B, T, V), None)
+        without targets, and (None, mean cross-entropy) with them: the loss never materialises the
+        logits of the whole batch (see LMHead).
+
+        For scoring several continuations of one context in one sequence: positions (B, T) replaces
+        0..T-1, mask (B, T, T) (True: may attend) replaces the causal mask, and logits_at (B, K)
+        computes the logits only at those positions, giving (B, K, V).
+        """
+        x = self.hidden_states(idx, cache, positions, mask)
         if targets is not None:
             return None, self.lm_head(x, targets)
         if logits_at is not None:

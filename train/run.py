@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.core import storage
 from pipeline.core.config import ConfigError, load_config
 from tokenization.shards import ShardError
 from train import launch, plan
@@ -32,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             print(plan.check(cfg, args.config).report(args.config))
             return 0
+        for url in dict.fromkeys((cfg.data_dir, cfg.run_dir, cfg.checkpoint_dir)):
+            storage.check(url)
         result = launch.run(cfg, resume=args.resume)
-    except (ConfigError, ShardError, CheckpointError, launch.TrainingFailed, plan.PlanError) as err:
+    except (ConfigError, storage.StorageError, ShardError, CheckpointError, launch.TrainingFailed, plan.PlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"train: done at step {result.step}, loss {result.loss:.4f}, {result.tokens:,} tokens; "
