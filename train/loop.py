@@ -122,7 +122,6 @@ def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: 
             if cfg.eval.hellaswag and cfg.eval.hellaswag_interval else None)
     global_batch = b.tokens_per_step // b.seq_len
     accum = engine.gradient_accumulation_steps()
-    flops_per_step = engines.flops_per_token(model.config, b.seq_len, model.num_params(embeddings=False)) * b.tokens_per_step
     peak = engines.peak_flops(device)
     started, steps_at_start = time.perf_counter(), state.step
 
@@ -131,19 +130,11 @@ def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: 
         torch.manual_seed(step_seed(cfg.run.seed, state.step, rank))
         lr = engines.lr_at(state.step, cfg)
         engines.set_lr(engine, lr)
-        loss_sum = torch.zeros((), device=device)
-        grad_norm = None
-        for micro in range(accum):
-            x, y = loader.micro_batch(state.sequences, global_batch, rank, world, micro, b.micro_batch_size)
-            _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            engine.backward(loss)
-            if micro == accum - 1 and engine.zero_optimization_stage() == 0:
-                grad_norm = _grad_norm(model)  # ZeRO-0 does not report it; gradients are reduced now
-            engine.step()
-            loss_sum += loss.detach().float()
+        batches = (loader.micro_batch(state.sequences, global_batch, rank, world, micro, b.micro_batch_size)
+                   for micro in range(accum))
+        loss_sum, grad_norm = engines.train_step(engine, batches, device)
         dist.all_reduce(loss_sum)
         state.loss = loss_sum.item() / (accum * world)  # the global batch's mean loss
-        grad_norm = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
         state.step += 1
         state.sequences += global_batch
         state.tokens += b.tokens_per_step
@@ -152,7 +143,7 @@ def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: 
         metrics.log({"train/loss": state.loss, "train/lr": lr,
                      "train/grad_norm": None if grad_norm is None else float(grad_norm),
                      "train/tokens_per_s": b.tokens_per_step / step_time,
-                     "train/mfu": flops_per_step / step_time / (peak * world) if peak else None,
+                     "train/mfu": engines.mfu(engine, cfg, step_time, peak, world),
                      "train/step_time_s": step_time, "train/memory_gb": _memory_gb(device),
                      "train/eta_s": eta, "train/tokens_seen": state.tokens,
                      "train/epoch": loader.order.locate(state.sequences)[0]}, state.step)
@@ -180,11 +171,6 @@ def _system_metrics(tracking: dict, node: int):
                                    tracking_uri=tracking["uri"])
     monitor.start()
     return monitor
-
-
-def _grad_norm(model: torch.nn.Module) -> float:
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _memory_gb(device: torch.device) -> float:

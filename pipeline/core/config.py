@@ -141,6 +141,11 @@ class DeepSpeedConfig(_Section):
     offload_optimizer: bool = False  # optimizer states in CPU memory (ZeRO >= 1): less GPU memory, slower steps
     offload_params: bool = False  # weights in CPU memory (ZeRO-3 only)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # bf16 runs: sum micro-step gradients and reduce them over ranks in fp32 (true), or in bf16 (false:
+    # half the gradient memory and traffic, but 8 mantissa bits lose small gradients in long sums).
+    # Cost of true: ZeRO-1 keeps 4 more bytes per parameter (an fp32 gradient beside the bf16 one),
+    # ZeRO-3 4 bytes per parameter of its partition, and gradient communication doubles.
+    fp32_grads: bool = True
     activation_checkpointing: bool = False  # recompute each block in backward: ~1/3 more compute, far less memory
     compile: bool = False  # torch.compile the model inside the DeepSpeed engine
 
