@@ -66,7 +66,7 @@ def test_parquet_and_a_datasets_directory_read_like_jsonl(tmp_path):
     train, held = tasks.load(g, "train", encode), tasks.load(g, "eval", encode)
     assert [e.ids for e in held.examples] == [tuple(encode(r["sentence"])) for r in RECORDS[40:]]
     assert [e.labels["task"] for e in train.examples] == [r["label"] for r in RECORDS[:40]]
-    with pytest.raises(TaskError, match="finetune.hf_split: 'test' not in dataset"):
+    with pytest.raises(TaskError, match="finetune.eval_split: 'test' not in dataset"):
         tasks.load(g.model_copy(update={"eval_split": "test"}), "eval", encode)
 
 
@@ -323,3 +323,25 @@ def test_heads_that_do_not_match_the_checkpoint_are_refused_and_models_uris_are_
     again = heads.load_hf(tmp_path / "init").eval()
     with torch.no_grad():
         assert torch.equal(again(idx)[0]["task"], ours(idx)[0]["task"])
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_the_optional_finetune_stage_under_its_own_run_and_then_skips_it(pretrained, kind_task, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from conftest import run_cli
+
+    args = ["pipeline/run.py", "--stages", "finetune", *FT, "finetune.max_steps=4", "finetune.checkpoint_interval=4",
+            "finetune.label_field=kind", f"finetune.task={kind_task}", f"finetune.checkpoint={pretrained['checkpoint']}",
+            f"run.root={tmp_path}", "run.name=with-finetune", f"tracking.uri={pretrained['uri']}"]
+    first = run_cli(*args, env={"MLFLOW_TRACKING_URI": ""})
+    assert "finetune/accuracy" in first.stdout
+    second = run_cli(*args, env={"MLFLOW_TRACKING_URI": ""})
+    assert "finetune: complete" in second.stdout and "skipped" in second.stdout
+    client = MlflowClient(pretrained["uri"])
+    experiment = client.get_experiment_by_name("gpt2-pretraining").experiment_id
+    parent = client.search_runs([experiment], f"tags.`gpt2.run_dir` = '{tmp_path / 'with-finetune'}' and "
+                                              f"tags.`gpt2.stage` = 'pipeline'")[0]
+    child = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert [r.data.tags["gpt2.stage"] for r in child] == ["finetune"]
+    assert "finetune/accuracy" in child[0].data.metrics and "finetune/accuracy" in parent.data.metrics
