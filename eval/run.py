@@ -17,6 +17,7 @@ import sys
 from eval import suite
 from eval.checkpoints import CheckpointError
 from eval.hellaswag import HellaSwagError
+from pipeline.core import storage
 from pipeline.core.config import ConfigError, load_config
 from tokenization.shards import ShardError
 from tokenization.tokenizer import TokenizerUnavailable
@@ -54,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         values["eval.hellaswag"] = None if a.hellaswag == "none" else a.hellaswag
     try:
         cfg = load_config(a.config, a.overrides, values)
+        if not a.ckpt.startswith("hf:"):
+            storage.check(a.ckpt, write=False)
         suite.run(cfg, a.ckpt, a.output, data=not a.no_val, workers=a.workers, device=a.device)
-    except (ConfigError, CheckpointError, HellaSwagError, ShardError, TokenizerUnavailable, ValueError) as err:
+    except (ConfigError, storage.StorageError, CheckpointError, HellaSwagError, ShardError, TokenizerUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -13,12 +13,13 @@ submitting the same run name again continues: tokenization is reused, training r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from pipeline import lineage, stages
-from pipeline.core import cluster
-from pipeline.core.config import ConfigError, load_config
+from pipeline.core import cluster, storage
+from pipeline.core.config import HOME_ENV, ConfigError, in_ray_package_cache, load_config, output_base
 from pipeline.core.progress import format_duration
 
 
@@ -46,9 +47,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg, selected: list[str], force: set[str]) -> int:
     started = time.time()
-    cluster.connect()
-    ray_start = time.time() - started
-    uri = lineage.tracking_uri(cfg.tracking.uri)
+    if in_ray_package_cache():  # see README, "Run it on a cluster": outputs must outlive Ray's copy of the checkout
+        os.makedirs(output_base(), exist_ok=True)
+        print(f"pipeline: running in Ray's copy of the working directory ({os.getcwd()}), which Ray deletes; "
+              f"relative outputs go to {output_base()} "
+              f"(${HOME_ENV} sets it): run directory {cfg.run_dir}, MLflow "
+              f"{lineage.tracking_uri(cfg.tracking.uri, output_base())}", flush=True)
+    try:  # storage and cluster that cannot work are refused before any work, with one line
+        for url in dict.fromkeys((cfg.run_dir, cfg.data_dir, cfg.checkpoint_dir)):
+            storage.check(url)
+        connecting = time.time()
+        cluster.connect(cfg)
+    except (ConfigError, storage.StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ray_start = time.time() - connecting
+    uri = lineage.tracking_uri(cfg.tracking.uri, output_base())
     track = lineage.Lineage(uri, cfg.tracking.experiment, cfg.run_dir) if cfg.tracking.enabled else None
     import ray
 

@@ -197,9 +197,8 @@ FT = ["finetune.text_fields=passage", "finetune.max_len=32", "finetune.batch_siz
 
 @pytest.mark.slow
 def test_multi_task_fine_tune_separates_the_texts_fits_the_lengths_and_lands_in_mlflow(pretrained, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     from conftest import run_cli
+    from mlflow.tracking import MlflowClient
 
     records = passages(150, seed=0)
     write_jsonl(tmp_path / "task.jsonl", records[:240])

@@ -97,15 +97,15 @@ def optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 def initialize(cfg: Config, world_size: int, load_universal: bool = False, model: nn.Module | None = None):
     """The DeepSpeed engine around `model`, by default a freshly initialised GPT (seeded by run.seed).
-    engine.gpt_params: the model's parameters without the position embedding (as FLOPs count them),
-    counted here because ZeRO-3 partitions them in deepspeed.initialize (numel() 0 afterwards)."""
+    engine.gpt_params: the parameters without the position embedding (as FLOPs count them), counted
+    here because ZeRO-3 partitions them in deepspeed.initialize (numel() 0 afterwards)."""
     import deepspeed
 
     if model is None:
         torch.manual_seed(cfg.run.seed)
         model = GPT(gpt_config(cfg))
         model.activation_checkpointing = cfg.deepspeed.activation_checkpointing
-    n_params = model.num_params(embeddings=False) if isinstance(model, GPT) else None  # fine-tuning logs no MFU
+    n_params = sum(p.numel() for p in model.parameters()) - model.config.block_size * model.config.n_embd
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer(model, cfg),
                                            config=deepspeed_config(cfg, world_size, load_universal))
     engine.gpt_params = n_params

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.core import storage
 from pipeline.core.config import ConfigError, load_config
 from tokenization.shards import ShardError
 from train import launch
@@ -27,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, {"tokenization.output": args.data} if args.data else None)
+        for url in dict.fromkeys((cfg.data_dir, cfg.run_dir, cfg.checkpoint_dir)):
+            storage.check(url)
         result = launch.run(cfg, resume=args.resume)
-    except (ConfigError, ShardError, CheckpointError, launch.TrainingFailed) as err:
+    except (ConfigError, storage.StorageError, ShardError, CheckpointError, launch.TrainingFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"train: done at step {result.step}, loss {result.loss:.4f}, {result.tokens:,} tokens; "
