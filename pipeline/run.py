@@ -18,15 +18,18 @@ import time
 
 from pipeline import lineage, stages
 from pipeline.core import cluster, storage
-from pipeline.core.config import HOME_ENV, ConfigError, in_ray_package_cache, load_config, output_base
+from pipeline.core.config import HOME_ENV, ConfigError, in_ray_package_cache, load_config, output_base, preset_line
 from pipeline.core.progress import format_duration
 from train import plan
+
+EMBEDDED = "smoke"  # what `python pipeline/run.py` runs with no arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipeline/run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="smoke", help="preset name or YAML path (default: smoke)")
+    parser.add_argument("--config", help=f"preset name or YAML path (default: {EMBEDDED}: the built-in corpus, "
+                                         "CPU-sized; a stage's own command defaults to production sizes)")
     parser.add_argument("--stages", default=",".join(stages.STAGES), help="comma-separated stages to run, in order")
     parser.add_argument("--force", action="append", default=[], choices=stages.STAGES, metavar="STAGE",
                         help="redo this stage even if it is complete (repeatable)")
@@ -38,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in selected if s not in stages.STAGES]
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stages.STAGES)}")
+    print(preset_line(args.config, EMBEDDED), flush=True)
     try:
-        cfg = load_config(args.config, args.overrides).with_absolute_paths()
+        cfg = load_config(args.config or EMBEDDED, args.overrides).with_absolute_paths()
         if args.plan:
-            print(plan.check(cfg, args.config).report(args.config))
+            print(plan.check(cfg, args.config or EMBEDDED).report(args.config or EMBEDDED))
             return 0
     except (ConfigError, plan.PlanError) as err:
         print(f"error: {err}", file=sys.stderr)

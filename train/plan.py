@@ -71,7 +71,7 @@ class Plan:
                   f"({'fits' if self.fits else 'DOES NOT FIT'})",
                   f"  activations without / with activation checkpointing: {g(self.activations_plain)} / "
                   f"{g(self.activations_checkpointed)}",
-                  f"  not counted: CUDA context and allocator fragmentation (1-3 GiB)",
+                  "  not counted: CUDA context and allocator fragmentation (1-3 GiB)",
                   f"run: {self.tokens_per_step:,} tokens/step x {self.steps:,} steps = "
                   f"{self.tokens_per_step * self.steps / 1e9:.2f}B tokens; {self.flops_per_token / 1e9:.2f} GFLOP/token",
                   f"  ESTIMATE (assumed MFU, not measured): {self.tokens_per_s_per_gpu:,.0f} tokens/s per GPU, "
