@@ -21,6 +21,7 @@ import torch
 
 from pipeline.core import storage
 from train import checkpoint as trainer_checkpoint
+from train import heads
 from train.checkpoint import CheckpointError
 from train.model import GPT, GPTConfig, config_from_hf, from_hf_state_dict, from_state_dict, load_hf
 
@@ -75,7 +76,8 @@ def _hf_dir(path: Path, device, info: dict) -> tuple[GPT, dict]:
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: no config.json beside the weights")
     try:
-        model = load_hf(path)
+        fine_tuned = heads.specs_from_hf(json.loads((path / "config.json").read_text()))
+        model = heads.load_hf(path).trunk if fine_tuned else load_hf(path)  # with task heads: the trunk
     except ValueError as err:  # a config we do not implement, or weights that do not fit it
         raise CheckpointError(str(err)) from None
     weights = path / "model.safetensors"

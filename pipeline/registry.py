@@ -24,8 +24,11 @@ _CODE = [Path(__file__).resolve().parents[1] / name for name in ("pipeline", "to
 
 
 def register(lineage: Lineage, run_id: str | None, checkpoint_dir: str, name: str, alias: str,
-             score: float | None, tags: dict[str, str]) -> dict | None:
-    """Log the checkpoint as a model of run_id, register a version, move `alias` to it if it scores best."""
+             score: float | None, tags: dict[str, str], model_code: Path = _MODEL_CODE,
+             score_key: str = SCORE) -> dict | None:
+    """Log the checkpoint as a model of run_id, register a version, move `alias` to it if it scores best
+    (score_key names the score; model_code is the pyfunc's file: text generation, or a fine-tuned
+    model's predictions, pipeline/served_heads.py)."""
     if not run_id:
         return None
 
@@ -37,12 +40,12 @@ def register(lineage: Lineage, run_id: str | None, checkpoint_dir: str, name: st
             source = storage.local_copy(checkpoint_dir, keep=lambda rel: rel in _WEIGHTS)  # local, s3://, gs://...
             for file in _WEIGHTS:
                 shutil.copy(Path(source, file), weights / file)
-            info = mlflow.pyfunc.log_model(name="model", python_model=str(_MODEL_CODE),
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(model_code),
                                            artifacts={"checkpoint": str(weights)},
                                            code_paths=[str(p) for p in _CODE],
                                            pip_requirements=["torch", "safetensors", "tiktoken", "numpy"])
-        version = mlflow.register_model(info.model_uri, name, tags={**tags, SCORE: str(score)})
-        best = _best(lineage, name, alias)
+        version = mlflow.register_model(info.model_uri, name, tags={**tags, score_key: str(score)})
+        best = _best(lineage, name, alias, score_key)
         if best is None or (score is not None and score > best[1]):
             lineage.client.set_registered_model_alias(name, alias, version.version)
             aliased = version.version
@@ -54,10 +57,10 @@ def register(lineage: Lineage, run_id: str | None, checkpoint_dir: str, name: st
     return lineage.call("register the model", log_and_register)
 
 
-def _best(lineage: Lineage, name: str, alias: str) -> tuple[str, float] | None:
+def _best(lineage: Lineage, name: str, alias: str, score_key: str) -> tuple[str, float] | None:
     try:
         current = lineage.client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-    value = current.tags.get(SCORE)
+    value = current.tags.get(score_key)
     return current.version, float(value) if value not in (None, "None") else float("-inf")

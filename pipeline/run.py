@@ -18,7 +18,7 @@ import time
 
 from pipeline import lineage, stages
 from pipeline.core import cluster, storage
-from pipeline.core.config import ConfigError, HOME_ENV, in_ray_package_cache, load_config, output_base
+from pipeline.core.config import HOME_ENV, ConfigError, in_ray_package_cache, load_config, output_base
 from pipeline.core.progress import format_duration
 
 

@@ -115,7 +115,7 @@ def test_kuberay_manifests_carry_what_kuberay_and_training_need():
                 assert "IPC_LOCK" in c["securityContext"]["capabilities"]["add"], (path, name)
                 env = {e["name"]: e.get("value") for e in c["env"]}
                 assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1", (path, name)
-                assert env["NCCL_NET"] == "AWS Libfabric", (path, name)
+                assert env["NCCL_NET"] == "OFI", (path, name)
 
 
 def _launcher(name: str) -> dict:
@@ -185,7 +185,7 @@ def test_the_aws_launcher_attaches_every_efa_card_and_hands_the_devices_to_the_c
     assert args[args.index("--ulimit") + 1] == "memlock=-1:-1"
     env = dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--env")
     assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1"
-    assert env["NCCL_NET"] == "AWS Libfabric"  # one argument, its space kept
+    assert env["NCCL_NET"] == "OFI"
     assert "--device=/dev/infiniband" not in _docker_args(raw["docker"]["run_options"])  # the CPU head has none
 
 
@@ -368,3 +368,26 @@ def test_system_metrics_are_on_by_default_per_node_and_survive_a_machine_without
     gpu = {k for k in logged if k.startswith("system/node_1/gpu_")}
     assert {f"system/node_1/gpu_{i}_utilization_percentage" for i in range(gpus)} <= gpu
     assert bool(gpu) == bool(gpus), gpu
+
+
+# --- the interconnect check of the runbook, on CPUs ----------------------------------------------------
+
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("ray", marks=pytest.mark.slow)])
+def test_the_allreduce_bandwidth_check_runs_and_reports_bus_bandwidth(launcher, tmp_path):
+    bench = [str(REPO / "bench" / "allreduce_bandwidth.py"), "--sizes-mb", "0.5", "4", "--iters", "3", "--warmup", "1"]
+    if launcher == "torchrun":
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                *bench]
+    else:  # 2 Ray Train workers on a local Ray, as `ray job submit` runs it on a cluster
+        argv = [sys.executable, *bench, "--ray-workers", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "2 ranks on 1 node(s), backend gloo" in proc.stdout  # the sums were checked on every rank
+    rows = [line.split() for line in proc.stdout.splitlines() if re.match(r"\s+[\d.]+(\s+[\d.e+-]+){3}$", line)]
+    assert [r[0] for r in rows] == ["0.5", "4"]
+    for size, ms, algbw, busbw in (map(float, r) for r in rows):
+        assert ms > 0 and algbw == pytest.approx(size * 2**20 / (ms / 1e3) / 1e9, rel=0.02)
+        assert busbw == pytest.approx(algbw * 2 * (2 - 1) / 2, rel=0.02)  # ring all-reduce: 2(n-1)/n
+    readme = (INFRA / "README.md").read_text()
+    assert "bench/allreduce_bandwidth.py" in readme and "NCCL_DEBUG=INFO" in readme

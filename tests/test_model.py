@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -50,7 +51,7 @@ def test_an_hf_model_loaded_into_ours_gives_the_same_logits_and_loss(tmp_path):
     idx = torch.randint(0, 50257, (3, 32))
     with torch.no_grad():
         out = hf(idx, labels=idx)
-        logits, loss = ours(idx[:, :-1], idx[:, 1:])
+        logits, loss = ours(idx[:, :-1])[0], ours(idx[:, :-1], idx[:, 1:])[1]
     assert torch.allclose(logits[..., :50257], out.logits[:, :-1], atol=1e-5, rtol=0)
     assert abs(loss.item() - out.loss.item()) < 1e-5
     # the round trip writes back exactly the tensors it read
@@ -80,8 +81,8 @@ def test_padded_vocabulary_is_never_predicted_and_adds_no_loss():
     plain.load_state_dict(state)
     idx = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
-        lp, loss_p = padded(idx, idx)
-        lu, loss_u = plain(idx, idx)
+        (lp, _), (_, loss_p) = padded(idx), padded(idx, idx)
+        _, loss_u = plain(idx, idx)
     assert torch.isinf(lp[..., 50257:]).all() and int(lp.argmax(-1).max()) < 50257
     assert torch.allclose(loss_p, loss_u, atol=1e-6)
 
@@ -111,3 +112,50 @@ def test_kv_cache_gives_the_logits_of_a_full_forward_pass():
     assert torch.allclose(cached[..., :50257], full[..., :50257], atol=1e-5)
     with pytest.raises(ValueError, match="beyond the context"):
         model(torch.zeros(1, 49, dtype=torch.long))
+
+
+def full_logits_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The plain computation the chunked loss replaces: every logit in fp32, then cross-entropy."""
+    logits = model(idx)[0]
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
+def grads(model: GPT, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_chunked_loss_and_gradients_equal_the_full_logits_computation():
+    torch.manual_seed(5)
+    model = GPT(TINY)
+    model.lm_head.chunk_rows = 7  # 2 x 30 rows: eight chunks, the last one short
+    idx = torch.randint(0, 50257, (2, 30))
+    targets = torch.randint(0, 50257, (2, 30))
+    targets[0, :5] = -1  # ignored positions add nothing and do not count in the mean
+    chunked = model(idx, targets)[1]
+    plain = full_logits_loss(model, idx, targets)
+    assert abs(chunked.item() - plain.item()) < 1e-6
+    ours, reference = grads(model, chunked * 3), grads(model, plain * 3)  # a non-unit upstream gradient
+    for name, g in reference.items():
+        assert torch.allclose(ours[name], g, atol=1e-6, rtol=1e-5), name  # fp32 rounding: sums in another order
+    assert ours["transformer.wte.weight"][50257:].abs().sum() == 0  # padding rows learn nothing
+
+
+def test_chunked_loss_and_gradients_equal_gpt2lmheadmodel_on_the_same_weights(tmp_path):
+    torch.manual_seed(6)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)).eval()
+    hf.save_pretrained(tmp_path)  # eval(): no dropout; gradients still flow
+    ours = load_hf(tmp_path).eval()
+    ours.lm_head.chunk_rows = 16
+    idx = torch.randint(0, 50257, (3, 32))
+    theirs = hf(idx, labels=idx).loss  # HF shifts the labels itself
+    mine = ours(idx[:, :-1], idx[:, 1:])[1]
+    assert abs(mine.item() - theirs.item()) < 1e-5
+    theirs.backward()
+    mine.backward()
+    hf_grads = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        g = hf_grads[name].grad
+        g = g.t() if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else g  # Conv1D layout
+        assert torch.allclose(p.grad[:g.shape[0]], g, atol=1e-6, rtol=1e-4), name

@@ -140,7 +140,7 @@ def _resolve_hf(name: str, data: DataConfig) -> Source:
     data_files = builder.config.data_files or {}
     if data.hf_split not in data_files:
         raise CorpusError(f"data.hf_split: '{data.hf_split}' not in dataset '{name}' "
-                          f"(splits: {', '.join(data_files) or 'none'})")
+                          f"(splits: {', '.join(map(str, data_files)) or 'none'})")
     files = []
     for url in data_files[data.hf_split]:
         fs, path = storage.filesystem(url)

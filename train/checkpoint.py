@@ -28,7 +28,7 @@ import torch
 
 from pipeline.core import storage
 from pipeline.core.storage import join
-from train.model import GPT, save_hf
+from train.model import save_hf
 
 STATE = "trainer_state.json"
 LATEST = "latest"
@@ -109,7 +109,7 @@ def resolve(path: str) -> str:
 
 # --- saving ---------------------------------------------------------------------------------------
 
-def save(engine, model: GPT, directory: str, state: TrainerState, keep_last: int) -> str:
+def save(engine, model: torch.nn.Module, directory: str, state: TrainerState, keep_last: int) -> str:
     """Write a checkpoint on every rank and commit it on rank 0. Collective: all ranks call it."""
     import torch.distributed as dist
     from deepspeed.checkpoint.constants import (
@@ -126,9 +126,12 @@ def save(engine, model: GPT, directory: str, state: TrainerState, keep_last: int
     with _staged(url) as local:
         engine.save_checkpoint(os.path.join(local, "deepspeed"), tag=DS_TAG, save_latest=False, client_state={
             UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
-        weights = full_state_dict(engine, model)  # collective under ZeRO-3
+        weights = full_state_dict(engine, model, keep=rank == 0)  # collective; only rank 0 keeps a copy
         if rank == 0:
-            save_hf(model, local, state=weights)
+            if hasattr(model, "hf_files"):  # a model with task heads (train/heads.py) writes its own layout
+                model.save_hf(local, state=weights)
+            else:
+                save_hf(model, local, state=weights)
     dist.barrier()  # every rank's files are in place
     if rank == 0:
         storage.write_json(join(url, STATE), {**asdict(state), "saved_at": time.time()})
@@ -138,15 +141,20 @@ def save(engine, model: GPT, directory: str, state: TrainerState, keep_last: int
     return url
 
 
-def full_state_dict(engine, model: GPT) -> dict[str, torch.Tensor]:
-    """fp32 master weights, whole, on CPU (on every rank for ZeRO 0-2; gathered for ZeRO-3)."""
+def full_state_dict(engine, model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """fp32 master weights, whole, on CPU. Collective under ZeRO (every rank takes part in assembling
+    each parameter from the partitions, one parameter at a time); only where keep is set are they
+    copied to the CPU and returned: the other ranks return {} (a 1.5B model is 6.2 GB per copy)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     out = {}
     for name, p in model.named_parameters():
         full = safe_get_full_fp32_param(p) if engine.zero_optimization_stage() > 0 else None
-        out[name] = (full if full is not None else p).detach().float().cpu().clone()
-    out["lm_head.weight"] = out["transformer.wte.weight"]
+        if keep:
+            out[name] = (full if full is not None else p).detach().float().cpu().clone()
+        del full  # the device copy of this one parameter goes now, not at the end
+    if "transformer.wte.weight" in out:  # a bare GPT: its tied head (a task model's trunk is prefixed)
+        out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 
 

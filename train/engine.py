@@ -7,6 +7,9 @@ drift. Precision: bf16 on GPU and fp32 on CPU unless deepspeed.precision says ot
 from __future__ import annotations
 
 import math
+import os
+import socket
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -47,6 +50,7 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         "zero_optimization": zero,
         "bf16": {"enabled": precision(cfg) == "bf16"},
         "fp16": {"enabled": False},
+        **_grad_dtypes(cfg),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # our own metrics report progress
         "wall_clock_breakdown": False,
@@ -54,6 +58,15 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     if load_universal:  # resuming with another number of workers (see train/checkpoint.py)
         ds["checkpoint"] = {"load_universal": True}
     return ds
+
+
+def _grad_dtypes(cfg: Config) -> dict:
+    """Where gradients are summed (over micro-steps) and reduced (over ranks) in bf16 runs: fp32 unless
+    deepspeed.fp32_grads is off. ZeRO-1 then runs DeepSpeed's BF16_Optimizer (an fp32 gradient per
+    parameter), ZeRO-3 accumulates its partition in fp32, and the all-reduce / reduce-scatter moves fp32."""
+    if precision(cfg) != "bf16" or not cfg.deepspeed.fp32_grads:
+        return {}
+    return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -82,15 +95,20 @@ def optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=cfg.cluster.use_gpu)
 
 
-def initialize(cfg: Config, world_size: int, load_universal: bool = False):
-    """The DeepSpeed engine around a freshly initialised GPT (seeded by run.seed)."""
+def initialize(cfg: Config, world_size: int, load_universal: bool = False, model: nn.Module | None = None):
+    """The DeepSpeed engine around `model`, by default a freshly initialised GPT (seeded by run.seed).
+    engine.gpt_params: the parameters without the position embedding (as FLOPs count them), counted
+    here because ZeRO-3 partitions them in deepspeed.initialize (numel() 0 afterwards)."""
     import deepspeed
 
-    torch.manual_seed(cfg.run.seed)
-    model = GPT(gpt_config(cfg))
-    model.activation_checkpointing = cfg.deepspeed.activation_checkpointing
+    if model is None:
+        torch.manual_seed(cfg.run.seed)
+        model = GPT(gpt_config(cfg))
+        model.activation_checkpointing = cfg.deepspeed.activation_checkpointing
+    n_params = sum(p.numel() for p in model.parameters()) - model.config.block_size * model.config.n_embd
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer(model, cfg),
                                            config=deepspeed_config(cfg, world_size, load_universal))
+    engine.gpt_params = n_params
     if cfg.deepspeed.compile:
         engine.compile()
     return engine
@@ -99,6 +117,68 @@ def initialize(cfg: Config, world_size: int, load_universal: bool = False):
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def local_process_group(backend: str) -> None:
+    """This process alone as the whole world (tests, bench/gpu.py): no Ray Train, no launcher."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+# --- the training step --------------------------------------------------------------------------------
+
+def train_step(engine, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+               device: torch.device) -> tuple[torch.Tensor, float | None]:
+    """One optimizer step over this rank's micro-batches (CPU tensors (B, T), inputs and targets).
+    Returns the sum of the micro-batch losses (on the device: no host sync) and the gradient norm
+    (None where DeepSpeed reports none). The forward returns no logits with targets, so none are held
+    through backward."""
+    accum = engine.gradient_accumulation_steps()
+    loss_sum = torch.zeros((), device=device)
+    grad_norm = None
+    for micro, (x, y) in enumerate(on_device(batches, device)):
+        loss = engine(x, y)[1]
+        engine.backward(loss)
+        if micro == accum - 1 and engine.zero_optimization_stage() == 0:
+            grad_norm = _grad_norm(engine.module)  # ZeRO-0 does not report it; gradients are reduced now
+        engine.step()
+        loss_sum += loss.detach().float()
+    if grad_norm is None:
+        norm = engine.get_global_grad_norm()
+        grad_norm = None if norm is None else float(norm)
+    return loss_sum, grad_norm
+
+
+def on_device(batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The batches on the device. On a GPU each is pinned and its copy queued one batch ahead
+    (non_blocking from pinned memory does not wait), so the next batch is on its way while the current
+    one computes; on a CPU they pass through."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    ahead = None
+    for batch in batches:
+        nxt = tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+        if ahead is not None:
+            yield ahead
+        ahead = nxt
+    if ahead is not None:
+        yield ahead
+
+
+def _grad_norm(model: nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 # --- FLOPs and MFU ---------------------------------------------------------------------------------
@@ -116,6 +196,14 @@ def flops_per_token(config: GPTConfig, seq_len: int, n_params: int) -> float:
     embedding, L layers, H heads of size Q, T the sequence length."""
     head = config.n_embd // config.n_head
     return 6 * n_params + 12 * config.n_layer * config.n_head * head * seq_len
+
+
+def mfu(engine, cfg: Config, step_time: float, peak: float | None, world: int) -> float | None:
+    """Model FLOPs utilisation of one optimizer step (None without a peak figure for the device)."""
+    if not peak:
+        return None
+    per_step = flops_per_token(engine.module.config, cfg.batch.seq_len, engine.gpt_params) * cfg.batch.tokens_per_step
+    return per_step / step_time / (peak * world)
 
 
 def peak_flops(device: torch.device) -> float | None:

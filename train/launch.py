@@ -8,6 +8,7 @@ cluster.max_failures times, and the workers resume from the last committed check
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.core import cluster, storage
@@ -44,6 +45,15 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
     if existing:
         print(f"train: resuming from {existing}", flush=True)
 
+    cluster.connect(cfg)  # before the object store holds the HellaSwag items
+    out = fit(cfg, _worker, {"config": cfg.model_dump(), "tracking": tracking, "hellaswag": _hellaswag(cfg)}, "train")
+    return TrainResult(out["checkpoint"], out["step"], out["loss"], out["tokens"], out["nodes"])
+
+
+def fit(cfg: Config, worker: Callable[[dict], dict], payload: dict, name: str) -> dict:
+    """Run worker(payload) on cluster.num_workers Ray Train workers (restarted up to cluster.max_failures
+    times); rank 0's return value. The worker resumes from its own checkpoints in cfg.checkpoint_dir;
+    when their worker count differs from this run's, they are converted to a universal checkpoint first."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -51,29 +61,29 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
     cluster.connect(cfg)
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
+    existing = checkpoint.latest(cfg.checkpoint_dir)
     if existing and checkpoint.TrainerState.read(existing).world_size != c.num_workers:
         # once, in a task of its own, so no rank converts while the others wait on a collective's timeout
         print(f"train: converting {existing} to a universal checkpoint for {c.num_workers} worker(s)", flush=True)
         ray.get(ray.remote(_to_universal).options(num_cpus=c.cpus_per_worker).remote(existing))
     ray_dir = join(cfg.run_dir, "ray")
     trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"config": cfg.model_dump(), "tracking": tracking, "hellaswag": _hellaswag(cfg)},
+        worker,
+        train_loop_config=payload,
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=c.placement_strategy),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=os.path.abspath(ray_dir) if storage.is_local(ray_dir) else ray_dir,
+            name=name, storage_path=os.path.abspath(ray_dir) if storage.is_local(ray_dir) else ray_dir,
             failure_config=ray.train.FailureConfig(max_failures=c.max_failures)),
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
-        raise TrainingFailed(f"training failed (after {c.max_failures} automatic restarts); it resumes from "
+        raise TrainingFailed(f"{name} failed (after {c.max_failures} automatic restarts); it resumes from "
                              f"its last checkpoint with --resume. Cause: {err}") from err
-    out = result.return_value
-    return TrainResult(out["checkpoint"], out["step"], out["loss"], out["tokens"], out["nodes"])
+    return result.return_value
 
 
 def _hellaswag(cfg: Config):

@@ -97,23 +97,29 @@ def _engine(cfg: Config, rank: int, world: int, run_id: str | None):
     """The DeepSpeed engine and the trainer state: from the latest committed checkpoint when there is one
     (through its universal checkpoint, converted by the launcher, when the number of workers changed),
     else fresh."""
-    import torch.distributed as dist
-
     state = TrainerState(world_size=world, zero_stage=cfg.deepspeed.zero_stage,
                          manifest_sha256=manifest_hash(cfg.data_dir), run_id=run_id)
+    return engine_and_state(cfg, rank, world, state)
+
+
+def engine_and_state(cfg: Config, rank: int, world: int, state: TrainerState, model: torch.nn.Module | None = None):
+    """The DeepSpeed engine around model (default: a fresh GPT) and the trainer state, resumed from the latest
+    committed checkpoint in cfg.checkpoint_dir when there is one. state.manifest_sha256 names the data."""
+    import torch.distributed as dist
+
     # one decision per job: rank 0 picks the checkpoint and every rank loads that one, even if another
     # is committed meanwhile or a rank's listing of object storage lags
     chosen = [checkpoint.latest(cfg.checkpoint_dir) if rank == 0 else None]
     dist.broadcast_object_list(chosen, src=0)
     resume_from = chosen[0]
     if not resume_from:
-        return engines.initialize(cfg, world), state
+        return engines.initialize(cfg, world, model=model), state
     saved = TrainerState.read(resume_from)
     _check_resumable(saved, state, cfg, resume_from)
-    engine = engines.initialize(cfg, world, load_universal=saved.world_size != world)
+    engine = engines.initialize(cfg, world, load_universal=saved.world_size != world, model=model)
     checkpoint.load(engine, resume_from, saved, world)
     _say(rank, f"resumed from {resume_from} at step {saved.step} ({saved.sequences} sequences consumed)")
-    return engine, TrainerState(**{**saved.__dict__, "world_size": world, "run_id": saved.run_id or run_id})
+    return engine, TrainerState(**{**saved.__dict__, "world_size": world, "run_id": saved.run_id or state.run_id})
 
 
 def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: int, device: torch.device,
@@ -126,7 +132,6 @@ def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: 
                     if cfg.eval.interval else (None, None))
     global_batch = b.tokens_per_step // b.seq_len
     accum = engine.gradient_accumulation_steps()
-    flops_per_step = engines.flops_per_token(model.config, b.seq_len, model.num_params(embeddings=False)) * b.tokens_per_step
     peak = engines.peak_flops(device)
     started, steps_at_start = time.perf_counter(), state.step
 
@@ -135,19 +140,11 @@ def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: 
         torch.manual_seed(step_seed(cfg.run.seed, state.step, rank))
         lr = engines.lr_at(state.step, cfg)
         engines.set_lr(engine, lr)
-        loss_sum = torch.zeros((), device=device)
-        grad_norm = None
-        for micro in range(accum):
-            x, y = loader.micro_batch(state.sequences, global_batch, rank, world, micro, b.micro_batch_size)
-            _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            engine.backward(loss)
-            if micro == accum - 1 and engine.zero_optimization_stage() == 0:
-                grad_norm = _grad_norm(model)  # ZeRO-0 does not report it; gradients are reduced now
-            engine.step()
-            loss_sum += loss.detach().float()
+        batches = (loader.micro_batch(state.sequences, global_batch, rank, world, micro, b.micro_batch_size)
+                   for micro in range(accum))
+        loss_sum, grad_norm = engines.train_step(engine, batches, device)
         dist.all_reduce(loss_sum)
         state.loss = loss_sum.item() / (accum * world)  # the global batch's mean loss
-        grad_norm = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
         state.step += 1
         state.sequences += global_batch
         state.tokens += b.tokens_per_step
@@ -156,7 +153,7 @@ def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: 
         metrics.log({"train/loss": state.loss, "train/lr": lr,
                      "train/grad_norm": None if grad_norm is None else float(grad_norm),
                      "train/tokens_per_s": b.tokens_per_step / step_time,
-                     "train/mfu": flops_per_step / step_time / (peak * world) if peak else None,
+                     "train/mfu": engines.mfu(engine, cfg, step_time, peak, world),
                      "train/step_time_s": step_time, "train/memory_gb": _memory_gb(device),
                      "train/eta_s": eta, "train/tokens_seen": state.tokens,
                      "train/epoch": loader.order.locate(state.sequences)[0]}, state.step)
@@ -186,11 +183,6 @@ def _system_metrics(tracking: dict, node: int):
                                    tracking_uri=tracking["uri"])
     monitor.start()
     return monitor
-
-
-def _grad_norm(model: torch.nn.Module) -> float:
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _memory_gb(device: torch.device) -> float:

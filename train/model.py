@@ -111,6 +111,69 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of x @ weight.T against targets, chunk_rows rows at a time.
+
+    The full logits of a training micro-batch are large (gpt2-124m at 64 x 1024: 6.6 GB in bf16, 13 GB
+    in fp32, more again for log-softmax and its gradient); here only one chunk of them exists at a time,
+    in fp32. The gradients are computed in the same pass (softmax minus one-hot, over the count of
+    targets that are not -1), so backward only scales them: nothing of the chunk is kept, and no
+    second matmul recomputes it. The weight's gradient is accumulated over the chunks in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size: int, chunk_rows: int):  # x (N, C), weight (V, C), targets (N,)
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        valid = targets != -1
+        count = valid.sum().to(torch.float32)  # a tensor: no host sync
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if want_x else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_w else None
+        for lo in range(0, x.shape[0], chunk_rows):
+            xc, tc, vc = x[lo:lo + chunk_rows], targets[lo:lo + chunk_rows], valid[lo:lo + chunk_rows]
+            logits = (xc @ weight.t()).float()  # (n, V): the one chunk of logits
+            logits[:, vocab_size:] = float("-inf")  # padding rows are never predicted
+            lse = torch.logsumexp(logits, dim=-1)
+            index = tc.clamp(min=0)[:, None]
+            loss += ((lse - logits.gather(1, index)[:, 0]) * vc).sum()
+            if want_x or want_w:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad.scatter_add_(1, index, -vc[:, None].to(grad.dtype))
+                grad = grad.mul_(vc[:, None] / count).to(x.dtype)  # (n, V), in the dtype autograd would use
+                if want_x:
+                    grad_x[lo:lo + chunk_rows] = grad @ weight
+                if want_w:
+                    grad_w += grad.t() @ xc
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return (None if grad_x is None else grad_x * grad_loss.to(grad_x.dtype),
+                None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None)
+
+
+class LMHead(nn.Module):
+    """The output layer: logits, or the loss computed chunk by chunk without the logits of the batch.
+    A module of its own (not a bare use of the embedding) so that ZeRO-3 gathers its weight around it."""
+
+    def __init__(self, config: GPTConfig, chunk_rows: int = 4096):
+        super().__init__()
+        self.vocab_size, self.chunk_rows = config.vocab_size, chunk_rows
+        self.weight = nn.Parameter(torch.empty(config.padded_vocab_size, config.n_embd))  # tied by GPT
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is not None:  # x (B, T, C), targets (B, T) -> mean loss
+            return ChunkedCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1),
+                                             self.vocab_size, self.chunk_rows)
+        logits = F.linear(x, self.weight)  # (B, T, V)
+        if logits.size(-1) > self.vocab_size:
+            logits[..., self.vocab_size:] = float("-inf")  # padding rows are never predicted
+        return logits
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -123,7 +186,7 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = LMHead(config)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
 
@@ -141,21 +204,18 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.transformer.wpe.weight.numel()
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx, targets: (B, T) token ids; targets of -1 are ignored. Returns logits (B, T, V) and the
-        mean cross-entropy (None without targets).
-
-        For scoring several continuations of one context in one sequence: positions (B, T) replaces
-        0..T-1, mask (B, T, T) (True: may attend) replaces the causal mask, and logits_at (B, K)
-        computes the logits only at those positions, giving (B, K, V).
-        """
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk: GPT-2 without its LM head. idx (B, T) -> the final LayerNorm's output (B, T, C),
+        what task heads (train/heads.py) and the LM head read."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if positions is None:
+            # Python ints: a tensor check here would block on the device every forward pass.
+            if start + T > self.config.block_size:
+                raise ValueError(f"position {start + T - 1} is beyond the context of {self.config.block_size}")
             positions = torch.arange(start, start + T, device=idx.device)  # (T,)
-        if int(positions.max()) >= self.config.block_size:
+        elif int(positions.max()) >= self.config.block_size:  # explicit positions come from eval only
             raise ValueError(f"position {int(positions.max())} is beyond the context of {self.config.block_size}")
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
@@ -165,16 +225,25 @@ class GPT(nn.Module):
                 x = block(x, cache, i, mask)
         if cache is not None:
             cache.length += T
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx, targets: (B, T) token ids; targets of -1 are ignored. Returns (logits (B, T, V), None)
+        without targets, and (None, mean cross-entropy) with them: the loss never materialises the
+        logits of the whole batch (see LMHead).
+
+        For scoring several continuations of one context in one sequence: positions (B, T) replaces
+        0..T-1, mask (B, T, T) (True: may attend) replaces the causal mask, and logits_at (B, K)
+        computes the logits only at those positions, giving (B, K, V).
+        """
+        x = self.hidden_states(idx, cache, positions, mask)
+        if targets is not None:
+            return None, self.lm_head(x, targets)
         if logits_at is not None:
             x = x.gather(1, logits_at[..., None].expand(-1, -1, x.size(-1)))  # (B, K, C)
-        logits = self.lm_head(x)  # (B, T or K, V)
-        if self.config.padded_vocab_size > self.config.vocab_size:
-            logits[..., self.config.vocab_size:] = float("-inf")  # padding rows are never predicted
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return self.lm_head(x), None
 
 
 # --- Hugging Face GPT-2 checkpoints: config.json + model.safetensors ----------------------------------

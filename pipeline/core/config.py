@@ -142,6 +142,11 @@ class DeepSpeedConfig(_Section):
     offload_optimizer: bool = False  # optimizer states in CPU memory (ZeRO >= 1): less GPU memory, slower steps
     offload_params: bool = False  # weights in CPU memory (ZeRO-3 only)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # bf16 runs: sum micro-step gradients and reduce them over ranks in fp32 (true), or in bf16 (false:
+    # half the gradient memory and traffic, but 8 mantissa bits lose small gradients in long sums).
+    # Cost of true: ZeRO-1 keeps 4 more bytes per parameter (an fp32 gradient beside the bf16 one),
+    # ZeRO-3 4 bytes per parameter of its partition, and gradient communication doubles.
+    fp32_grads: bool = True
     activation_checkpointing: bool = False  # recompute each block in backward: ~1/3 more compute, far less memory
     compile: bool = False  # torch.compile the model inside the DeepSpeed engine
 
@@ -220,6 +225,72 @@ class ClusterConfig(_Section):
         return self
 
 
+class FinetuneHeadConfig(_Section):
+    """One named head of a multi-task fine-tune (finetune.head=multi)."""
+
+    head: Literal["classification", "regression", "token_classification"] = "classification"  # what it predicts
+    num_labels: int = 2  # classes (regression: 1 output)
+    label_field: str = "label"  # the record field holding this head's label
+    weight: float = 1.0  # factor of this head's loss in the summed loss
+
+
+class FinetuneConfig(_Section):
+    """Task heads on the pretrained trunk (train/heads.py) and the fine-tune stage (train/finetune.py)."""
+
+    task: str | None = None  # training data: JSONL/Parquet file, directory or glob (local or URL), or hf:OWNER/NAME
+    eval_task: str | None = None  # held-out data in its own file(s); default: a held-out part of `task`
+    format: Literal["auto", "jsonl", "parquet"] = "auto"  # how task files are read (auto: by suffix)
+    hf_config: str | None = None  # configuration of a hf: dataset (e.g. sst2 of nyu-mll/glue)
+    hf_revision: str | None = None  # git revision of a hf: dataset
+    train_split: str = "train"  # split of a hf: dataset trained on
+    eval_split: str = "validation"  # split of a hf: dataset scored as the held-out set
+    eval_fraction: float = 0.1  # files without eval_task: share of examples held out, picked by a hash of the text
+    # classification: one label per text; regression: one number; token_classification: one label per word
+    # (the text field is then a list of words); multi: the named heads of finetune.heads
+    head: Literal["classification", "regression", "token_classification", "multi"] = "classification"
+    num_labels: int = 2  # classes of a classification or token-classification head (regression: 1 output, ignored)
+    text_fields: list[str] = ["text"]  # record fields that make the input; several (a pair) are joined by newlines
+    label_field: str = "label"  # record field holding the label
+    heads: dict[str, FinetuneHeadConfig] = {}  # head=multi: head name -> its kind, labels, label field, loss weight
+    classifier_dropout: float = 0.1  # dropout before a token-classification head (transformers' default)
+    pad_token_id: int = 50256  # pads a batch on the right; sequence heads pool at the last other token
+    max_len: int = 128  # tokens per example; longer ones are truncated (and counted)
+    batch_size: int = 32  # examples per optimizer step, over all workers
+    micro_batch_size: int = 8  # examples per worker per forward pass
+    lr: float = 5e-5  # peak learning rate (AdamW, linear warm-up, cosine decay as train.*)
+    warmup_steps: int = 0  # linear warm-up steps
+    max_steps: int = 1000  # optimizer steps
+    weight_decay: float = 0.0  # on 2-D weights
+    checkpoint_interval: int = 200  # steps between checkpoints (and one at the end)
+    output: str | None = None  # checkpoints, metrics, results; default: <run dir>/finetune
+    checkpoint: str | None = None  # pretrained model to start from (as --ckpt); pipeline default: its final checkpoint
+    registered_model: str = "gpt2-pipeline-finetuned"  # MLflow registry name of the fine-tuned model
+
+    @field_validator("text_fields", mode="before")
+    @classmethod
+    def _one_field_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneConfig:
+        _require(bool(self.text_fields), "finetune.text_fields", "must name at least one field")
+        _require(self.head == "regression" or self.head == "multi" or self.num_labels >= 2, "finetune.num_labels",
+                 "must be >= 2")
+        _require(self.head != "multi" or bool(self.heads), "finetune.heads", "finetune.head=multi needs named heads")
+        for name, h in self.heads.items():
+            _require(h.num_labels >= 2 or h.head == "regression", f"finetune.heads.{name}.num_labels",
+                     "must be >= 2 (regression: ignored)")
+            _require(h.weight >= 0, f"finetune.heads.{name}.weight", "must be >= 0")
+        _require(0.0 < self.eval_fraction < 1.0, "finetune.eval_fraction", "must be in (0, 1)")
+        _require(0.0 <= self.classifier_dropout < 1.0, "finetune.classifier_dropout", "must be in [0, 1)")
+        for key in ("max_len", "batch_size", "micro_batch_size", "max_steps", "checkpoint_interval"):
+            _require(getattr(self, key) > 0, f"finetune.{key}", "must be positive")
+        _require(self.lr > 0, "finetune.lr", "must be positive")
+        _require(0 <= self.warmup_steps <= self.max_steps, "finetune.warmup_steps",
+                 f"({self.warmup_steps}) must be between 0 and finetune.max_steps ({self.max_steps})")
+        return self
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -232,9 +303,14 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        f = self.finetune
+        _require(not f.task or f.batch_size % (f.micro_batch_size * self.cluster.num_workers) == 0,
+                 "finetune.batch_size", f"({f.batch_size}) must be a multiple of finetune.micro_batch_size x "
+                 f"cluster.num_workers = {f.micro_batch_size} x {self.cluster.num_workers}")
         b = self.batch
         for key in ("tokens_per_step", "micro_batch_size", "seq_len"):
             _require(getattr(b, key) > 0, f"batch.{key}", "must be positive")
@@ -265,6 +341,10 @@ class Config(_Section):
         return join(self.run_dir, "eval")
 
     @property
+    def finetune_dir(self) -> str:
+        return self.finetune.output or join(self.run_dir, "finetune")
+
+    @property
     def metrics_url(self) -> str:
         """Every logged training metric as JSON lines: the run's record, in the run directory."""
         return join(self.run_dir, "metrics.jsonl")
@@ -283,7 +363,9 @@ class Config(_Section):
         against output_base() (not Ray's temporary copy of a job's working directory), inputs against
         the working directory."""
         def absolute(path: str | None, base: str) -> str | None:
-            return path if path is None or "://" in path else os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+            if path is None or "://" in path or path.startswith(("hf:", "models:")):
+                return path
+            return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
         out, here = output_base(), os.getcwd()
         return self.model_copy(update={
@@ -292,6 +374,10 @@ class Config(_Section):
             "checkpoint": self.checkpoint.model_copy(update={"dir": absolute(self.checkpoint.dir, out)}),
             "eval": self.eval.model_copy(update={"hellaswag": self.eval.hellaswag if self.eval.hellaswag in
                                                  (None, "official", "smoke") else absolute(self.eval.hellaswag, here)}),
+            "finetune": self.finetune.model_copy(update={"task": absolute(self.finetune.task, here),
+                                                         "eval_task": absolute(self.finetune.eval_task, here),
+                                                         "checkpoint": absolute(self.finetune.checkpoint, here),
+                                                         "output": absolute(self.finetune.output, out)}),
         })
 
     def flat(self) -> dict[str, Any]:

@@ -1,0 +1,131 @@
+"""The training step in one process (no Ray): MFU under ZeRO-3, bf16 with fp32 gradients across ZeRO
+stages against an fp32 reference, the GPU-side settings derived for DeepSpeed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.core.config import load_config
+from train import engine as engines
+from train.model import GPT
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    engines.local_process_group("gloo")
+
+
+def tiny(*overrides: str):
+    """2 layers x 64 wide, 4 micro-batches of 4 x 32 tokens per step (gradient accumulation 4)."""
+    return load_config("smoke", ["batch.seq_len=32", "batch.micro_batch_size=4", "batch.tokens_per_step=512",
+                                 "train.warmup_steps=0", "train.lr=1e-3", *overrides])
+
+
+def accum(cfg) -> int:
+    return cfg.batch.tokens_per_step // (cfg.batch.micro_batch_size * cfg.batch.seq_len)
+
+
+def batches(cfg, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(step)
+    b = cfg.batch
+    out = []
+    for _ in range(accum(cfg)):
+        seq = torch.randint(0, 50257, (b.micro_batch_size, b.seq_len + 1), generator=g)
+        out.append((seq[:, :-1], seq[:, 1:]))
+    return out
+
+
+def run(cfg, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses of `steps` optimizer steps through the trainer's step code, and the final fp32 weights."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    engine = engines.initialize(cfg, world_size=1)
+    losses = []
+    for step in range(steps):
+        engines.set_lr(engine, engines.lr_at(step, cfg))
+        loss_sum, _ = engines.train_step(engine, batches(cfg, step), torch.device("cpu"))
+        losses.append(loss_sum.item() / accum(cfg))
+    weights = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+    return losses, weights
+
+
+def test_bf16_runs_sum_and_reduce_gradients_in_fp32_by_default():
+    ds = engines.deepspeed_config(load_config("gpt2-124m"), world_size=8)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    off = engines.deepspeed_config(load_config("gpt2-124m", ["deepspeed.fp32_grads=false"]), world_size=8)
+    assert "data_types" not in off and "communication_data_type" not in off
+    assert "data_types" not in engines.deepspeed_config(load_config("smoke"), world_size=1)  # fp32 runs
+
+
+def test_zero3_reports_the_mfu_of_zero1_for_the_same_model_and_step_time(process_group):
+    zero1 = engines.initialize(tiny("deepspeed.zero_stage=1"), world_size=1)
+    zero3 = engines.initialize(tiny("deepspeed.zero_stage=3"), world_size=1)
+    with torch.device("meta"):
+        n = GPT(zero1.module.config).num_params(embeddings=False)
+    assert zero3.module.num_params(embeddings=False) < n / 100  # the bug: partitioned parameters count 0
+    cfg = tiny()
+    expected = engines.flops_per_token(zero1.module.config, 32, n) * 512 / 0.5 / 989e12
+    for engine in (zero1, zero3):
+        assert engines.mfu(engine, cfg, step_time=0.5, peak=989e12, world=1) == pytest.approx(expected, rel=1e-12)
+    assert engines.mfu(zero1, cfg, 0.5, None, 1) is None
+
+
+def distance(a: dict, b: dict) -> float:
+    return float(torch.cat([(a[n] - b[n]).flatten() for n in a]).norm())
+
+
+@pytest.mark.slow
+def test_bf16_with_fp32_gradients_agrees_across_zero_stages_and_with_fp32(process_group):
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    fp32 = tiny("deepspeed.zero_stage=1", "deepspeed.precision=fp32")
+    initial = run(fp32, 0)[1]
+    reference, ref_weights = run(fp32, 3)
+    update = distance(ref_weights, initial)  # how far 3 fp32 steps move the weights
+    results = {stage: run(tiny(f"deepspeed.zero_stage={stage}", "deepspeed.precision=bf16"), 3) for stage in (1, 2, 3)}
+    for stage, (losses, weights) in results.items():
+        assert losses == pytest.approx(reference, rel=1e-3), stage  # bf16 forward, fp32 loss
+        assert losses[-1] < losses[0], stage
+        assert distance(weights, ref_weights) < 0.05 * update, stage  # measured: 2.3% (bf16 forward/backward)
+        assert distance(weights, results[1][1]) < 0.01 * update, stage  # measured: 0 (ZeRO-2), 0.4% (ZeRO-3)
+    engine = engines.initialize(tiny("deepspeed.zero_stage=1", "deepspeed.precision=bf16"), world_size=1)
+    assert isinstance(engine.optimizer, BF16_Optimizer)  # ZeRO-1's fp32-gradient path, not bf16 sums
+
+
+def test_only_the_keeping_rank_builds_the_full_fp32_copy_and_it_is_the_master_weights(process_group):
+    from train.checkpoint import full_state_dict
+
+    cfg = tiny("deepspeed.zero_stage=3")
+    engine = engines.initialize(cfg, world_size=1)
+    engines.train_step(engine, batches(cfg, 0), torch.device("cpu"))  # master weights move off the init
+    kept, dropped = full_state_dict(engine, engine.module), full_state_dict(engine, engine.module, keep=False)
+    assert dropped == {}
+    assert set(kept) == {n for n, _ in engine.module.named_parameters()} | {"lm_head.weight"}
+    torch.manual_seed(cfg.run.seed)
+    initial = GPT(engine.module.config)
+    assert (kept["transformer.h.0.mlp.c_fc.weight"] - initial.transformer.h[0].mlp.c_fc.weight).abs().max() > 1e-4
+    assert kept["transformer.wte.weight"].shape == (50304, 64) and kept["lm_head.weight"] is kept["transformer.wte.weight"]
+
+
+@pytest.mark.slow
+def test_compiled_engine_gives_the_eager_losses_and_gradients(process_group):
+    # deepspeed.compile=true: torch.compile (inductor; on CPU it builds C++ with gcc) inside the engine
+    from deepspeed.utils import safe_get_full_grad
+
+    results = []
+    for compiled in (False, True):
+        cfg = tiny("model.n_layer=1", "batch.tokens_per_step=128", f"deepspeed.compile={str(compiled).lower()}")
+        engine = engines.initialize(cfg, world_size=1)
+        assert engine.is_compiled == compiled
+        x, y = batches(cfg, 0)[0]
+        first = engine(x, y)[1]
+        engine.backward(first)
+        grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+        engine.step()  # one micro-batch per step (no accumulation)
+        loss_sum, _ = engines.train_step(engine, batches(cfg, 1), torch.device("cpu"))
+        results.append((first.item(), grads, loss_sum.item()))
+    (eager_loss, eager_grads, eager_next), (loss, grads, following) = results
+    assert loss == pytest.approx(eager_loss, rel=1e-6) and following == pytest.approx(eager_next, rel=1e-5)
+    for name, g in eager_grads.items():
+        assert torch.allclose(grads[name], g, atol=1e-6, rtol=1e-4), name

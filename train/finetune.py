@@ -1,0 +1,54 @@
+"""Fine-tune a pretrained GPT-2 with task heads, on DeepSpeed ZeRO under Ray Train.
+
+    python train/finetune.py --ckpt SPEC --task SOURCE [--eval-task SOURCE] [--config PRESET] [--resume]
+                             [finetune.key=value ...]
+
+--ckpt: what eval/run.py --ckpt takes (a checkpoint of ours or its directory, local or on object storage;
+a DeepSpeed or Hugging Face directory; hf:NAME), or a registered model: models:/gpt2-pipeline@best.
+--task: JSONL/Parquet file(s) or hf:OWNER/NAME (finetune.hf_config, train_split, eval_split); the fields
+are finetune.text_fields and finetune.label_field, the head finetune.head (classification, regression,
+token_classification, multi) with finetune.num_labels. Output: finetune.output (default
+<run dir>/finetune); metrics go to MLflow under the checkpoint's lineage and the result is registered
+as finetune.registered_model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.core.config import ConfigError, load_config
+from train import launch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train/finetune.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="starting checkpoint (as eval/run.py --ckpt) or models:/NAME@ALIAS")
+    parser.add_argument("--task", help="task data: JSONL/Parquet path or hf:NAME (finetune.task)")
+    parser.add_argument("--eval-task", help="held-out data (finetune.eval_task; default: a held-out part of --task)")
+    parser.add_argument("--config", default="smoke", help="preset name or YAML path (default: smoke)")
+    parser.add_argument("--resume", action="store_true", help="continue the fine-tune in finetune.output")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    # the driver above the trainer: it reads any checkpoint (eval's loader) and writes the MLflow lineage
+    from pipeline import finetune
+    from train.checkpoint import CheckpointError
+    from train.heads import HeadMismatch
+    from train.tasks import TaskError
+
+    values = {"finetune.task": args.task, "finetune.eval_task": args.eval_task}
+    try:
+        cfg = load_config(args.config, args.overrides, {k: v for k, v in values.items() if v is not None})
+        summary = finetune.run(cfg, args.ckpt, resume=args.resume)
+    except (ConfigError, CheckpointError, HeadMismatch, TaskError, launch.TrainingFailed) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
+    print(f"finetune: done at step {summary['step']}, loss {summary['loss']:.4f}; held out: {scores}; "
+          f"checkpoint {summary['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
