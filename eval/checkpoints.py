@@ -66,6 +66,8 @@ def _fetch(url: str) -> str:
     try:
         step = trainer_checkpoint.resolve(url)
     except CheckpointError:
+        if any(trainer_checkpoint.is_step_name(n) for n in storage.listdir(url)):
+            raise  # a checkpoint directory of ours with nothing committed in it: say so, naming the URL
         return storage.local_copy(url)  # a Hugging Face or DeepSpeed directory: all of it
     return storage.local_copy(step, keep=lambda rel: "/" not in rel)
 

@@ -17,6 +17,7 @@ import sys
 from eval import suite
 from eval.checkpoints import CheckpointError
 from eval.hellaswag import HellaSwagError
+from pipeline.core import storage
 from pipeline.core.config import DEFAULT_PRESET, ConfigError, load_config, preset_line
 from tokenization.shards import ShardError
 from tokenization.tokenizer import TokenizerUnavailable
@@ -56,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     print(preset_line(a.config), flush=True)
     try:
         cfg = load_config(a.config or DEFAULT_PRESET, a.overrides, values)
+        if not a.ckpt.startswith("hf:"):
+            storage.check(a.ckpt, write=False)
         suite.run(cfg, a.ckpt, a.output, data=not a.no_val, workers=a.workers, device=a.device)
-    except (ConfigError, CheckpointError, HellaSwagError, ShardError, TokenizerUnavailable, ValueError) as err:
+    except (ConfigError, storage.StorageError, CheckpointError, HellaSwagError, ShardError, TokenizerUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -22,11 +22,12 @@ RUN_DIR_TAG, STAGE_TAG, PARENT_TAG = "gpt2.run_dir", "gpt2.stage", "mlflow.paren
 DEFAULT_URI = "sqlite:///mlflow.db"
 
 
-def tracking_uri(configured: str | None) -> str:
-    """$MLFLOW_TRACKING_URI, else the config's, else ./mlflow.db; a relative SQLite path made absolute."""
+def tracking_uri(configured: str | None, base: str | None = None) -> str:
+    """$MLFLOW_TRACKING_URI, else the config's, else mlflow.db; a relative SQLite path made absolute
+    against base (default: the working directory)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        uri = "sqlite:///" + os.path.join(base or os.getcwd(), uri[len("sqlite:///"):])
     return uri
 
 

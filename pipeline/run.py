@@ -1,10 +1,11 @@
 """The pipeline: corpus -> shards -> trainer -> checkpoint -> eval -> registered model, one MLflow lineage.
 
-    python pipeline/run.py [--config PRESET] [--stages tokenize,train,eval,register] [--force STAGE]...
+    python pipeline/run.py [--config PRESET] [--stages tokenize,train,eval,register[,finetune]] [--force STAGE]... [--plan]
                            [section.key=value ...]
     ray job submit --working-dir . -- python pipeline/run.py --config gpt2-124m
 
 With no arguments: the `smoke` preset on the built-in corpus, a local Ray, MLflow in ./mlflow.db.
+The optional `finetune` stage puts task heads on the final checkpoint (finetune.* in the config).
 Under `ray job submit` it joins the cluster ($RAY_ADDRESS). Every stage skips what is complete, so
 submitting the same run name again continues: tokenization is reused, training resumes.
 """
@@ -12,13 +13,15 @@ submitting the same run name again continues: tokenization is reused, training r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from pipeline import lineage, stages
-from pipeline.core import cluster
-from pipeline.core.config import ConfigError, load_config, preset_line
+from pipeline.core import cluster, storage
+from pipeline.core.config import HOME_ENV, ConfigError, in_ray_package_cache, load_config, output_base, preset_line
 from pipeline.core.progress import format_duration
+from train import plan
 
 EMBEDDED = "smoke"  # what `python pipeline/run.py` runs with no arguments
 
@@ -28,19 +31,25 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help=f"preset name or YAML path (default: {EMBEDDED}: the built-in corpus, "
                                          "CPU-sized; a stage's own command defaults to production sizes)")
-    parser.add_argument("--stages", default=",".join(stages.STAGES), help="comma-separated stages to run, in order")
-    parser.add_argument("--force", action="append", default=[], choices=stages.STAGES, metavar="STAGE",
+    parser.add_argument("--stages", default=",".join(stages.STAGES),
+                        help=f"comma-separated stages to run, in order (optional: {', '.join(stages.OPTIONAL)})")
+    parser.add_argument("--force", action="append", default=[], choices=list(stages.ALL), metavar="STAGE",
                         help="redo this stage even if it is complete (repeatable)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the training memory and cost plan (no Ray, no model); exit 2 if it does not fit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     selected = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = [s for s in selected if s not in stages.STAGES]
+    unknown = [s for s in selected if s not in stages.ALL]
     if unknown:
-        parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stages.STAGES)}")
+        parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stages.ALL)}")
     print(preset_line(args.config, EMBEDDED), flush=True)
     try:
         cfg = load_config(args.config or EMBEDDED, args.overrides).with_absolute_paths()
-    except ConfigError as err:
+        if args.plan:
+            print(plan.check(cfg, args.config or EMBEDDED).report(args.config or EMBEDDED))
+            return 0
+    except (ConfigError, plan.PlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return run(cfg, selected, set(args.force))
@@ -48,9 +57,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg, selected: list[str], force: set[str]) -> int:
     started = time.time()
-    cluster.connect()
-    ray_start = time.time() - started
-    uri = lineage.tracking_uri(cfg.tracking.uri)
+    if in_ray_package_cache():  # see README, "Run it on a cluster": outputs must outlive Ray's copy of the checkout
+        os.makedirs(output_base(), exist_ok=True)
+        print(f"pipeline: running in Ray's copy of the working directory ({os.getcwd()}), which Ray deletes; "
+              f"relative outputs go to {output_base()} "
+              f"(${HOME_ENV} sets it): run directory {cfg.run_dir}, MLflow "
+              f"{lineage.tracking_uri(cfg.tracking.uri, output_base())}", flush=True)
+    try:  # storage and cluster that cannot work are refused before any work, with one line
+        for url in dict.fromkeys((cfg.run_dir, cfg.data_dir, cfg.checkpoint_dir)):
+            storage.check(url)
+        connecting = time.time()
+        cluster.connect(cfg)
+    except (ConfigError, storage.StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ray_start = time.time() - connecting
+    uri = lineage.tracking_uri(cfg.tracking.uri, output_base())
     track = lineage.Lineage(uri, cfg.tracking.experiment, cfg.run_dir) if cfg.tracking.enabled else None
     import ray
 
@@ -111,6 +133,8 @@ def report(ctx: stages.Context, track, parent: str | None, seconds: dict[str, fl
                 "hellaswag/completion/acc", "hellaswag/completion/acc_norm"):
         if key in metrics:
             print(f"  {key:<30} {metrics[key]:.4f}")
+    for key, value in ctx.results.get("finetune", {}).get("metrics", {}).items():  # held-out task scores
+        print(f"  {key:<30} {value:.4f}")
     if track and track.available:
         print(f"\nReview it in MLflow:\n  {lineage.ui_command(track.uri)}")
         if parent:

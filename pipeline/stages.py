@@ -1,4 +1,4 @@
-"""The four stages of a pipeline run, each a function of the config with explicit outputs under the
+"""The stages of a pipeline run (four by default, and an optional fine-tune), each a function of the config with explicit outputs under the
 run directory, a fingerprint of what it depends on, and a check that its output is still there.
 
 A finished stage leaves `<run dir>/stages/<stage>.json` (fingerprint, output, summary); the driver
@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from eval import suite
+from pipeline import finetune as finetuning
 from pipeline import registry
 from pipeline.core import storage
 from pipeline.core.config import Config
 from pipeline.core.storage import join
-from pipeline.core.tracking import MlflowUploader
+from pipeline.core.tracking import Mirror, MlflowUploader, mirrored
 from pipeline.lineage import Lineage
 from tokenization import job
 from tokenization.shards import MANIFEST, manifest_hash
 from train import checkpoint, engine, launch
 
-STAGES = ("tokenize", "train", "eval", "register")
+STAGES = ("tokenize", "train", "eval", "register")  # what a run does by default
+OPTIONAL = ("finetune",)  # run only when --stages names them
 
 
 class StageError(RuntimeError):
@@ -108,6 +111,7 @@ def train(ctx: Context, run_id: str | None, force: bool) -> dict:
     started, fingerprint = join(cfg.run_dir, "stages", "train.started.json"), train_fingerprint(ctx)
     if force:
         storage.remove(cfg.checkpoint_dir, recursive=True)
+        storage.remove(cfg.metrics_url)
         storage.remove(cfg.metrics_file)
     elif (checkpoint.latest(cfg.checkpoint_dir) and storage.exists(started)
           and storage.read_json(started)["fingerprint"] != fingerprint):
@@ -121,9 +125,12 @@ def train(ctx: Context, run_id: str | None, force: bool) -> dict:
         ctx.lineage.log_text(run_id, cfg.to_yaml(), "config.yaml")
         ctx.lineage.log_json(run_id, engine.deepspeed_config(cfg, cfg.cluster.num_workers), "deepspeed_config.json")
     result = launch.run(cfg, resume=True, tracking=tracking)
-    if tracking and storage.exists(cfg.metrics_file):  # whatever rank 0 could not send yet
-        ctx.lineage.call("send the remaining training metrics", lambda: MlflowUploader(
-            cfg.metrics_file, run_id, ctx.lineage.uri, log=ctx.log).drain(timeout_s=120))
+    if tracking:  # whatever rank 0 could not send yet, read from the run dir wherever rank 0 ran
+        mirror = Mirror(mirrored(cfg, run_id)).restore()
+        if os.path.exists(cfg.metrics_file):
+            ctx.lineage.call("send the remaining training metrics", lambda: MlflowUploader(
+                cfg.metrics_file, run_id, ctx.lineage.uri, log=ctx.log).drain(timeout_s=120))
+        mirror.publish()
     if ctx.lineage:
         ctx.lineage.set_tags(run_id, {"checkpoint": result.checkpoint})
     return {"output": result.checkpoint, "step": result.step, "loss": result.loss, "tokens": result.tokens,
@@ -139,18 +146,24 @@ def eval_fingerprint(ctx: Context) -> str:
 
 
 def eval_done(ctx: Context, marker: dict) -> bool:
-    return storage.exists(join(ctx.cfg.eval_dir, "results.json"))
+    return storage.exists(join(ctx.cfg.eval_dir, suite.RESULTS))
 
 
 def evaluate(ctx: Context, run_id: str | None, force: bool) -> dict:
+    import ray
+
     final = _final_checkpoint(ctx.cfg)
     if final is None:
         raise StageError(f"no finished training in {ctx.cfg.checkpoint_dir}; run the train stage first")
-    results = suite.run(ctx.cfg, final, ctx.cfg.eval_dir, log=ctx.log)
+    # in a Ray task with a training worker's resources (its GPU on a GPU cluster), not in the driver,
+    # which may sit on a CPU-only head node
+    c = ctx.cfg.cluster
+    task = ray.remote(suite.run).options(num_cpus=c.cpus_per_worker, num_gpus=1 if c.use_gpu else 0)
+    results = ray.get(task.remote(ctx.cfg, final, ctx.cfg.eval_dir))
     step = results["checkpoint"].get("step") or 0
     if ctx.lineage:
         ctx.lineage.log_metrics(run_id, results["metrics"], step)
-        ctx.lineage.log_artifact(run_id, join(ctx.cfg.eval_dir, suite.RESULTS))
+        ctx.lineage.log_json(run_id, results, suite.RESULTS)  # the run dir may be remote
         ctx.lineage.log_text(run_id, samples_text(results), "samples.txt")
         ctx.lineage.set_tags(run_id, {"checkpoint": final})
     return {"output": join(ctx.cfg.eval_dir, suite.RESULTS), "metrics": results["metrics"],
@@ -192,6 +205,34 @@ def register(ctx: Context, run_id: str | None, force: bool) -> dict:
     return {"output": version["model_uri"], **version}
 
 
+# --- finetune (optional) -----------------------------------------------------------------------------
+
+def _finetune_start(cfg: Config) -> str:
+    start = cfg.finetune.checkpoint or _final_checkpoint(cfg)
+    if start is None:
+        raise StageError(f"finetune: no finished training in {cfg.checkpoint_dir} and no finetune.checkpoint; "
+                         f"run the train stage first or name a checkpoint")
+    return start
+
+
+def finetune_fingerprint(ctx: Context) -> str:
+    start = ctx.cfg.finetune.checkpoint or _final_checkpoint(ctx.cfg)
+    return _sha(start, ctx.cfg.run.seed, ctx.cfg.fingerprint("finetune", "deepspeed"))
+
+
+def finetune_done(ctx: Context, marker: dict) -> bool:
+    return storage.exists(join(ctx.cfg.finetune_dir, "results.json"))
+
+
+def finetune(ctx: Context, run_id: str | None, force: bool) -> dict:
+    cfg = ctx.cfg
+    start = _finetune_start(cfg)
+    if force:
+        storage.remove(cfg.finetune_dir, recursive=True)
+    summary = finetuning.run(cfg, start, resume=True, lineage=ctx.lineage, run_id=run_id, log=ctx.log)
+    return {**summary, "parent": {"metrics": summary["metrics"], "step": summary["step"]}}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -204,7 +245,8 @@ class Stage:
 ALL = {s.name: s for s in (Stage("tokenize", tokenize_fingerprint, tokenize_done, tokenize),
                            Stage("train", train_fingerprint, train_done, train),
                            Stage("eval", eval_fingerprint, eval_done, evaluate),
-                           Stage("register", register_fingerprint, register_done, register, tracking_is_work=True))}
+                           Stage("register", register_fingerprint, register_done, register, tracking_is_work=True),
+                           Stage("finetune", finetune_fingerprint, finetune_done, finetune))}
 
 
 def run_stage(ctx: Context, stage: Stage, force: bool) -> dict:

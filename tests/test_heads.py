@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (GPT2Config, GPT2ForSequenceClassification, GPT2ForTokenClassification, GPT2Model)
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2ForTokenClassification, GPT2Model
 
 from train import heads
 from train.heads import IGNORE, HeadMismatch, HeadSpec, TaskModel

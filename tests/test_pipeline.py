@@ -328,7 +328,7 @@ cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
 cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address)
 cfg = tiny_config(Path({str(tmp_path / 'spread')!r}), Path({str(builtin_dataset)!r}), "train.max_steps=6",
-                  "cluster.placement_strategy=STRICT_SPREAD")
+                  "cluster.placement_strategy=STRICT_SPREAD", "run.shared_fs=true")  # two raylets, one disk
 print("NODES", launch.run(cfg).nodes, flush=True)
 ray.shutdown()
 cluster.shutdown()

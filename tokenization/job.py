@@ -73,7 +73,7 @@ def run(cfg: Config, *, overwrite: bool = False, log=print) -> TokenizeResult:
         storage.remove(manifest_url)  # the shards are rewritten below; the manifest comes last
 
     pieces = sources.plan(source, cfg.data, cfg.tokenization.piece_bytes)
-    cluster.connect()
+    cluster.connect(cfg, (out,))
     results, reused = _tokenize_pieces(cfg, source, pieces, out)
     _check_results(results, cfg)
     plan = _plan_shards(cfg, results, out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.core import storage
 from pipeline.core.config import DEFAULT_PRESET, ConfigError, load_config, preset_line
 from tokenization import job
 from tokenization.shards import ShardError
@@ -38,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     print(preset_line(args.config), flush=True)
     try:
         cfg = load_config(args.config or DEFAULT_PRESET, args.overrides, {k: v for k, v in values.items() if v is not None})
+        storage.check(cfg.data_dir)
         job.run(cfg, overwrite=args.overwrite)
-    except (ConfigError, CorpusError, ShardError, TokenizerUnavailable) as err:
+    except (ConfigError, storage.StorageError, CorpusError, ShardError, TokenizerUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -28,7 +28,7 @@ import torch
 
 from pipeline.core import storage
 from pipeline.core.storage import join
-from train.model import GPT, save_hf
+from train.model import save_hf
 
 STATE = "trainer_state.json"
 LATEST = "latest"
@@ -194,29 +194,46 @@ def _prune(directory: str, keep_last: int) -> None:
 
 # --- loading --------------------------------------------------------------------------------------
 
-def prepare_universal(url: str) -> str:
-    """Convert a checkpoint's DeepSpeed state to a universal checkpoint once (rank 0 calls this);
-    returns the directory to pass to engine.load_checkpoint with tag UNIVERSAL_TAG."""
+def prepare_universal(url: str) -> None:
+    """Convert a checkpoint's DeepSpeed state to a universal checkpoint once, beside it
+    (deepspeed/universal/, committed by deepspeed/universal.json). Run outside the training collectives:
+    the launcher calls it in a Ray task before the workers start."""
     from deepspeed.checkpoint import ds_to_universal
 
+    marker = join(url, "deepspeed", f"{UNIVERSAL_TAG}.json")
+    if storage.exists(marker):
+        return
     target = join(url, "deepspeed", UNIVERSAL_TAG)
-    if storage.exists(join(target, "zero")):
-        return join(url, "deepspeed")
+    storage.remove(target, recursive=True)  # debris of a conversion cut short
     with _staged(target) as out:
-        source = storage.local_copy(join(url, "deepspeed", DS_TAG))
+        source = storage.local_copy(join(url, "deepspeed"), lambda name: name.startswith(f"{DS_TAG}/"))
         ds_to_universal.main(argparse.Namespace(
-            input_folder=source, output_folder=out, num_extract_workers=1, num_merge_workers=1,
-            keep_temp_folder=False, strict=True, inject_missing_state=False))
-    return join(url, "deepspeed")
+            input_folder=os.path.join(source, DS_TAG), output_folder=out, num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+    storage.write_json(marker, {"source": DS_TAG, "world_size": TrainerState.read(url).world_size})
 
 
 def load(engine, url: str, state: TrainerState, world_size: int) -> None:
-    """Restore the DeepSpeed state of the checkpoint at url into engine (all ranks)."""
+    """Restore the DeepSpeed state of the checkpoint at url into engine (all ranks): this rank's own
+    files, or the universal checkpoint (prepare_universal) when the number of workers changed."""
     rank = engine.global_rank
     if state.world_size == world_size:
-        mine = re.compile(rf"(^|/)(mp_rank_\d+_model_states\.pt|zero_pp_rank_{rank}_.*)$")
-        path = storage.local_copy(join(url, "deepspeed", DS_TAG), lambda name: bool(mine.search(name)))
-        engine.load_checkpoint(os.path.dirname(path), tag=DS_TAG, load_lr_scheduler_states=False)
+        tag = DS_TAG
+        mine = re.compile(rf"^{DS_TAG}/(mp_rank_\d+_model_states\.pt|zero_pp_rank_{rank}_.*)$")
     else:
-        path = storage.local_copy(join(url, "deepspeed", UNIVERSAL_TAG))
-        engine.load_checkpoint(os.path.dirname(path), tag=UNIVERSAL_TAG, load_lr_scheduler_states=False)
+        tag = UNIVERSAL_TAG
+        if not storage.exists(join(url, "deepspeed", f"{UNIVERSAL_TAG}.json")):
+            raise CheckpointError(f"{url} was written by {state.world_size} workers and has no universal "
+                                  f"checkpoint for {world_size}; prepare_universal converts it")
+        mine = re.compile(rf"^{UNIVERSAL_TAG}/")
+    # DeepSpeed reads <load_dir>/<tag>/: the local folder that holds the tag folder
+    load_dir = storage.local_copy(join(url, "deepspeed"), lambda name: bool(mine.search(name)))
+    where = join(url, "deepspeed", tag)
+    if not os.path.isdir(os.path.join(load_dir, tag)) or not os.listdir(os.path.join(load_dir, tag)):
+        raise CheckpointError(f"{where}: no DeepSpeed state for rank {rank} in this checkpoint")
+    try:
+        loaded, _ = engine.load_checkpoint(load_dir, tag=tag, load_lr_scheduler_states=False)
+    except (AssertionError, FileNotFoundError) as err:
+        raise CheckpointError(f"{where}: DeepSpeed could not load it ({err})") from err
+    if loaded is None:
+        raise CheckpointError(f"{where}: DeepSpeed loaded nothing from it")

@@ -47,19 +47,27 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
         check_order(TrainerState.read(existing).data_order, existing)
         print(f"train: resuming from {existing}", flush=True)
 
-    out = fit(cfg, _worker, {"config": cfg.model_dump(), "tracking": tracking}, "train")
+    cluster.connect(cfg)  # before the object store holds the HellaSwag items
+    out = fit(cfg, _worker, {"config": cfg.model_dump(), "tracking": tracking, "hellaswag": _hellaswag(cfg)}, "train")
     return TrainResult(out["checkpoint"], out["step"], out["loss"], out["tokens"], out["nodes"])
 
 
 def fit(cfg: Config, worker: Callable[[dict], dict], payload: dict, name: str) -> dict:
     """Run worker(payload) on cluster.num_workers Ray Train workers (restarted up to cluster.max_failures
-    times); rank 0's return value. The worker resumes from its own checkpoints."""
+    times); rank 0's return value. The worker resumes from its own checkpoints in cfg.checkpoint_dir;
+    when their worker count differs from this run's, they are converted to a universal checkpoint first."""
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cluster.connect()
+    cluster.connect(cfg)
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
+    existing = checkpoint.latest(cfg.checkpoint_dir)
+    if existing and checkpoint.TrainerState.read(existing).world_size != c.num_workers:
+        # once, in a task of its own, so no rank converts while the others wait on a collective's timeout
+        print(f"train: converting {existing} to a universal checkpoint for {c.num_workers} worker(s)", flush=True)
+        ray.get(ray.remote(_to_universal).options(num_cpus=c.cpus_per_worker).remote(existing))
     ray_dir = join(cfg.run_dir, "ray")
     trainer = TorchTrainer(
         worker,
@@ -78,6 +86,23 @@ def fit(cfg: Config, worker: Callable[[dict], dict], payload: dict, name: str) -
         raise TrainingFailed(f"{name} failed (after {c.max_failures} automatic restarts); it resumes from "
                              f"its last checkpoint with --resume. Cause: {err}") from err
     return result.return_value
+
+
+def _hellaswag(cfg: Config):
+    """The in-training HellaSwag items, read (and for "official", downloaded and verified) once by the
+    driver and handed to every rank through Ray's object store; None when not evaluated in training."""
+    if not (cfg.eval.hellaswag and cfg.eval.hellaswag_interval):
+        return None
+    import ray
+
+    from eval import hellaswag
+
+    return ray.put(hellaswag.load(cfg.eval.hellaswag, limit=cfg.eval.hellaswag_limit)[0])
+
+
+def _to_universal(url: str) -> None:
+    checkpoint.forbid_unpickling()  # DeepSpeed's converter reads the state with torch.load
+    checkpoint.prepare_universal(url)
 
 
 def _worker(payload: dict) -> dict:

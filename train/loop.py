@@ -20,7 +20,7 @@ import torch
 
 from eval import hellaswag, val_loss
 from pipeline.core.config import Config
-from pipeline.core.tracking import Console, JsonLines, MlflowUploader, for_rank
+from pipeline.core.tracking import Console, JsonLines, Mirror, MlflowUploader, for_rank, mirrored
 from tokenization.shards import manifest_hash
 from tokenization.tokenizer import encoding
 from train import checkpoint
@@ -36,8 +36,10 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 def train_worker(payload: dict) -> dict:
     """Ray Train's train_loop_per_worker. payload: {"config": Config dump,
-    "tracking": {"uri", "run_id"} of the MLflow run that receives the metrics, or None}."""
+    "tracking": {"uri", "run_id"} of the MLflow run that receives the metrics, or None,
+    "hellaswag": an object ref to the in-training HellaSwag items, or None}."""
     import deepspeed
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -56,18 +58,25 @@ def train_worker(payload: dict) -> dict:
     _say(rank, f"{world} worker(s) on {nodes} node(s), {'nccl' if cfg.cluster.use_gpu else 'gloo'}, "
                f"ZeRO-{cfg.deepspeed.zero_stage}, {engines.precision(cfg)}")
     engine, state = _engine(cfg, rank, world, tracking["run_id"] if tracking else None)
+    # HellaSwag items: read once by the driver (launch._hellaswag), not by every rank
+    swag = ray.get(payload["hellaswag"]) if payload.get("hellaswag") is not None else None
 
+    # a remote run dir: rank 0 appends to a copy on its node, continued from and copied to the run dir
+    pairs = mirrored(cfg, tracking["run_id"] if tracking else None) if rank == 0 else {}
+    mirror = Mirror(pairs).restore().start() if pairs else None
     metrics = for_rank(rank, lambda: [Console(cfg.train.max_steps), JsonLines(cfg.metrics_file)])
     uploader = MlflowUploader(cfg.metrics_file, tracking["run_id"], tracking["uri"]).start() if tracking and rank == 0 else None
     # one monitor per node (its first local worker), each under system/node_N/: NVML sees all the node's GPUs
     monitor = (_system_metrics(tracking, ctx.get_node_rank())
                if tracking and ctx.get_local_rank() == 0 and cfg.tracking.system_metrics else None)
     try:
-        _train(cfg, engine, state, metrics, rank, world, device)
+        _train(cfg, engine, state, metrics, rank, world, device, swag, mirror.publish if mirror else None)
     finally:
         metrics.close()
         if uploader is not None:
             uploader.close()
+        if mirror is not None:
+            mirror.close()
         if monitor is not None:
             monitor.finish()
     return {"checkpoint": checkpoint.latest(cfg.checkpoint_dir), "step": state.step, "loss": state.loss,
@@ -86,7 +95,8 @@ def _nodes(world: int) -> int:
 
 def _engine(cfg: Config, rank: int, world: int, run_id: str | None):
     """The DeepSpeed engine and the trainer state: from the latest committed checkpoint when there is one
-    (through a universal checkpoint when the number of workers changed), else fresh."""
+    (through its universal checkpoint, converted by the launcher, when the number of workers changed),
+    else fresh."""
     state = TrainerState(world_size=world, zero_stage=cfg.deepspeed.zero_stage,
                          manifest_sha256=manifest_hash(cfg.data_dir), data_order=ORDER, run_id=run_id)
     return engine_and_state(cfg, rank, world, state)
@@ -97,29 +107,29 @@ def engine_and_state(cfg: Config, rank: int, world: int, state: TrainerState, mo
     committed checkpoint in cfg.checkpoint_dir when there is one. state.manifest_sha256 names the data."""
     import torch.distributed as dist
 
-    resume_from = checkpoint.latest(cfg.checkpoint_dir)
+    # one decision per job: rank 0 picks the checkpoint and every rank loads that one, even if another
+    # is committed meanwhile or a rank's listing of object storage lags
+    chosen = [checkpoint.latest(cfg.checkpoint_dir) if rank == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)
+    resume_from = chosen[0]
     if not resume_from:
         return engines.initialize(cfg, world, model=model), state
     saved = TrainerState.read(resume_from)
     _check_resumable(saved, state, cfg, resume_from)
-    if saved.world_size != world and rank == 0:
-        checkpoint.prepare_universal(resume_from)
-    dist.barrier()
     engine = engines.initialize(cfg, world, load_universal=saved.world_size != world, model=model)
     checkpoint.load(engine, resume_from, saved, world)
     _say(rank, f"resumed from {resume_from} at step {saved.step} ({saved.sequences} sequences consumed)")
     return engine, TrainerState(**{**saved.__dict__, "world_size": world, "run_id": saved.run_id or state.run_id})
 
 
-def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: int, device: torch.device) -> None:
+def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: int, device: torch.device,
+           swag: list | None, on_checkpoint=None) -> None:
     import torch.distributed as dist
 
     model, b = engine.module, cfg.batch
     loader = ShardLoader(cfg.data_dir, b.seq_len, cfg.run.seed, cache=cfg.cluster.node_cache)
     val_x, val_y = (val_loss.val_sequences(cfg.data_dir, b.seq_len, cfg.eval.val_tokens)
                     if cfg.eval.interval else (None, None))
-    swag = (hellaswag.load(cfg.eval.hellaswag, limit=cfg.eval.hellaswag_limit)[0]
-            if cfg.eval.hellaswag and cfg.eval.hellaswag_interval else None)
     global_batch = b.tokens_per_step // b.seq_len
     accum = engine.gradient_accumulation_steps()
     peak = engines.peak_flops(device)
@@ -160,6 +170,8 @@ def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: 
             metrics.log(hellaswag.metrics(swag, scores), state.step)
         if state.step % cfg.checkpoint.interval == 0 or last:
             _say(rank, f"checkpoint {checkpoint.save(engine, model, cfg.checkpoint_dir, state, cfg.checkpoint.keep_last)}")
+            if on_checkpoint:  # the metrics up to a checkpoint are in the run dir before training goes past it
+                on_checkpoint()
 
 
 def _system_metrics(tracking: dict, node: int):

@@ -49,6 +49,7 @@ class RunConfig(_Section):
     name: str = "smoke"  # the run's name: its directory under run.root and its MLflow run name
     root: str = "runs"  # local path or object-storage URL; the run directory is root/name
     seed: int = 1337  # seeds the model's initialisation and the data order
+    shared_fs: bool = False  # a local run.root every node mounts (NFS): allowed on a multi-node Ray cluster
 
 
 class DataConfig(_Section):
@@ -148,7 +149,8 @@ class DeepSpeedConfig(_Section):
     # bf16 runs: sum micro-step gradients and reduce them over ranks in fp32 (true), or in bf16 (false:
     # half the gradient memory and traffic, but 8 mantissa bits lose small gradients in long sums).
     # Cost of true: ZeRO-1 keeps 4 more bytes per parameter (an fp32 gradient beside the bf16 one),
-    # ZeRO-3 4 bytes per parameter of its partition, and gradient communication doubles.
+    # ZeRO-3 4 bytes per parameter of its partition, and gradient communication doubles. (ZeRO-2 keeps
+    # its partition in bf16 but reduces in fp32; ZeRO-0 has no fp32 path in DeepSpeed.)
     fp32_grads: bool = True
     activation_checkpointing: bool = False  # recompute each block in backward: ~1/3 more compute, far less memory
     compile: bool = False  # torch.compile the model inside the DeepSpeed engine
@@ -351,25 +353,39 @@ class Config(_Section):
         return self.finetune.output or join(self.run_dir, "finetune")
 
     @property
-    def metrics_file(self) -> str:
-        """Every logged training metric as JSON lines, on local disk (rank 0's, for a remote run dir)."""
-        if "://" in self.run_dir:
-            return os.path.join(tempfile.gettempdir(), "gpt2-pipeline", self.run.name, "metrics.jsonl")
+    def metrics_url(self) -> str:
+        """Every logged training metric as JSON lines: the run's record, in the run directory."""
         return join(self.run_dir, "metrics.jsonl")
 
-    def with_absolute_paths(self) -> Config:
-        """A copy whose local paths are absolute: Ray workers run in other directories."""
-        def absolute(path: str | None) -> str | None:
-            return path if path is None or "://" in path or path.startswith(("hf:", "models:")) else os.path.abspath(path)
+    @property
+    def metrics_file(self) -> str:
+        """The local file the metrics are appended to: metrics_url itself on local disk; for a remote run
+        dir, a working copy on this node (copied to metrics_url by tracking.Mirror)."""
+        if "://" in self.run_dir:
+            key = hashlib.sha256(self.run_dir.encode()).hexdigest()[:16]
+            return os.path.join(tempfile.gettempdir(), "gpt2-pipeline", key, "metrics.jsonl")
+        return self.metrics_url
 
+    def with_absolute_paths(self) -> Config:
+        """A copy whose local paths are absolute: Ray workers run in other directories. Outputs resolve
+        against output_base() (not Ray's temporary copy of a job's working directory), inputs against
+        the working directory."""
+        def absolute(path: str | None, base: str) -> str | None:
+            if path is None or "://" in path or path.startswith(("hf:", "models:")):
+                return path
+            return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+        out, here = output_base(), os.getcwd()
         return self.model_copy(update={
-            "run": self.run.model_copy(update={"root": absolute(self.run.root)}),
-            "tokenization": self.tokenization.model_copy(update={"output": absolute(self.tokenization.output)}),
-            "checkpoint": self.checkpoint.model_copy(update={"dir": absolute(self.checkpoint.dir)}),
+            "run": self.run.model_copy(update={"root": absolute(self.run.root, out)}),
+            "tokenization": self.tokenization.model_copy(update={"output": absolute(self.tokenization.output, out)}),
+            "checkpoint": self.checkpoint.model_copy(update={"dir": absolute(self.checkpoint.dir, out)}),
             "eval": self.eval.model_copy(update={"hellaswag": self.eval.hellaswag if self.eval.hellaswag in
-                                                 (None, "official", "smoke") else absolute(self.eval.hellaswag)}),
-            "finetune": self.finetune.model_copy(update={k: absolute(getattr(self.finetune, k))
-                                                         for k in ("task", "eval_task", "output", "checkpoint")}),
+                                                 (None, "official", "smoke") else absolute(self.eval.hellaswag, here)}),
+            "finetune": self.finetune.model_copy(update={"task": absolute(self.finetune.task, here),
+                                                         "eval_task": absolute(self.finetune.eval_task, here),
+                                                         "checkpoint": absolute(self.finetune.checkpoint, here),
+                                                         "output": absolute(self.finetune.output, out)}),
         })
 
     def flat(self) -> dict[str, Any]:
@@ -385,6 +401,25 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+HOME_ENV = "GPT2_PIPELINE_HOME"
+
+
+def in_ray_package_cache(path: str | None = None) -> bool:
+    """Whether path (default: the working directory) is inside Ray's unpacked copy of a job's working_dir,
+    a cache Ray deletes when the session ends or space runs short, renamed whenever a file changes."""
+    path = path or os.getcwd()
+    return "runtime_resources/working_dir_files" in path or "/_ray_pkg_" in path
+
+
+def output_base() -> str:
+    """The directory relative output paths (run.root, the default MLflow store) resolve against: the working
+    directory, except inside Ray's package cache, where it is $GPT2_PIPELINE_HOME or ~/gpt2-pipeline on
+    the node that runs the driver, so a resubmitted job finds its run and MLflow store again."""
+    if not in_ray_package_cache():
+        return os.getcwd()
+    return os.path.abspath(os.path.expanduser(os.environ.get(HOME_ENV) or "~/gpt2-pipeline"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,9 +23,17 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
+class StorageError(RuntimeError):
+    """Storage that cannot be used as configured; the one-line message names the URL and the cause."""
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for a path or URL, and the path within it."""
-    return fsspec.core.url_to_fs(url)
+    """The fsspec filesystem for a path or URL, and the path within it.
+
+    Without the listings cache: another process (a rank, the driver) writes checkpoints and markers
+    under the same prefixes, and a cached listing would hide them from this one.
+    """
+    return fsspec.core.url_to_fs(url, use_listings_cache=False)
 
 
 def join(base: str, *parts: str) -> str:
@@ -138,3 +146,36 @@ def local_copy(url: str, keep: Callable[[str], bool] = lambda rel: True) -> str:
             fs.get(path, local + ".part")  # a download cut short is never taken for the file
             os.replace(local + ".part", local)
     return target
+
+
+def check(url: str, write: bool = True) -> None:
+    """Fail fast with a one-line StorageError when url's storage cannot be used: an unreachable endpoint,
+    a missing bucket, missing credentials or denied permission. With write, a probe object of its own
+    name is written and removed under url, so nothing already there is touched."""
+    if is_local(url):
+        return
+    try:
+        fs, path = filesystem(url)
+        fs.ls(path.split("/")[0], detail=False)  # the bucket: exists, reachable, credentials accepted
+        if write:
+            probe = f"{path.rstrip('/')}/.write-check-{uuid.uuid4().hex[:12]}"
+            fs.pipe_file(probe, b"")
+            fs.rm(probe)
+    except Exception as err:
+        raise StorageError(f"{url}: {explain(err)}") from None
+
+
+def explain(err: BaseException) -> str:
+    """What a storage client's exception means, in one line (botocore and cloud SDKs, by class name)."""
+    names = {c.__name__ for c in type(err).__mro__}
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    if names & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "RefreshError"}:
+        return (f"no credentials for the storage ({first}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                f"(or a profile), or GOOGLE_APPLICATION_CREDENTIALS")
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionError", "ClientConnectorError"}:
+        return f"cannot reach the storage endpoint ({first}); check AWS_ENDPOINT_URL and the network"
+    if isinstance(err, PermissionError):
+        return f"permission denied ({first}); the credentials may not read and write here"
+    if isinstance(err, FileNotFoundError):
+        return f"not found ({first}); create the bucket first"
+    return f"{type(err).__name__}: {first}"

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol, TextIO
 
+from pipeline.core import storage
 from pipeline.core.progress import format_duration, human
 
 
@@ -80,6 +81,67 @@ class JsonLines:
         self.file.close()
 
 
+class Mirror:
+    """Local files kept copied to URLs (the run directory on object storage), from a background thread
+    every interval_s, on `publish` and on `close`: whichever node rank 0 runs on, the run directory
+    holds its record, and a restart on another node continues it (`restore`)."""
+
+    def __init__(self, pairs: dict[str, str], interval_s: float = 10.0):
+        self.pairs, self.interval_s = pairs, interval_s  # {local path: URL}
+        self._sent: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def restore(self) -> Mirror:
+        """Make each local file the URL's copy (absent when the URL is): what the run dir holds is the record."""
+        for path, url in self.pairs.items():
+            fetch(url, path)
+            self._sent[path] = os.path.getsize(path) if os.path.exists(path) else 0
+        return self
+
+    def start(self) -> Mirror:
+        self._thread = threading.Thread(target=self._loop, name="metrics-mirror", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.publish()
+            except Exception as err:  # storage hiccup: the next round or close() sends it
+                sys.stderr.write(f"tracking: could not copy metrics to the run directory ({err}); retrying\n")
+
+    def publish(self) -> None:
+        with self._lock:
+            for path, url in self.pairs.items():
+                size = os.path.getsize(path) if os.path.exists(path) else 0
+                if size != self._sent.get(path, 0):
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    storage.write_bytes(url, data)
+                    self._sent[path] = len(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.publish()
+
+
+def fetch(url: str, path: str) -> None:
+    """Replace the local file path by a copy of url, or remove it when url does not exist."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if not storage.exists(url):
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    tmp = f"{path}.fetch-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(storage.read_bytes(url))
+    os.replace(tmp, path)
+
+
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -104,6 +166,22 @@ def for_rank(rank: int, make_sinks: Callable[[], list[Sink]]) -> Metrics:
     return Metrics(make_sinks() if rank == 0 else [])
 
 
+def cursor_path(path: str, run_id: str) -> str:
+    """Where MlflowUploader keeps how much of a metrics file reached the MLflow run run_id."""
+    return f"{path}.sent-{run_id}"
+
+
+def mirrored(cfg, run_id: str | None) -> dict[str, str]:
+    """{local file: URL} of a run's metrics record and its MLflow cursor: empty when the run
+    directory is local (the files are written there directly)."""
+    if cfg.metrics_file == cfg.metrics_url:
+        return {}
+    pairs = {cfg.metrics_file: cfg.metrics_url}
+    if run_id:
+        pairs[cursor_path(cfg.metrics_file, run_id)] = cursor_path(cfg.metrics_url, run_id)
+    return pairs
+
+
 class MlflowUploader:
     """Ships a JSON-lines metrics file to an MLflow run in batches, from a background thread.
 
@@ -117,7 +195,7 @@ class MlflowUploader:
 
     def __init__(self, path: str, run_id: str, tracking_uri: str, interval_s: float = 5.0, log=print):
         self.path, self.run_id, self.uri, self.interval_s, self.log = path, run_id, tracking_uri, interval_s, log
-        self.cursor_path = f"{path}.sent-{run_id}"
+        self.cursor_path = cursor_path(path, run_id)
         # MLflow's client otherwise retries one request for minutes; our own loop retries instead
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
