@@ -79,7 +79,7 @@ def train(cfg, batch_at, val_x, val_y) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.eval()
-    return val_loss.evaluate(lambda idx: model(idx)[0], val_x, val_y, 16, torch.device("cpu"))["loss"]
+    return val_loss.evaluate(lambda idx, tgt: model(idx, tgt)[1], val_x, val_y, 16, torch.device("cpu"))["loss"]
 
 
 def main() -> None:
