@@ -1,6 +1,6 @@
 """The pipeline: corpus -> shards -> trainer -> checkpoint -> eval -> registered model, one MLflow lineage.
 
-    python pipeline/run.py [--config PRESET] [--stages tokenize,train,eval,register[,finetune]] [--force STAGE]...
+    python pipeline/run.py [--config PRESET] [--stages tokenize,train,eval,register[,finetune]] [--force STAGE]... [--plan]
                            [section.key=value ...]
     ray job submit --working-dir . -- python pipeline/run.py --config gpt2-124m
 
@@ -19,27 +19,37 @@ import time
 
 from pipeline import lineage, stages
 from pipeline.core import cluster, storage
-from pipeline.core.config import HOME_ENV, ConfigError, in_ray_package_cache, load_config, output_base
+from pipeline.core.config import HOME_ENV, ConfigError, in_ray_package_cache, load_config, output_base, preset_line
 from pipeline.core.progress import format_duration
+from train import plan
+
+EMBEDDED = "smoke"  # what `python pipeline/run.py` runs with no arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipeline/run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="smoke", help="preset name or YAML path (default: smoke)")
+    parser.add_argument("--config", help=f"preset name or YAML path (default: {EMBEDDED}: the built-in corpus, "
+                                         "CPU-sized; a stage's own command defaults to production sizes)")
     parser.add_argument("--stages", default=",".join(stages.STAGES),
                         help=f"comma-separated stages to run, in order (optional: {', '.join(stages.OPTIONAL)})")
     parser.add_argument("--force", action="append", default=[], choices=list(stages.ALL), metavar="STAGE",
                         help="redo this stage even if it is complete (repeatable)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the training memory and cost plan (no Ray, no model); exit 2 if it does not fit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     selected = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in selected if s not in stages.ALL]
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stages.ALL)}")
+    print(preset_line(args.config, EMBEDDED), flush=True)
     try:
-        cfg = load_config(args.config, args.overrides).with_absolute_paths()
-    except ConfigError as err:
+        cfg = load_config(args.config or EMBEDDED, args.overrides).with_absolute_paths()
+        if args.plan:
+            print(plan.check(cfg, args.config or EMBEDDED).report(args.config or EMBEDDED))
+            return 0
+    except (ConfigError, plan.PlanError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return run(cfg, selected, set(args.force))

@@ -266,11 +266,11 @@ def uninterrupted_fine_tune(tmp_path_factory, pretrained, kind_task):
 
 @pytest.mark.slow
 def test_a_killed_fine_tune_resumes_and_repeats_identical_losses(uninterrupted_fine_tune, pretrained, kind_task, tmp_path):
+    from safetensors.torch import load_file
     from test_train import kill_a_worker_after
 
     from pipeline import finetune
     from pipeline.core.tracking import read_jsonl
-    from safetensors.torch import load_file
     from train import checkpoint, finetuning
 
     cfg = fine_tune_config(tmp_path, "cluster.max_failures=2", task=kind_task)
@@ -337,9 +337,8 @@ def test_heads_that_do_not_match_the_checkpoint_are_refused_and_models_uris_are_
 
 @pytest.mark.slow
 def test_the_pipeline_runs_the_optional_finetune_stage_under_its_own_run_and_then_skips_it(pretrained, kind_task, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     from conftest import run_cli
+    from mlflow.tracking import MlflowClient
 
     args = ["pipeline/run.py", "--stages", "finetune", *FT, "finetune.max_steps=4", "finetune.checkpoint_interval=4",
             "finetune.label_field=kind", f"finetune.task={kind_task}", f"finetune.checkpoint={pretrained['checkpoint']}",

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, run_cli
 
 STAGES = ("pipeline", "tokenization", "train", "eval")
@@ -28,6 +29,26 @@ def test_packages_import_from_anywhere(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip().startswith(str(REPO))
     assert "usage" in run_cli(str(REPO / "tokenization" / "run.py"), "--help", cwd=tmp_path).stdout
+
+
+def test_stage_commands_without_a_preset_say_they_run_production_defaults(tmp_path, capsys):
+    import eval.run
+    import pipeline.run
+    import train.run
+    from pipeline.core.config import load_config
+
+    assert load_config().model.n_layer == load_config("gpt2-124m").model.n_layer != load_config("smoke").model.n_layer
+    first = "config: preset 'base' (production defaults; no --config given)"
+    assert train.run.main(["--data", str(tmp_path / "none")]) == 2
+    out = capsys.readouterr()
+    assert out.out.splitlines()[0] == first and "no manifest" in out.err
+    assert eval.run.main(["--ckpt", str(tmp_path)]) == 2 and capsys.readouterr().out.splitlines()[0] == first
+    assert train.run.main(["--config", "smoke", "--data", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().out.splitlines()[0] == "config: preset 'smoke'"
+    for main, default in ((train.run.main, "base"), (eval.run.main, "base"), (pipeline.run.main, "smoke")):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert f"default: {default}" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_ray_task_with_the_repo_as_working_dir_imports_torch(tmp_path):

@@ -21,7 +21,7 @@ import pytest
 import tiktoken
 from conftest import REPO, run_cli, tree_bytes, write_jsonl
 
-from pipeline.core.config import load_config
+from pipeline.core.config import Config, load_config
 from tokenization import job, shards, tokenizer
 from tokenization.sources import SKIP_REASONS, CorpusError
 
@@ -139,7 +139,7 @@ def test_killed_run_resumes_to_identical_output_and_a_second_rerun_does_nothing(
     corpus.mkdir()
     for i in range(4):  # ~8 MB, 128 pieces: long enough to be killed part-way
         write_jsonl(corpus / f"c{i}.jsonl", [{"text": f"[{i}] {t}"} for t in prose_texts])
-    args = ["tokenization/run.py", "--input", str(corpus), "tokenization.piece_bytes=65536",
+    args = ["tokenization/run.py", "--config", "smoke", "--input", str(corpus), "tokenization.piece_bytes=65536",
             "tokenization.num_workers=2"]
     reference = tmp_path / "reference"
     job.run(config([corpus], reference, "tokenization.piece_bytes=65536"))
@@ -275,6 +275,19 @@ def test_missing_or_empty_input_fails_before_any_ray_work(tmp_path):
         assert "Ray" not in proc.stderr  # no cluster was started
     proc = run_cli("tokenization/run.py", "tokenization.shard_tokenz=5", check=False)
     assert proc.returncode == 2 and "unknown key 'tokenization.shard_tokenz'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_command_that_names_no_preset_tokenizes_with_the_production_sizes(prose_corpus, tmp_path):
+    proc = run_cli("tokenization/run.py", "--input", str(prose_corpus), "--output", str(tmp_path / "o"))
+    assert proc.stdout.splitlines()[0] == "config: preset 'base' (production defaults; no --config given)"
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    production, smoke = Config().tokenization, load_config("smoke").tokenization
+    used = manifest["config"]["tokenization"]
+    assert used["shard_tokens"] == production.shard_tokens == load_config("gpt2-124m").tokenization.shard_tokens
+    assert used["val_fraction"] == production.val_fraction != smoke.val_fraction
+    assert [s["split"] for s in manifest["shards"]] == ["train", "val"]  # 610k tokens: one shard each
+    assert "default: base" in run_cli("tokenization/run.py", "--help").stdout
 
 
 def test_verify_names_a_shard_with_a_flipped_byte_or_a_truncation(ray_local, prose_corpus, tmp_path):

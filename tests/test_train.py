@@ -3,23 +3,32 @@ after a real SIGKILL, resume on fewer workers, crash-safe checkpoints, and the l
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import run_cli, tiny_config
+from conftest import REPO, run_cli, tiny_config, write_jsonl
 from safetensors.torch import load_file
 
 from pipeline.core.config import load_config
 from pipeline.core.tracking import read_jsonl
+from tokenization import shards
 from train import checkpoint, launch
-from train.data import SequenceOrder, ShardLoader
+from train.data import ORDER, SequenceOrder, ShardLoader, WindowPermutation
 from train.engine import deepspeed_config, flops_per_token, lr_at, peak_flops
 from train.model import GPT, GPTConfig
 
@@ -176,7 +185,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(uni
 
 @pytest.mark.slow
 def test_the_cli_refuses_to_overwrite_a_run_and_names_missing_data(uninterrupted, tmp_path):
-    proc = run_cli("train/run.py", f"run.root={uninterrupted.run.root}",
+    proc = run_cli("train/run.py", "--config", "smoke", f"run.root={uninterrupted.run.root}",
                    f"tokenization.output={uninterrupted.data_dir}", check=False)
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr and "--resume" in proc.stderr
     proc = run_cli("train/run.py", f"run.root={tmp_path}", "--data", str(tmp_path / "nothing"), check=False)
@@ -222,6 +231,72 @@ def test_any_world_size_reads_the_same_global_batch(builtin_dataset):
     assert torch.equal(whole_x[:, 1:], whole_y[:, :-1])
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 63, 64, 65, 1000, 4097])
+def test_the_window_permutation_is_a_bijection_fixed_by_seed_and_epoch(n):
+    everything = WindowPermutation(n, seed=11, epoch=0)(np.arange(n))
+    assert sorted(everything) == list(range(n))
+    assert np.array_equal(WindowPermutation(n, seed=11, epoch=0)(np.arange(n)), everything)  # a new process agrees
+    picks = np.array([n - 1, 0, n // 2])  # any position alone, as a resuming rank asks for it
+    assert np.array_equal(WindowPermutation(n, seed=11, epoch=0)(picks), everything[picks])
+    if n >= 63:  # other epochs and seeds give other orders, none closer to the identity than chance:
+        assert not np.array_equal(WindowPermutation(n, seed=11, epoch=1)(np.arange(n)), everything)
+        assert not np.array_equal(WindowPermutation(n, seed=12, epoch=0)(np.arange(n)), everything)
+        # a uniform permutation has Poisson(1) fixed points and rank correlation of sd 1/sqrt(n - 1)
+        assert (everything == np.arange(n)).sum() < 8
+        assert abs(np.corrcoef(everything, np.arange(n))[0, 1]) < 5 / math.sqrt(n - 1)
+
+
+@pytest.fixture(scope="module")
+def sorted_dataset(tmp_path_factory, ray_local) -> Path:
+    """Three kinds of text one after the other (English prose, Python source, tables of numbers), as a
+    corpus sorted by source often arrives, tokenized into ~40 shards of 25k tokens."""
+    from tokenization import builtin, job
+
+    root = tmp_path_factory.mktemp("sorted")
+    prose = [text for _, text in builtin.documents()][:600]
+    stdlib = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:40]
+    code = [open(f, encoding="utf-8", errors="replace").read() for f in stdlib]
+    tables = ["\n".join(f"{i},{i * i},{i ** 3 % 9973}" for i in range(k * 400, k * 400 + 400)) for k in range(40)]
+    for i, docs in enumerate((prose, code, tables)):
+        write_jsonl(root / f"part-{i}.jsonl", [{"text": t} for t in docs])
+    out = root / "data"
+    inputs = [str(root / f"part-{i}.jsonl") for i in range(3)]
+    job.run(load_config("smoke", ["tokenization.shard_tokens=25000"],
+                        {"data.input": inputs, "tokenization.output": str(out)}), log=lambda *_: None)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_every_rank_draws_from_every_shard_of_a_sorted_corpus_in_proportion(sorted_dataset, world):
+    loader = ShardLoader(str(sorted_dataset), seq_len=64, seed=5)
+    order, batch, steps = loader.order, 128, 64  # the first 64 global batches: about half an epoch
+    sizes = np.diff(order.layout(0).starts)  # windows per shard this epoch
+    total, per_rank = sizes.sum(), batch * steps // world
+    assert len(sizes) >= 30 and total > batch * steps
+    for rank in range(world):
+        shard_ids = np.concatenate([order.locate_range(step * batch + rank * (batch // world), batch // world)[1]
+                                    for step in range(steps)])
+        counts = np.bincount(shard_ids, minlength=len(sizes))
+        # A rank's slice is a uniform sample without replacement of the epoch's windows, so each shard's
+        # count is hypergeometric; 5 standard deviations (a 1-in-1.7-million miss per shard) bounds it.
+        p = sizes / total
+        mean, sd = per_rank * p, np.sqrt(per_rank * p * (1 - p) * (total - per_rank) / (total - 1))
+        assert (np.abs(counts - mean) <= 5 * sd).all(), (rank, counts, mean.round(1))
+        assert (counts > 0).all()  # every shard, so every kind of text, in every rank's slice
+
+
+def test_a_checkpoint_from_the_shard_by_shard_order_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path, write_dataset(tmp_path / "data", [5000, 7000], seed=3))
+    old = os.path.join(cfg.checkpoint_dir, checkpoint.step_name(4))
+    os.makedirs(old)
+    state = {"step": 4, "sequences": 64, "tokens": 4096, "world_size": 2, "zero_stage": 1}  # as written before
+    with open(os.path.join(old, checkpoint.STATE), "w") as f:
+        json.dump(state, f)
+    with pytest.raises(checkpoint.CheckpointError, match="shard-by-shard.*" + ORDER + ".*change the order"):
+        launch.run(cfg, resume=True)
+
+
 # --- configuration derived for DeepSpeed, the schedule, FLOPs ---------------------------------------------
 
 def test_deepspeed_config_is_derived_from_ours():
@@ -257,3 +332,124 @@ def test_flops_per_token_is_palms_formula_and_cpus_report_no_mfu():
     assert n == model.num_params() - 1024 * 768
     assert flops_per_token(model.config, 1024, n) == 6 * n + 12 * 12 * 12 * 64 * 1024
     assert peak_flops(torch.device("cpu")) is None
+
+
+def write_dataset(local: Path, shard_tokens: list[int], seed: int) -> Path:
+    """Train shards of random tokens in our format, with their manifest (no Ray, no tokenizer)."""
+    rng = np.random.default_rng(seed)
+    local.mkdir(parents=True)
+    entries = []
+    for i, n in enumerate(shard_tokens):
+        name = f"train_{i:06d}.bin"
+        digest = shards.write_shard(str(local / name), [rng.integers(0, 50257, n, dtype=np.uint16)], n)
+        entries.append({"file": name, "split": "train", "tokens": n, "documents": 1, "sha256": digest})
+    (local / shards.MANIFEST).write_text(json.dumps({"format_version": shards.MANIFEST_VERSION, "shards": entries}))
+    return local
+
+
+# --- the loader on object storage: one verified copy per node, memory-mapped -------------------------------
+
+@pytest.fixture(scope="module")
+def counting_s3():
+    """moto's S3 server on 127.0.0.1, counting the bytes of every object it sends, by object path."""
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+    from werkzeug.serving import make_server
+
+    app, sent = moto_server.DomainDispatcherApplication(moto_server.create_backend_app), Counter()
+
+    def counting(environ, start_response):
+        for chunk in app(environ, start_response):
+            if environ["REQUEST_METHOD"] == "GET":
+                sent[environ["PATH_INFO"].lstrip("/")] += len(chunk)
+            yield chunk
+
+    server = make_server("127.0.0.1", 0, counting, threaded=True, request_handler=moto_server.MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id="test", aws_secret_access_key="test")
+    s3.create_bucket(Bucket="data")
+    yield s3, sent, env
+    server.shutdown()
+    thread.join()
+
+
+def upload_dataset(s3, local: Path, prefix: str, shard_tokens: list[int], seed: int) -> dict[str, int]:
+    """write_dataset, uploaded to s3://data/<prefix>; returns each train shard's object path and size."""
+    write_dataset(local, shard_tokens, seed)
+    for f in local.iterdir():
+        s3.upload_file(str(f), "data", f"{prefix}/{f.name}")
+    return {f"data/{prefix}/{f.name}": f.stat().st_size for f in sorted(local.glob("train_*.bin"))}
+
+
+# A training worker of one node: builds the loader (node cache at argv[2]), reads 8 global batches of
+# 32 sequences as rank argv[3] of argv[4], prints their sha256 and its peak RSS. (VmHWM, not getrusage:
+# ru_maxrss survives exec, so a child would report this test process's peak, moto's objects included.)
+WORKER = """
+import hashlib, json, re, sys
+from train.data import ShardLoader
+url, cache, rank, world = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+loader = ShardLoader(url, seq_len=64, seed=9, cache=cache)
+digest = hashlib.sha256()
+for step in range(8):
+    x, y = loader.micro_batch(step * 32, 32, rank, world, 0, 32 // world)
+    digest.update(x.numpy().tobytes() + y.numpy().tobytes())
+peak_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+print(json.dumps({"batches": digest.hexdigest(), "peak_rss": peak_kb * 1024}))
+"""
+
+
+def node_workers(url: str, cache: Path, env: dict, world: int) -> list[dict]:
+    """The `world` ranks of one node, started together, sharing its cache directory."""
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, str(cache), str(rank), str(world)], cwd=REPO,
+                              env={**os.environ, **env, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(world)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    return [json.loads(out.splitlines()[-1]) for out, _ in outs]
+
+
+def expected_batches(local: Path, rank: int, world: int) -> str:
+    loader, digest = ShardLoader(str(local), seq_len=64, seed=9), hashlib.sha256()
+    for step in range(8):
+        x, y = loader.micro_batch(step * 32, 32, rank, world, 0, 32 // world)
+        digest.update(x.numpy().tobytes() + y.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_the_ranks_of_a_node_fetch_one_verified_copy_of_remote_shards_and_reuse_it(counting_s3, tmp_path):
+    s3, sent, env = counting_s3
+    sizes = upload_dataset(s3, tmp_path / "local", "small", [20_000, 7_000, 13_000, 30_000], seed=1)
+    cache, url = tmp_path / "node-cache", "s3://data/small"
+    before = Counter(sent)
+    ranks = node_workers(url, cache, env, world=2)
+    assert [r["batches"] for r in ranks] == [expected_batches(tmp_path / "local", rank, 2) for rank in range(2)]
+    fetched = {key: sent[key] - before[key] for key in sizes}
+    assert fetched == sizes  # each shard exactly once for the node, though two ranks read it
+
+    before = Counter(sent)  # a restart reuses the node's copies
+    assert node_workers(url, cache, env, world=1)[0]["batches"] == expected_batches(tmp_path / "local", 0, 1)
+    assert all(sent[key] == before[key] for key in sizes)
+
+    victim = cache / f"{shards.sha256_of(str(tmp_path / 'local' / 'train_000003.bin'))}.bin"
+    data = bytearray(victim.read_bytes())
+    data[4096] ^= 0xFF  # a corrupt copy: detected, fetched again, never read
+    victim.write_bytes(bytes(data))
+    before = Counter(sent)
+    assert node_workers(url, cache, env, world=1)[0]["batches"] == expected_batches(tmp_path / "local", 0, 1)
+    refetched = "data/small/train_000003.bin"
+    assert {key: sent[key] - before[key] for key in sizes} == {**dict.fromkeys(sizes, 0), refetched: sizes[refetched]}
+
+
+@pytest.mark.slow
+def test_a_workers_memory_does_not_grow_with_a_remote_dataset(counting_s3, tmp_path):
+    s3, _, env = counting_s3
+    peaks = {}
+    for copies in (1, 8):  # 8 MB of tokens, then 64 MB
+        upload_dataset(s3, tmp_path / f"x{copies}", f"x{copies}", [1_000_000] * 4 * copies, seed=copies)
+        peaks[copies] = node_workers(f"s3://data/x{copies}", tmp_path / "cache", env, world=1)[0]["peak_rss"]
+    grown = peaks[8] - peaks[1]
+    assert grown < 8_000_000 / 2, peaks  # reading the split into RAM would add 56 MB

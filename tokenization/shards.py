@@ -5,12 +5,18 @@ int32 (magic 20240520, version 1, token count, zeros), then the tokens as little
 document is preceded by <|endoftext|> (50256), so every shard starts with it.
 
 `manifest.json` beside the shards names each shard with its split, token and document counts and
-sha256; readers check each header against it, and `verify` re-hashes every shard.
+sha256; readers check each header against it, and `verify` re-hashes every shard. Training reads a
+remote split (s3://, gs://) through one verified copy per node (`node_copy`), memory-mapped, so no
+process holds the dataset in RAM and a node fetches each shard once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -125,10 +131,80 @@ def shards(manifest: dict, split: str | None = None) -> list[ShardInfo]:
     return [ShardInfo(**s) for s in manifest["shards"] if split is None or s["split"] == split]
 
 
-def read_split(dataset_dir: str, split: str) -> list[np.ndarray]:
-    """Every shard of a split, header-checked against the manifest, in manifest order."""
-    manifest = load_manifest(dataset_dir)
-    return [read_tokens(join(dataset_dir, s.file), s.tokens) for s in shards(manifest, split)]
+def local_split(dataset_dir: str, split: str, cache: str | None = None) -> list[tuple[str, int]]:
+    """(local path, token count) of every shard of a split, header-checked against the manifest, in
+    manifest order: local shards where they are, remote ones as this node's copy in `cache`."""
+    local, out = storage.is_local(dataset_dir), []
+    for info in shards(load_manifest(dataset_dir), split):
+        url = join(dataset_dir, info.file)
+        path = storage.filesystem(url)[1] if local else node_copy(url, info, cache or default_cache())
+        read_tokens(path, info.tokens)  # header and size against the manifest
+        out.append((path, info.tokens))
+    return out
+
+
+def read_split(dataset_dir: str, split: str, cache: str | None = None) -> list[np.ndarray]:
+    """Every shard of a split, header-checked and memory-mapped (see local_split)."""
+    return [np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
+            for path, n in local_split(dataset_dir, split, cache)]
+
+
+# --- one copy per node ----------------------------------------------------------------------------
+
+def default_cache() -> str:
+    return os.path.join(tempfile.gettempdir(), "gpt2-pipeline", "shards")
+
+
+def node_copy(url: str, info: ShardInfo, cache: str) -> str:
+    """Local path of a verified copy of the remote shard `url`, shared by every process of the node.
+
+    The copy is named by the manifest's sha256, so a restart, or another run on the same data, reuses
+    it. A file lock lets one process of the node download while the others wait for it. A copy is
+    hashed against the manifest before first use, and again whenever its size or modification time
+    differ from when it was verified: a truncated or rewritten copy is fetched again, never read.
+    """
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, f"{info.sha256}.bin")
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if _still_verified(path, info):
+            return path
+        fs, remote = storage.filesystem(url)
+        part = f"{path}.part"
+        fs.get_file(remote, part)
+        actual = sha256_of(part)
+        if actual != info.sha256:
+            os.remove(part)
+            raise ShardError(f"{url}: sha256 {actual} does not match the manifest's {info.sha256}")
+        os.replace(part, path)
+        _mark_verified(path)
+    return path
+
+
+def _stat(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _mark_verified(path: str) -> None:
+    with open(f"{path}.verified", "w") as f:
+        json.dump(_stat(path), f)
+
+
+def _still_verified(path: str, info: ShardInfo) -> bool:
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(f"{path}.verified") as f:
+            if json.load(f) == _stat(path):
+                return True
+    except (OSError, ValueError):
+        pass
+    if sha256_of(path) == info.sha256:  # changed since, or never marked: hash it again
+        _mark_verified(path)
+        return True
+    os.remove(path)
+    return False
 
 
 def verify(dataset_dir: str, threads: int = 4) -> list[str]:

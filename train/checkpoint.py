@@ -49,6 +49,7 @@ class TrainerState:
     world_size: int = 1
     zero_stage: int = 0
     manifest_sha256: str = ""  # the dataset the run trains on
+    data_order: str = ""  # train/data.py's ORDER; "" in checkpoints written before it was recorded
     run_id: str | None = None  # the tracking (MLflow) run
     loss: float | None = None  # training loss of the last step
 

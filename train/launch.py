@@ -16,7 +16,8 @@ from pipeline.core.config import Config
 from pipeline.core.storage import join
 from tokenization.shards import load_manifest
 from train import checkpoint
-from train.checkpoint import CheckpointError
+from train.checkpoint import CheckpointError, TrainerState
+from train.data import check_order
 
 
 class TrainingFailed(RuntimeError):
@@ -43,6 +44,7 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
         raise CheckpointError(f"{cfg.checkpoint_dir} already holds checkpoints (latest: {existing}); "
                               f"pass --resume to continue that run, or set run.name for a new one")
     if existing:
+        check_order(TrainerState.read(existing).data_order, existing)
         print(f"train: resuming from {existing}", flush=True)
 
     cluster.connect(cfg)  # before the object store holds the HellaSwag items

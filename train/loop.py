@@ -26,7 +26,7 @@ from tokenization.tokenizer import encoding
 from train import checkpoint
 from train import engine as engines
 from train.checkpoint import TrainerState
-from train.data import ShardLoader
+from train.data import ORDER, ShardLoader, check_order
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -98,7 +98,7 @@ def _engine(cfg: Config, rank: int, world: int, run_id: str | None):
     (through its universal checkpoint, converted by the launcher, when the number of workers changed),
     else fresh."""
     state = TrainerState(world_size=world, zero_stage=cfg.deepspeed.zero_stage,
-                         manifest_sha256=manifest_hash(cfg.data_dir), run_id=run_id)
+                         manifest_sha256=manifest_hash(cfg.data_dir), data_order=ORDER, run_id=run_id)
     return engine_and_state(cfg, rank, world, state)
 
 
@@ -127,7 +127,7 @@ def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: 
     import torch.distributed as dist
 
     model, b = engine.module, cfg.batch
-    loader = ShardLoader(cfg.data_dir, b.seq_len, cfg.run.seed)
+    loader = ShardLoader(cfg.data_dir, b.seq_len, cfg.run.seed, cache=cfg.cluster.node_cache)
     val_x, val_y = (val_loss.val_sequences(cfg.data_dir, b.seq_len, cfg.eval.val_tokens)
                     if cfg.eval.interval else (None, None))
     global_batch = b.tokens_per_step // b.seq_len
@@ -192,6 +192,7 @@ def _memory_gb(device: torch.device) -> float:
 
 
 def _check_resumable(saved: TrainerState, now: TrainerState, cfg: Config, url: str) -> None:
+    check_order(saved.data_order, url, now.data_order)  # fine-tuning (train/finetuning.py) records none
     if saved.manifest_sha256 != now.manifest_sha256:
         raise checkpoint.CheckpointError(
             f"{url} was trained on dataset {saved.manifest_sha256[:12]}, but {cfg.data_dir} is "

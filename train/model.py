@@ -133,11 +133,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             xc, tc, vc = x[lo:lo + chunk_rows], targets[lo:lo + chunk_rows], valid[lo:lo + chunk_rows]
             logits = (xc @ weight.t()).float()  # (n, V): the one chunk of logits
             logits[:, vocab_size:] = float("-inf")  # padding rows are never predicted
-            lse = torch.logsumexp(logits, dim=-1)
             index = tc.clamp(min=0)[:, None]
-            loss += ((lse - logits.gather(1, index)[:, 0]) * vc).sum()
+            picked = logits.gather(1, index)[:, 0]
+            top = logits.amax(dim=-1, keepdim=True)
+            # log-sum-exp in place (torch.logsumexp would allocate a second chunk-sized tensor)
+            total = logits.sub_(top).exp_().sum(dim=-1)
+            loss += ((top[:, 0] + total.log() - picked) * vc).sum()
             if want_x or want_w:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad = logits.div_(total[:, None])  # softmax, still in the logits' memory
                 grad.scatter_add_(1, index, -vc[:, None].to(grad.dtype))
                 grad = grad.mul_(vc[:, None] / count).to(x.dtype)  # (n, V), in the dtype autograd would use
                 if want_x:

@@ -25,6 +25,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from pipeline.core.storage import join
 
 PRESET_DIR = Path(__file__).parent / "configs"
+# What a stage's own command (tokenization/, train/, eval/run.py) uses when it names no preset: the
+# production sizes (100M-token shards, 1% validation, GPT-2 124M), never smoke's toy ones on a user's
+# data. Only pipeline/run.py's embedded default, the built-in corpus, is smoke.
+DEFAULT_PRESET = "base"
 
 
 class ConfigError(ValueError):
@@ -145,7 +149,8 @@ class DeepSpeedConfig(_Section):
     # bf16 runs: sum micro-step gradients and reduce them over ranks in fp32 (true), or in bf16 (false:
     # half the gradient memory and traffic, but 8 mantissa bits lose small gradients in long sums).
     # Cost of true: ZeRO-1 keeps 4 more bytes per parameter (an fp32 gradient beside the bf16 one),
-    # ZeRO-3 4 bytes per parameter of its partition, and gradient communication doubles.
+    # ZeRO-3 4 bytes per parameter of its partition, and gradient communication doubles. (ZeRO-2 keeps
+    # its partition in bf16 but reduces in fp32; ZeRO-0 has no fp32 path in DeepSpeed.)
     fp32_grads: bool = True
     activation_checkpointing: bool = False  # recompute each block in backward: ~1/3 more compute, far less memory
     compile: bool = False  # torch.compile the model inside the DeepSpeed engine
@@ -216,6 +221,9 @@ class ClusterConfig(_Section):
     max_failures: int = 3  # automatic restarts of the training run from its last checkpoint
     # how Ray places the workers: PACK fills nodes, STRICT_SPREAD puts each worker on its own node
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # node-local directory for the one copy per node of remote (s3://, gs://) training shards;
+    # default: <system temp dir>/gpt2-pipeline/shards
+    node_cache: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
@@ -436,6 +444,14 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def preset_line(name: str | None, default: str = DEFAULT_PRESET) -> str:
+    """The first line a command prints: which preset is in force, and why when the user named none."""
+    if name is not None:
+        return f"config: preset '{name}'"
+    what = "production defaults" if default == DEFAULT_PRESET else "the embedded default"
+    return f"config: preset '{default}' ({what}; no --config given)"
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -492,7 +508,7 @@ def set_key(raw: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(preset: str = "smoke", overrides: list[str] | tuple[str, ...] = (),
+def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | tuple[str, ...] = (),
                 values: dict[str, Any] | None = None) -> Config:
     """Load a preset (name or YAML path), apply dotted overrides, then `values` ({"data.input": [...]},
     from command-line flags), and validate everything once."""

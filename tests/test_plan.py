@@ -1,0 +1,116 @@
+"""The memory and cost planner (train/plan.py) against what autograd saves and what a training step
+really holds at its peak, and its command line."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from conftest import run_cli
+
+from pipeline.core.config import load_config
+from train import plan
+from train.engine import gpt_config
+from train.model import GPT
+
+SMALL = ["model.n_layer=4", "model.n_embd=256", "model.n_head=4", "model.block_size=256", "batch.seq_len=256",
+         "batch.micro_batch_size=8", "batch.tokens_per_step=2048"]
+
+
+def saved_bytes(cfg, dtype: torch.dtype) -> int:
+    """Bytes of every tensor autograd saves for backward in one forward pass with the loss (parameters
+    excluded), counted by storage so views are not counted twice."""
+    torch.manual_seed(0)
+    model = GPT(gpt_config(cfg)).to(dtype)
+    model.activation_checkpointing = cfg.deepspeed.activation_checkpointing
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    b = cfg.batch
+    idx = torch.randint(0, 50257, (b.micro_batch_size, b.seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, idx)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_and_head_counts_equal_what_autograd_saves(precision, checkpointing):
+    cfg = load_config("smoke", [*SMALL, "model.n_layer=2", "batch.micro_batch_size=2", f"deepspeed.precision={precision}",
+                                f"deepspeed.activation_checkpointing={str(checkpointing).lower()}"])
+    m, n = cfg.model, cfg.batch.micro_batch_size * cfg.batch.seq_len
+    e = 2 if precision == "bf16" else 4
+    measured = saved_bytes(cfg, torch.bfloat16 if precision == "bf16" else torch.float32)
+    vocab = gpt_config(cfg).padded_vocab_size
+    head_kept = n * m.n_embd * (2 * e + 8) + vocab * m.n_embd * 4  # the head's saved part (the rest is transient)
+    layers = plan.activation_bytes(cfg, checkpointing)
+    if checkpointing:  # the forward keeps each block's input; the block recomputed in backward comes later
+        layers_of = lambda k: cfg.model_copy(update={"model": cfg.model.model_copy(update={"n_layer": k})})  # noqa: E731
+        layers -= plan.activation_bytes(layers_of(1), False) - plan.activation_bytes(layers_of(0), False)
+    assert (layers + head_kept) == pytest.approx(measured, rel=0.02)
+
+
+PEAK = textwrap.dedent('''
+    import sys, torch
+    from pipeline.core.config import load_config
+    from train import engine as engines
+    from train.plan import plan
+
+    def status(field):  # bytes, from the kernel's accounting of this process
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))
+
+    cfg = load_config("smoke", sys.argv[1:])
+    engines.local_process_group("gloo")
+    g = torch.Generator().manual_seed(0)
+    def batches():
+        b = cfg.batch
+        s = torch.randint(0, 50257, (b.micro_batch_size, b.seq_len + 1), generator=g)
+        return [(s[:, :-1], s[:, 1:])]
+    before = status("VmRSS")
+    engine = engines.initialize(cfg, 1)
+    engines.train_step(engine, batches(), torch.device("cpu"))  # optimizer states now exist
+    open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from the current RSS
+    engines.train_step(engine, batches(), torch.device("cpu"))
+    print("RESULT", status("VmHWM") - before, plan(cfg).total)
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_plan_is_within_15_percent_of_the_measured_peak_of_a_training_step(checkpointing, tmp_path):
+    # The process's peak resident memory over one training step, less what it held before the engine
+    # existed. glibc is told to mmap every allocation above 64 KiB, so freed tensors go back to the
+    # kernel and the peak is what was alive at once, not what the allocator kept.
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK)
+    proc = run_cli(str(script), *SMALL, f"deepspeed.activation_checkpointing={str(checkpointing).lower()}",
+                   env={"MALLOC_MMAP_THRESHOLD_": "65536", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"})
+    measured, planned = map(float, next(l for l in proc.stdout.splitlines() if l.startswith("RESULT")).split()[1:])
+    assert planned == pytest.approx(measured, rel=0.15), (measured / 2**20, planned / 2**20)
+
+
+def test_plan_cli_prints_the_plan_without_ray_and_fails_a_run_that_does_not_fit():
+    out = run_cli("train/run.py", "--config", "gpt2-124m", "--plan").stdout
+    assert "fits" in out and "ESTIMATE" in out and "124.5M parameters" in out and "19,073 steps" in out
+    bad = run_cli("pipeline/run.py", "--config", "gpt2-1558m", "deepspeed.activation_checkpointing=false",
+                  "batch.micro_batch_size=64", "batch.tokens_per_step=4194304", "--plan", check=False)
+    assert bad.returncode == 2 and "more than the 79 GiB" in bad.stderr and "ray" not in bad.stdout.lower()
+
+
+def test_plan_adds_up_for_the_presets():
+    p = plan.plan(load_config("gpt2-124m"))
+    n = 124_475_904  # padded vocabulary (50,304 rows), tied head counted once
+    assert p.n_params == n
+    assert p.rows["weights"] == 2 * n and p.rows["gradients"] == 6 * n  # bf16 + BF16_Optimizer's fp32
+    assert p.rows["optimizer states (master + Adam)"] == 12 * n / 8
+    assert p.hours == pytest.approx(2**19 * 19073 / (0.45 * 989e12 / p.flops_per_token * 8) / 3600)
+    z3 = plan.plan(load_config("gpt2-1558m"))
+    assert z3.rows["weights"] == 2 * z3.n_params / 8 and "activations (checkpointed)" in z3.rows
+    assert z3.activations_checkpointed < z3.activations_plain / 5
