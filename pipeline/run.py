@@ -1,10 +1,11 @@
 """The pipeline: corpus -> shards -> trainer -> checkpoint -> eval -> registered model, one MLflow lineage.
 
-    python pipeline/run.py [--config PRESET] [--stages tokenize,train,eval,register] [--force STAGE]... [--plan]
+    python pipeline/run.py [--config PRESET] [--stages tokenize,train,eval,register[,finetune]] [--force STAGE]... [--plan]
                            [section.key=value ...]
     ray job submit --working-dir . -- python pipeline/run.py --config gpt2-124m
 
 With no arguments: the `smoke` preset on the built-in corpus, a local Ray, MLflow in ./mlflow.db.
+The optional `finetune` stage puts task heads on the final checkpoint (finetune.* in the config).
 Under `ray job submit` it joins the cluster ($RAY_ADDRESS). Every stage skips what is complete, so
 submitting the same run name again continues: tokenization is reused, training resumes.
 """
@@ -30,17 +31,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help=f"preset name or YAML path (default: {EMBEDDED}: the built-in corpus, "
                                          "CPU-sized; a stage's own command defaults to production sizes)")
-    parser.add_argument("--stages", default=",".join(stages.STAGES), help="comma-separated stages to run, in order")
-    parser.add_argument("--force", action="append", default=[], choices=stages.STAGES, metavar="STAGE",
+    parser.add_argument("--stages", default=",".join(stages.STAGES),
+                        help=f"comma-separated stages to run, in order (optional: {', '.join(stages.OPTIONAL)})")
+    parser.add_argument("--force", action="append", default=[], choices=list(stages.ALL), metavar="STAGE",
                         help="redo this stage even if it is complete (repeatable)")
     parser.add_argument("--plan", action="store_true",
                         help="print the training memory and cost plan (no Ray, no model); exit 2 if it does not fit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     selected = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = [s for s in selected if s not in stages.STAGES]
+    unknown = [s for s in selected if s not in stages.ALL]
     if unknown:
-        parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stages.STAGES)}")
+        parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stages.ALL)}")
     print(preset_line(args.config, EMBEDDED), flush=True)
     try:
         cfg = load_config(args.config or EMBEDDED, args.overrides).with_absolute_paths()
@@ -131,6 +133,8 @@ def report(ctx: stages.Context, track, parent: str | None, seconds: dict[str, fl
                 "hellaswag/completion/acc", "hellaswag/completion/acc_norm"):
         if key in metrics:
             print(f"  {key:<30} {metrics[key]:.4f}")
+    for key, value in ctx.results.get("finetune", {}).get("metrics", {}).items():  # held-out task scores
+        print(f"  {key:<30} {value:.4f}")
     if track and track.available:
         print(f"\nReview it in MLflow:\n  {lineage.ui_command(track.uri)}")
         if parent:

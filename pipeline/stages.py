@@ -1,4 +1,4 @@
-"""The four stages of a pipeline run, each a function of the config with explicit outputs under the
+"""The stages of a pipeline run (four by default, and an optional fine-tune), each a function of the config with explicit outputs under the
 run directory, a fingerprint of what it depends on, and a check that its output is still there.
 
 A finished stage leaves `<run dir>/stages/<stage>.json` (fingerprint, output, summary); the driver
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from eval import suite
+from pipeline import finetune as finetuning
 from pipeline import registry
 from pipeline.core import storage
 from pipeline.core.config import Config
@@ -25,7 +26,8 @@ from tokenization import job
 from tokenization.shards import MANIFEST, manifest_hash
 from train import checkpoint, engine, launch
 
-STAGES = ("tokenize", "train", "eval", "register")
+STAGES = ("tokenize", "train", "eval", "register")  # what a run does by default
+OPTIONAL = ("finetune",)  # run only when --stages names them
 
 
 class StageError(RuntimeError):
@@ -203,6 +205,34 @@ def register(ctx: Context, run_id: str | None, force: bool) -> dict:
     return {"output": version["model_uri"], **version}
 
 
+# --- finetune (optional) -----------------------------------------------------------------------------
+
+def _finetune_start(cfg: Config) -> str:
+    start = cfg.finetune.checkpoint or _final_checkpoint(cfg)
+    if start is None:
+        raise StageError(f"finetune: no finished training in {cfg.checkpoint_dir} and no finetune.checkpoint; "
+                         f"run the train stage first or name a checkpoint")
+    return start
+
+
+def finetune_fingerprint(ctx: Context) -> str:
+    start = ctx.cfg.finetune.checkpoint or _final_checkpoint(ctx.cfg)
+    return _sha(start, ctx.cfg.run.seed, ctx.cfg.fingerprint("finetune", "deepspeed"))
+
+
+def finetune_done(ctx: Context, marker: dict) -> bool:
+    return storage.exists(join(ctx.cfg.finetune_dir, "results.json"))
+
+
+def finetune(ctx: Context, run_id: str | None, force: bool) -> dict:
+    cfg = ctx.cfg
+    start = _finetune_start(cfg)
+    if force:
+        storage.remove(cfg.finetune_dir, recursive=True)
+    summary = finetuning.run(cfg, start, resume=True, lineage=ctx.lineage, run_id=run_id, log=ctx.log)
+    return {**summary, "parent": {"metrics": summary["metrics"], "step": summary["step"]}}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -215,7 +245,8 @@ class Stage:
 ALL = {s.name: s for s in (Stage("tokenize", tokenize_fingerprint, tokenize_done, tokenize),
                            Stage("train", train_fingerprint, train_done, train),
                            Stage("eval", eval_fingerprint, eval_done, evaluate),
-                           Stage("register", register_fingerprint, register_done, register, tracking_is_work=True))}
+                           Stage("register", register_fingerprint, register_done, register, tracking_is_work=True),
+                           Stage("finetune", finetune_fingerprint, finetune_done, finetune))}
 
 
 def run_stage(ctx: Context, stage: Stage, force: bool) -> dict:

@@ -36,6 +36,24 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3 API on 127.0.0.1 (moto's server) with a bucket "runs"; yields the environment that points
+    boto3/s3fs at it. `reset_auth` switches moto's IAM checks on (0) or off (None) for permission tests."""
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket="runs")
+    yield env
+    server.stop()
+
+
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would, e.g. run_cli("tokenization/run.py", ...)."""

@@ -1,4 +1,4 @@
-"""Every `python .../run.py ...` command in the user-facing documents gets past its CLI's argument
+"""Every `python .../run.py ...` (and `train/finetune.py`) command in the user-facing documents gets past its CLI's argument
 parser and the config loader (preset, overrides, cross-field checks), so a documented command cannot
 be one that fails before doing any work."""
 
@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 DOCS = ("README.md", "BENCHMARKS.md", "infra/README.md")
-_COMMAND = re.compile(r"python[0-9.]*\s+((?:pipeline|train|tokenization|eval)/run\.py)\b(.*)")
+_COMMAND = re.compile(r"python[0-9.]*\s+((?:pipeline|train|tokenization|eval)/run\.py|train/finetune\.py)\b(.*)")
 
 
 def snippets(text: str) -> list[str]:
@@ -48,7 +48,7 @@ COMMANDS = documented_commands()
 
 def test_the_documents_have_the_commands_we_expect_to_check():
     scripts = {script for _, script, _ in COMMANDS}
-    assert scripts == {"pipeline/run.py", "train/run.py", "tokenization/run.py", "eval/run.py"}
+    assert scripts == {"pipeline/run.py", "train/run.py", "tokenization/run.py", "eval/run.py", "train/finetune.py"}
     assert len(COMMANDS) >= 15
     assert any(doc == "BENCHMARKS.md" and script == "train/run.py" for doc, script, _ in COMMANDS)
     assert any(doc == "infra/README.md" for doc, _, _ in COMMANDS)

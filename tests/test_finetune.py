@@ -66,7 +66,7 @@ def test_parquet_and_a_datasets_directory_read_like_jsonl(tmp_path):
     train, held = tasks.load(g, "train", encode), tasks.load(g, "eval", encode)
     assert [e.ids for e in held.examples] == [tuple(encode(r["sentence"])) for r in RECORDS[40:]]
     assert [e.labels["task"] for e in train.examples] == [r["label"] for r in RECORDS[:40]]
-    with pytest.raises(TaskError, match="finetune.hf_split: 'test' not in dataset"):
+    with pytest.raises(TaskError, match="finetune.eval_split: 'test' not in dataset"):
         tasks.load(g.model_copy(update={"eval_split": "test"}), "eval", encode)
 
 
@@ -226,3 +226,120 @@ def test_multi_task_fine_tune_separates_the_texts_fits_the_lengths_and_lands_in_
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 51))
     version = client.get_model_version_by_alias("gpt2-pipeline-finetuned", "best")
     assert version.run_id == run.info.run_id
+
+
+def fine_tune_config(root, *overrides: str, task=None, uri: str | None = None):
+    values = {"run.root": str(root), "finetune.task": str(task) if task else None, "tracking.uri": uri,
+              "tracking.enabled": uri is not None}
+    return load_config("smoke", [*FT, "finetune.max_steps=16", "finetune.checkpoint_interval=4",
+                                 "finetune.text_fields=passage", "finetune.label_field=kind", *overrides],
+                       {k: v for k, v in values.items() if v is not None})
+
+
+@pytest.fixture(scope="module")
+def kind_task(tmp_path_factory):
+    path = tmp_path_factory.mktemp("task") / "kinds.jsonl"
+    return write_jsonl(path, passages(40, seed=1))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_fine_tune(tmp_path_factory, pretrained, kind_task):
+    """16 steps of a classification fine-tune, checkpoints every 4, registered as `ft-resume`."""
+    from pipeline import finetune
+
+    cfg = fine_tune_config(tmp_path_factory.mktemp("ft-uninterrupted"), "finetune.registered_model=ft-resume",
+                           task=kind_task, uri=pretrained["uri"])
+    finetune.run(cfg, pretrained["checkpoint"])
+    return cfg
+
+
+@pytest.mark.slow
+def test_a_killed_fine_tune_resumes_and_repeats_identical_losses(uninterrupted_fine_tune, pretrained, kind_task, tmp_path):
+    from safetensors.torch import load_file
+    from test_train import kill_a_worker_after
+
+    from pipeline import finetune
+    from pipeline.core.tracking import read_jsonl
+    from train import checkpoint, finetuning
+
+    cfg = fine_tune_config(tmp_path, "cluster.max_failures=2", task=kind_task)
+    metrics_file = finetuning.trainer_config(cfg.with_absolute_paths()).metrics_file
+    killed: list[int] = []
+    killer = __import__("threading").Thread(target=kill_a_worker_after, args=(metrics_file, 7, killed))
+    killer.start()
+    finetune.run(cfg, pretrained["checkpoint"])
+    killer.join()
+    assert killed, "no worker was killed"
+
+    def losses(c) -> dict[int, list[float]]:
+        out: dict[int, list[float]] = {}
+        for r in read_jsonl(finetuning.trainer_config(c.with_absolute_paths()).metrics_file):
+            if "train/loss" in r:
+                out.setdefault(r["step"], []).append(r["train/loss"])
+        return out
+
+    expected, got = losses(uninterrupted_fine_tune), losses(cfg)
+    assert sorted(got) == list(range(1, 17)) and any(len(v) > 1 for v in got.values()), got
+    for step, values in got.items():  # bitwise: fp32 on CPU, same examples, same dropout seeds
+        assert all(v == expected[step][0] for v in values), (step, values, expected[step])
+    weights = [load_file(f"{checkpoint.latest(finetuning.trainer_config(c.with_absolute_paths()).checkpoint_dir)}"
+                         f"/model.safetensors") for c in (uninterrupted_fine_tune, cfg)]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert "score.weight" in weights[0]  # transformers' GPT2ForSequenceClassification layout
+
+
+@pytest.mark.slow
+def test_heads_that_do_not_match_the_checkpoint_are_refused_and_models_uris_are_read(uninterrupted_fine_tune, pretrained, tmp_path):
+    from conftest import run_cli
+    from transformers import GPT2ForSequenceClassification
+
+    from pipeline import finetune
+    from train import checkpoint, finetuning, heads
+    from train.heads import HeadMismatch
+
+    done = uninterrupted_fine_tune.with_absolute_paths()
+    final = checkpoint.latest(finetuning.trainer_config(done).checkpoint_dir)
+    # the fine-tuned checkpoint is transformers' class, with our logits
+    ours, theirs = heads.load_hf(final).eval(), GPT2ForSequenceClassification.from_pretrained(final).eval()
+    idx, _ = tasks.collate([tasks.Example(tuple(encode(t)), {}) for t in ("The assert statement is a way", "Return it")],
+                           {}, 50256)
+    with torch.no_grad():
+        assert torch.allclose(ours(idx)[0]["task"], theirs(idx).logits, atol=1e-5, rtol=0)
+    # resuming it with other heads
+    proc = run_cli("train/finetune.py", "--ckpt", str(pretrained["checkpoint"]), "--resume",
+                   f"run.root={done.run.root}", f"finetune.task={done.finetune.task}", "finetune.num_labels=3",
+                   "finetune.text_fields=passage", "finetune.label_field=kind", "tracking.enabled=false", check=False)
+    assert proc.returncode == 2 and "finetune.heads.task: configured classification/3, checkpoint has classification/2" in proc.stderr
+    assert "init/config.json" in proc.stderr
+    # starting from the registered fine-tuned model, by its registry URI: its head is kept if it fits
+    cfg = fine_tune_config(tmp_path, "finetune.head=regression", "finetune.label_field=words", task=done.finetune.task,
+                           uri=pretrained["uri"])
+    with pytest.raises(HeadMismatch, match=r"config\.json: .*configured regression/1, checkpoint has classification/2"):
+        finetune.run(cfg, "models:/ft-resume@best")
+    source = finetune.write_init(fine_tune_config(tmp_path / "again", uri=pretrained["uri"]), "models:/ft-resume@best",
+                                 str(tmp_path / "init"))
+    assert source["registered"] == "ft-resume/1" and source["run_id"]
+    again = heads.load_hf(tmp_path / "init").eval()
+    with torch.no_grad():
+        assert torch.equal(again(idx)[0]["task"], ours(idx)[0]["task"])
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_the_optional_finetune_stage_under_its_own_run_and_then_skips_it(pretrained, kind_task, tmp_path):
+    from conftest import run_cli
+    from mlflow.tracking import MlflowClient
+
+    args = ["pipeline/run.py", "--stages", "finetune", *FT, "finetune.max_steps=4", "finetune.checkpoint_interval=4",
+            "finetune.label_field=kind", f"finetune.task={kind_task}", f"finetune.checkpoint={pretrained['checkpoint']}",
+            f"run.root={tmp_path}", "run.name=with-finetune", f"tracking.uri={pretrained['uri']}"]
+    first = run_cli(*args, env={"MLFLOW_TRACKING_URI": ""})
+    assert "finetune/accuracy" in first.stdout
+    second = run_cli(*args, env={"MLFLOW_TRACKING_URI": ""})
+    assert "finetune: complete" in second.stdout and "skipped" in second.stdout
+    client = MlflowClient(pretrained["uri"])
+    experiment = client.get_experiment_by_name("gpt2-pretraining").experiment_id
+    parent = client.search_runs([experiment], f"tags.`gpt2.run_dir` = '{tmp_path / 'with-finetune'}' and "
+                                              f"tags.`gpt2.stage` = 'pipeline'")[0]
+    child = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert [r.data.tags["gpt2.stage"] for r in child] == ["finetune"]
+    assert "finetune/accuracy" in child[0].data.metrics and "finetune/accuracy" in parent.data.metrics

@@ -278,23 +278,6 @@ class Postgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture
-def s3_server():
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket="runs")
-    yield env
-    server.stop()
-
-
-@pytest.mark.slow
 def test_the_mlflow_server_from_plain_commands_on_postgres_takes_a_pipeline_run_stored_on_s3(tmp_path, s3_server):
     bindir = _postgres_bin()
     if bindir is None:

@@ -67,15 +67,15 @@ def load(f: FinetuneConfig, which: str, encode) -> Split:
         raise TaskError("finetune.task: no task data given (a JSONL/Parquet path or hf:NAME)")
     hub = f.task.startswith("hf:")
     if which == "eval" and f.eval_task:
-        spec, split, keep = f.eval_task, f.eval_split, None
+        spec, split, keep, key = f.eval_task, f.eval_split, None, "finetune.eval_task"
     elif hub:
-        spec, split, keep = f.task, f.train_split if which == "train" else f.eval_split, None
+        spec, split, keep, key = f.task, f.train_split if which == "train" else f.eval_split, None, "finetune.task"
     else:
-        spec, split, keep = f.task, None, which
+        spec, split, keep, key = f.task, None, which, "finetune.task"
     specs, fields = head_specs(f), label_fields(f)
     words = any(s.kind == "token_classification" for s in specs.values())
     examples, truncated = [], 0
-    for where, record in _records(spec, split, f):
+    for where, record in _records(spec, split, f, key, f"finetune.{which}_split"):
         text = _input(record, f.text_fields, words, where)
         if keep is not None and (_held_out(text, f.eval_fraction) != (keep == "eval")):
             continue
@@ -102,13 +102,14 @@ def fingerprint(*splits: Split) -> str:
     return digest.hexdigest()
 
 
-def _records(spec: str, split: str | None, f: FinetuneConfig) -> Iterator[tuple[str, dict]]:
+def _records(spec: str, split: str | None, f: FinetuneConfig, key: str, split_key: str) -> Iterator[tuple[str, dict]]:
     data = DataConfig(input=[spec], format=f.format, hf_config=f.hf_config, hf_revision=f.hf_revision,
                       hf_split=split or "train")
     try:
         source = sources.resolve(data)
-    except sources.CorpusError as err:
-        raise TaskError(str(err).replace("data.", "finetune.")) from None
+    except sources.CorpusError as err:  # sources names tokenization's keys; say which of ours
+        message = str(err).replace("data.input", key).replace("data.hf_split", split_key)
+        raise TaskError(message.replace("data.", "finetune.")) from None
     for file in source.files:
         if file.format == "jsonl":
             raw = storage.read_bytes(file.url)
