@@ -117,8 +117,8 @@ def state_bytes(cfg: Config, n: int, world: int) -> dict[str, float]:
     if stage <= 1:  # the whole gradient on every rank; ZeRO-1 adds fp32 ones: BF16_Optimizer's (fp32_grads),
         # else the fp32 gradient of the rank's partition of the master weights
         grads = n * e + (n * 4 if fp32_grads else n * 4 / world if stage == 1 else 0)
-    else:  # ZeRO-2/3 keep their partition (ZeRO-3 in the accumulation dtype)
-        grads = n * (4 if stage == 3 and fp32_grads else e) / world
+    else:  # ZeRO-2/3 keep their partition, in the accumulation dtype
+        grads = n * (4 if fp32_grads else e) / world
     master = 4 if bf16 or stage >= 1 else 0  # fp32 master weights (ZeRO >= 1 keeps an fp32 partition even for fp32)
     optim = n * (master + 8) / (world if stage >= 1 else 1)  # + Adam's two moments
     if z.offload_optimizer:
