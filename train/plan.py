@@ -50,6 +50,7 @@ class Plan:
     tokens_per_s_per_gpu: float  # estimate
     gpus: int
     usd_per_gpu_hour: float
+    on_gpu: bool = True  # cluster.use_gpu: a CPU run's limit is the host's memory, not checked here
 
     @property
     def total(self) -> float:
@@ -65,10 +66,12 @@ class Plan:
 
     def report(self, name: str) -> str:
         g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
-        lines = [f"plan for {name}: {self.n_params / 1e6:.1f}M parameters, {self.gpus} GPU(s), per GPU:"]
+        unit = "GPU" if self.on_gpu else "worker"
+        lines = [f"plan for {name}: {self.n_params / 1e6:.1f}M parameters, {self.gpus} {unit}(s), per {unit}:"]
         lines += [f"  {k:<34}{g(v)}" for k, v in self.rows.items()]
-        lines += [f"  {'total':<34}{g(self.total)}  of {g(self.gpu_memory)} "
-                  f"({'fits' if self.fits else 'DOES NOT FIT'})",
+        limit = (f"of {g(self.gpu_memory)} ({'fits' if self.fits else 'DOES NOT FIT'})" if self.on_gpu
+                 else "(a CPU run: the limit is the host's memory)")
+        lines += [f"  {'total':<34}{g(self.total)}  {limit}",
                   f"  activations without / with activation checkpointing: {g(self.activations_plain)} / "
                   f"{g(self.activations_checkpointed)}",
                   "  not counted: CUDA context and allocator fragmentation (1-3 GiB)",
@@ -151,7 +154,7 @@ def plan(cfg: Config, gpu_memory_gib: float = GPU_MEMORY_GIB, mfu: float = ASSUM
         n_flops = GPT(gpt_config(cfg)).num_params(embeddings=False)
     fpt = flops_per_token(gpt_config(cfg), cfg.batch.seq_len, n_flops)
     return Plan(rows, plain, ckpt, gpu_memory_gib * GIB, n, cfg.batch.tokens_per_step, cfg.train.max_steps,
-                fpt, mfu * peak / fpt, world, usd_per_gpu_hour)
+                fpt, mfu * peak / fpt, world, usd_per_gpu_hour, cfg.cluster.use_gpu)
 
 
 def check(cfg: Config, name: str, **kwargs) -> Plan:
