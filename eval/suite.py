@@ -35,7 +35,7 @@ def run(cfg: Config, ckpt: str, output: str | None = None, *, data: bool = True,
         t0 = time.perf_counter()
         seq_len = min(cfg.batch.seq_len, model.config.block_size)
         x, y = val_loss.val_sequences(cfg.data_dir, seq_len, cfg.eval.val_tokens)
-        val = val_loss.evaluate(lambda idx: model(idx)[0], x, y, cfg.batch.micro_batch_size, device)
+        val = val_loss.evaluate(lambda idx, tgt: model(idx, tgt)[1], x, y, cfg.batch.micro_batch_size, device)
         results["val"] = {**val, "data": cfg.data_dir, "manifest_sha256": manifest_hash(cfg.data_dir),
                           "seq_len": seq_len}
         results["metrics"].update({"val/loss": val["loss"], "val/perplexity": val["perplexity"]})

@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tokenization import shards
 
@@ -34,9 +33,10 @@ def val_sequences(dataset_dir: str, seq_len: int, max_tokens: int) -> tuple[torc
     return rows[:-1].view(count, seq_len), rows[1:].view(count, seq_len)
 
 
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+def evaluate(loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
              micro_batch: int, device: torch.device, rank: int = 0, world: int = 1) -> dict:
-    """Mean cross-entropy of `forward` (token ids -> logits) on (x, y), split over `world` ranks.
+    """Mean cross-entropy on (x, y), split over `world` ranks. `loss_of(inputs, targets)` is the model's mean
+    loss over the targets that are not -1: the model's own (chunked) loss, so no batch's full logits exist.
 
     With several ranks every one runs the same number of forward passes (ZeRO-3 gathers parameters
     collectively), padding with ignored rows, and the sums are all-reduced.
@@ -51,10 +51,11 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
                 pad = micro_batch - len(bx)
                 bx = torch.cat([bx, torch.zeros(pad, x.shape[1], dtype=x.dtype)])
                 by = torch.cat([by, torch.full((pad, y.shape[1]), -1, dtype=y.dtype)])
-            logits = forward(bx.to(device))
-            by = by.to(device)
-            totals[0] += F.cross_entropy(logits.float().flatten(0, 1), by.flatten(), ignore_index=-1, reduction="sum")
-            totals[1] += (by != -1).sum()
+            count = int((by != -1).sum())
+            loss = loss_of(bx.to(device), by.to(device))  # every rank runs it, even on padding alone
+            if count:
+                totals[0] += loss.double() * count
+                totals[1] += count
     if world > 1:
         import torch.distributed as dist
 

@@ -174,7 +174,7 @@ def test_val_loss_equals_transformers_on_the_same_tokens(hf_model_dir, builtin_d
 
     x, y = val_loss.val_sequences(str(builtin_dataset), seq_len=64, max_tokens=4096)
     model, _ = checkpoints.load(str(hf_model_dir))
-    ours = val_loss.evaluate(lambda idx: model(idx)[0], x, y, micro_batch=16, device=torch.device("cpu"))
+    ours = val_loss.evaluate(lambda idx, tgt: model(idx, tgt)[1], x, y, micro_batch=16, device=torch.device("cpu"))
     reference = GPT2LMHeadModel.from_pretrained(hf_model_dir).eval()
     with torch.no_grad():
         logits = reference(x).logits

@@ -93,48 +93,62 @@ class MlflowServer:
 
 
 # --- a real Ray cluster: `ray start --head` and `ray job submit` ---------------------------------------
-# First in the module: after the embedded-default runs, the head's job agent was seen never to register
-# ("No available agent to submit job") on the 2-CPU CI machine, a Ray interaction not yet understood.
+# "No available agent to submit job": the head hands a job to its node's dashboard agent, and waits ~10 s for
+# that agent to register. The agent listens on 52365 by default, which a local Ray of another test (or
+# process) may hold, so it never came up; and on a loaded 2-CPU machine it can start later than 10 s. So the
+# head gets a port of its own, and the test submits once the agent answers its health check.
 
-def test_ray_job_submit_runs_the_pipeline_on_a_ray_cluster(tmp_path):
+def test_ray_job_submit_keeps_the_run_and_mlflow_store_across_resubmissions(tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()
+    home = tmp_path / "home"  # where the jobs' relative outputs go, instead of ~/gpt2-pipeline
     # `python` in the job is ours; token auth as the README sets it up for a cluster (Ray's CLI only sends the
     # token when RAY_AUTH_MODE=token, though a head started without it enforces one too)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), "GPT2_PIPELINE_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                             # not the default 52365, which a local Ray of an earlier test may still hold
-                             f"--dashboard-agent-listen-port={free_port()}",
-                             "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+                             f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
                             stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
                             env=env)
     address = f"http://127.0.0.1:{dashboard}"
 
-    def head_is_up() -> bool:
+    def agent_is_up() -> bool:
+        import urllib.request
+
         assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-        return subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True, env=env).returncode == 0
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{agent}/api/healthz", timeout=2).status == 200
+        except OSError:
+            return False
+
+    # a copy of the checkout to submit, so that a file of it can change between the two jobs
+    checkout = shutil.copytree(REPO, tmp_path / "checkout", ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", ".pytest_cache", "runs", "mlflow.db", "mlartifacts", "artifacts"))
+
+    def submit(job: str) -> str:
+        command = [ray_bin, "job", "submit", "--address", address, "--submission-id", job, "--working-dir",
+                   str(checkout), "--", "python", "pipeline/run.py", *TINY, "train.max_steps=10"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+        assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+        return subprocess.run([ray_bin, "job", "logs", "--address", address, job],
+                              capture_output=True, text=True, timeout=120, env=env).stdout
 
     try:
-        wait_for(head_is_up, 180, "the Ray head")
-        command = [ray_bin, "job", "submit", "--address", address, "--submission-id", "smoke-job", "--working-dir",
-                   str(REPO), "--", "python", "pipeline/run.py", *TINY, "train.max_steps=10",
-                   f"run.root={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-        for _ in range(30):  # the job API answers before the head's job agent is up; Ray says "try again later"
-            submit = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-            if "No available agent" not in submit.stderr:
-                break
-            time.sleep(2)
-        assert submit.returncode == 0 and "succeeded" in submit.stdout, submit.stdout[-3000:] + submit.stderr[-2000:]
-        logs = subprocess.run([ray_bin, "job", "logs", "--address", address, "smoke-job"],
-                              capture_output=True, text=True, timeout=120, env=env).stdout
+        wait_for(agent_is_up, 180, "the Ray head's dashboard agent")
+        first = submit("smoke-job-1")
+        assert first.index(f"relative outputs go to {home}") < first.index("pipeline: run 'smoke'")
         for progress in ("tokenize:", "step 10/10", "eval:", "register:", "pipeline: done"):
-            assert progress in logs, progress
-        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-        resources = runs_by_stage(client)["pipeline"].data.tags["ray_cluster_resources"]
-        assert "'CPU': 2.0" in resources
+            assert progress in first, progress
+        assert "_ray_pkg_" not in first.split("pipeline: done")[1]  # the summary names no path in Ray's cache
+        (checkout / "README.md").write_text((checkout / "README.md").read_text() + "\nEdited between two jobs.\n")
+        second = submit("smoke-job-2")
+        for stage in ("tokenize", "train", "eval", "register"):
+            assert f"{stage}: complete (fingerprint" in second, stage
+        caches = {re.search(r"_ray_pkg_\w+", log).group(0) for log in (first, second) if "_ray_pkg_" in log}
+        assert len(caches) == 2, caches  # two copies of the checkout, one run and one store
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start` and the GCS, raylet and dashboard it started
         try:
@@ -142,7 +156,14 @@ def test_ray_job_submit_runs_the_pipeline_on_a_ray_cluster(tmp_path):
         except subprocess.TimeoutExpired:
             pass
         wait_for(lambda: not _kill_group(head.pid), 60, "the Ray head's processes to exit")
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)  # the package cache goes with it
+    assert (home / "runs" / "smoke" / "checkpoints").is_dir() and (home / "mlflow.db").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    runs = runs_by_stage(client)
+    assert len(runs) == 5 and runs["pipeline"].info.status == "FINISHED"  # both jobs: one run, one lineage
+    assert "'CPU': 2.0" in runs["pipeline"].data.tags["ray_cluster_resources"]
+    assert len(client.search_model_versions("name='gpt2-pipeline'")) == 1
+    assert client.get_model_version_by_alias("gpt2-pipeline", "best").run_id == runs["register"].info.run_id
 
 
 def _kill_group(pgid: int) -> bool:

@@ -63,7 +63,7 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
 def _grad_dtypes(cfg: Config) -> dict:
     """Where gradients are summed (over micro-steps) and reduced (over ranks) in bf16 runs: fp32 unless
     deepspeed.fp32_grads is off. ZeRO-1 then runs DeepSpeed's BF16_Optimizer (an fp32 gradient per
-    parameter), ZeRO-3 accumulates its partition in fp32, and the all-reduce / reduce-scatter moves fp32."""
+    parameter), ZeRO-2/3 accumulate their partition in fp32, and the all-reduce / reduce-scatter moves fp32."""
     if precision(cfg) != "bf16" or not cfg.deepspeed.fp32_grads or cfg.deepspeed.zero_stage == 0:
         return {}  # ZeRO-0: DeepSpeed has no fp32 accumulation for bf16 weights without ZeRO
     return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}

@@ -161,7 +161,7 @@ def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: 
         last = state.step == cfg.train.max_steps
         if val_x is not None and (state.step % cfg.eval.interval == 0 or last):
             engine.eval()
-            val = val_loss.evaluate(lambda idx: engine(idx)[0], val_x, val_y, b.micro_batch_size, device, rank, world)
+            val = val_loss.evaluate(lambda idx, tgt: engine(idx, tgt)[1], val_x, val_y, b.micro_batch_size, device, rank, world)
             engine.train()
             metrics.log({f"val/{k}": v for k, v in val.items()}, state.step)
         if swag and (state.step % cfg.eval.hellaswag_interval == 0 or last):
