@@ -102,6 +102,17 @@ def test_bad_records_stop_the_job_naming_file_line_and_key(record, overrides, me
         tasks.load(f, "eval", encode)
 
 
+def test_the_source_fingerprint_follows_the_task_files(tmp_path):
+    write_jsonl(tmp_path / "task.jsonl", RECORDS)
+    f = finetune_cfg(f"finetune.task={tmp_path / 'task.jsonl'}")
+    before = tasks.source_fingerprint(f)
+    assert tasks.source_fingerprint(f) == before
+    write_jsonl(tmp_path / "task.jsonl", RECORDS[:-1])
+    assert tasks.source_fingerprint(f) != before
+    write_jsonl(tmp_path / "held.jsonl", RECORDS[:5])
+    assert tasks.source_fingerprint(f.model_copy(update={"eval_task": str(tmp_path / "held.jsonl")})) != before
+
+
 def test_an_empty_split_and_missing_data_are_named(tmp_path):
     write_jsonl(tmp_path / "one.jsonl", [{"text": "only one record", "label": 0}])
     f = finetune_cfg(f"finetune.task={tmp_path / 'one.jsonl'}", "finetune.eval_fraction=0.01")
