@@ -126,13 +126,12 @@ def local_process_group(backend: str) -> None:
 
     if dist.is_initialized():
         return
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
-        os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    with socket.socket() as s:  # a free port, passed explicitly: the environment (which children inherit) stays as it was
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", "0")  # the engine insists on it (device index); 0 in a world of one
 
 
 # --- the training step --------------------------------------------------------------------------------
