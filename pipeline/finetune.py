@@ -22,7 +22,7 @@ import torch
 
 from pipeline import registry
 from pipeline.core import storage
-from pipeline.core.config import Config
+from pipeline.core.config import Config, output_base
 from pipeline.core.storage import join
 from pipeline.core.tracking import Mirror, MlflowUploader, mirrored
 from pipeline.lineage import PARENT_TAG, Lineage, tracking_uri
@@ -122,7 +122,7 @@ def _registered(spec: str, cfg: Config) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(cfg.tracking.uri)
+    uri = tracking_uri(cfg.tracking.uri, output_base())
     client = MlflowClient(tracking_uri=uri)
     name_ref = spec[len("models:/"):]
     try:
@@ -143,7 +143,7 @@ def _registered(spec: str, cfg: Config) -> dict:
 
 def _track(cfg: Config, source: dict) -> tuple[Lineage | None, str | None]:
     """This fine-tune's MLflow run, a child of the checkpoint's pipeline run when it has one."""
-    track = Lineage(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.finetune_dir)
+    track = Lineage(tracking_uri(cfg.tracking.uri, output_base()), cfg.tracking.experiment, cfg.finetune_dir)
     if not track.available:
         return None, None
     origin = source.get("run_id")

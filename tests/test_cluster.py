@@ -13,9 +13,8 @@ import sys
 import urllib.request
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import REPO, run_cli
+from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
