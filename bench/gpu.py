@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a 2-layer model on the CPU (checks the kit runs)")
     parser.add_argument("--compile", choices=["both", "off", "on"], default=None,
                         help="eager, compiled or both (default: both on a GPU, off with --smoke)")
-    parser.add_argument("--out", help="write every figure to this JSON file")
+    parser.add_argument("--out", help="write every figure to this JSON file (rewritten after each configuration)")
+    parser.add_argument("--budget", type=float, default=540,
+                        help="seconds for the whole sweep; a configuration that would run past it is stopped "
+                             "and reported (default 540: inside a 10-minute command)")
     parser.add_argument("--one", nargs=2, metavar=("MICRO_BATCH", "COMPILED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     kit = SMOKE if args.smoke else FULL
@@ -122,28 +125,45 @@ def main(argv: list[str] | None = None) -> int:
     print(f"logits vs CPU: fp32 max diff {logits['fp32_max_diff']:.2e}, bf16 max diff {logits['bf16_max_diff']:.3f} "
           f"(|logits| up to {logits['logits_abs_max']:.1f}), bf16 argmax agreement "
           f"{logits['bf16_argmax_agreement']:.3f}: {'OK' if logits['ok'] else 'FAILED'}", flush=True)
-    rows = []
+    started = time.monotonic()
+    summary = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "torch": torch.__version__,
+               "logits": logits, "runs": []}
+    rows = summary["runs"]
     print(f"{'micro':>5} {'compile':>7} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>8} {'plan GiB':>8} {'setup s':>7}")
     for compiled in modes:
         for mb in kit["micro_batches"]:
             cmd = [sys.executable, __file__, "--one", str(mb), "1" if compiled else "0"] + (["--smoke"] if args.smoke else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            left = args.budget - (time.monotonic() - started)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(left, 1),
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            except subprocess.TimeoutExpired:
+                print(f"{mb:>5} {str(compiled):>7} stopped: past the {args.budget:.0f} s budget", flush=True)
+                rows.append({"micro_batch": mb, "compiled": compiled, "error": "past the time budget"})
+                _write(args.out, summary)
+                continue
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 print(f"{mb:>5} {str(compiled):>7} FAILED (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}", flush=True)
                 rows.append({"micro_batch": mb, "compiled": compiled, "error": proc.stderr[-4000:]})
+                _write(args.out, summary)
                 continue
             r = json.loads(line[len("RESULT "):])
             rows.append(r)
+            summary["device"] = r["device"]
+            _write(args.out, summary)
             mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
             print(f"{mb:>5} {str(compiled):>7} {r['tokens_per_s']:>10,.0f} {mfu:>6} {peak:>8} {r['plan_gib']:>8.2f} "
                   f"{r['setup_s']:>7.1f}", flush=True)
-    summary = {"date": time.strftime("%Y-%m-%d"), "device": rows[0].get("device") if rows else str(device),
-               "torch": torch.__version__, "logits": logits, "runs": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    _write(args.out, summary)
     return 0 if logits["ok"] and all("error" not in r for r in rows) else 1
+
+
+def _write(path: str | None, summary: dict) -> None:
+    """Rewritten after every configuration, so a command cut short still leaves what it measured."""
+    if path:
+        Path(path).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def readme(args) -> None:
     cores, enc = os.cpu_count(), tokenizer.encoding()
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
-        sizes, docs = {}, {}
+        docs = {}
         for label, tokens in (("small", args.tokens), ("large", 3 * args.tokens)):
             (Path(tmp) / label / "data").mkdir(parents=True)
             docs[label] = build_corpus(Path(tmp) / label / "data", tokens, gzipped=True)

@@ -22,9 +22,9 @@ import torch
 
 from pipeline import registry
 from pipeline.core import storage
-from pipeline.core.config import Config
+from pipeline.core.config import Config, output_base
 from pipeline.core.storage import join
-from pipeline.core.tracking import MlflowUploader
+from pipeline.core.tracking import Mirror, MlflowUploader, mirrored
 from pipeline.lineage import PARENT_TAG, Lineage, tracking_uri
 from train import checkpoint, finetuning, heads, tasks
 from train.checkpoint import CheckpointError
@@ -63,10 +63,12 @@ def run(cfg: Config, ckpt: str, *, resume: bool = False, lineage: Lineage | None
     summary = {"output": result.checkpoint, "step": result.step, "loss": result.loss, "metrics": result.metrics,
                "examples": result.examples}
     if tracking:
-        metrics_file = finetuning.trainer_config(cfg).metrics_file
-        if storage.exists(metrics_file):  # whatever rank 0 could not send yet
+        tcfg = finetuning.trainer_config(cfg)  # whatever rank 0 could not send yet, from the run dir (as stages.train)
+        mirror = Mirror(mirrored(tcfg, run_id)).restore()
+        if os.path.exists(tcfg.metrics_file):
             lineage.call("send the remaining metrics", lambda: MlflowUploader(
-                metrics_file, run_id, lineage.uri, log=log).drain(timeout_s=120))
+                tcfg.metrics_file, run_id, lineage.uri, log=log).drain(timeout_s=120))
+        mirror.publish()
         lineage.log_metrics(run_id, result.metrics, result.step)
         lineage.log_artifact(run_id, join(cfg.finetune_dir, finetuning.RESULTS))  # when local
         lineage.set_tags(run_id, {"checkpoint": result.checkpoint})
@@ -120,7 +122,7 @@ def _registered(spec: str, cfg: Config) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(cfg.tracking.uri)
+    uri = tracking_uri(cfg.tracking.uri, output_base())
     client = MlflowClient(tracking_uri=uri)
     name_ref = spec[len("models:/"):]
     try:
@@ -141,7 +143,7 @@ def _registered(spec: str, cfg: Config) -> dict:
 
 def _track(cfg: Config, source: dict) -> tuple[Lineage | None, str | None]:
     """This fine-tune's MLflow run, a child of the checkpoint's pipeline run when it has one."""
-    track = Lineage(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.finetune_dir)
+    track = Lineage(tracking_uri(cfg.tracking.uri, output_base()), cfg.tracking.experiment, cfg.finetune_dir)
     if not track.available:
         return None, None
     origin = source.get("run_id")

@@ -24,7 +24,7 @@ from pipeline.core.tracking import Mirror, MlflowUploader, mirrored
 from pipeline.lineage import Lineage
 from tokenization import job
 from tokenization.shards import MANIFEST, manifest_hash
-from train import checkpoint, engine, launch
+from train import checkpoint, engine, launch, tasks
 
 STAGES = ("tokenize", "train", "eval", "register")  # what a run does by default
 OPTIONAL = ("finetune",)  # run only when --stages names them
@@ -216,8 +216,9 @@ def _finetune_start(cfg: Config) -> str:
 
 
 def finetune_fingerprint(ctx: Context) -> str:
-    start = ctx.cfg.finetune.checkpoint or _final_checkpoint(ctx.cfg)
-    return _sha(start, ctx.cfg.run.seed, ctx.cfg.fingerprint("finetune", "deepspeed"))
+    f = ctx.cfg.finetune
+    data = tasks.source_fingerprint(f) if f.task else None
+    return _sha(f.checkpoint or _final_checkpoint(ctx.cfg), data, ctx.cfg.run.seed, ctx.cfg.fingerprint("finetune", "deepspeed"))
 
 
 def finetune_done(ctx: Context, marker: dict) -> bool:

@@ -13,9 +13,8 @@ import sys
 import urllib.request
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import REPO, run_cli
+from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -106,12 +105,12 @@ def test_storage_that_cannot_work_is_refused_with_one_line(cluster_run, s3_serve
     storage.write_bytes("s3://runs/torn/checkpoints/step_00000004/model.safetensors", b"partial")
     before = sorted(storage.filesystem("s3://runs")[0].find("runs"))
     endpoint = s3_server["AWS_ENDPOINT_URL"]
-    train = ["train/run.py", "--resume", "run.root=s3://runs/cluster", "train.max_steps=20"]
+    train = ["train/run.py", "--config", "smoke", "--resume", "run.root=s3://runs/cluster", "train.max_steps=20"]
     no_keys = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
                "AWS_CONFIG_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true"}
     cases = [  # (arguments, environment, what the line must say)
         (train, {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "cannot reach the storage endpoint"),
-        (["train/run.py", "--resume", "run.root=s3://no-such-bucket/runs"], {}, "create the bucket"),
+        (["train/run.py", "--config", "smoke", "--resume", "run.root=s3://no-such-bucket/runs"], {}, "create the bucket"),
         (train, no_keys, "no credentials"),
         (["eval/run.py", "--ckpt", "s3://runs/torn/checkpoints"], {}, "no committed checkpoint"),
     ]

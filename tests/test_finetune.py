@@ -102,6 +102,17 @@ def test_bad_records_stop_the_job_naming_file_line_and_key(record, overrides, me
         tasks.load(f, "eval", encode)
 
 
+def test_the_source_fingerprint_follows_the_task_files(tmp_path):
+    write_jsonl(tmp_path / "task.jsonl", RECORDS)
+    f = finetune_cfg(f"finetune.task={tmp_path / 'task.jsonl'}")
+    before = tasks.source_fingerprint(f)
+    assert tasks.source_fingerprint(f) == before
+    write_jsonl(tmp_path / "task.jsonl", RECORDS[:-1])
+    assert tasks.source_fingerprint(f) != before
+    write_jsonl(tmp_path / "held.jsonl", RECORDS[:5])
+    assert tasks.source_fingerprint(f.model_copy(update={"eval_task": str(tmp_path / "held.jsonl")})) != before
+
+
 def test_an_empty_split_and_missing_data_are_named(tmp_path):
     write_jsonl(tmp_path / "one.jsonl", [{"text": "only one record", "label": 0}])
     f = finetune_cfg(f"finetune.task={tmp_path / 'one.jsonl'}", "finetune.eval_fraction=0.01")
@@ -207,7 +218,7 @@ def test_multi_task_fine_tune_separates_the_texts_fits_the_lengths_and_lands_in_
                    "--eval-task", str(tmp_path / "held.jsonl"), *FT, "finetune.head=multi",
                    "finetune.heads={kind: {head: classification, label_field: kind}, "
                    "length: {head: regression, label_field: words}}",
-                   "finetune.max_steps=50", "finetune.checkpoint_interval=25", f"run.root={tmp_path}",
+                   "finetune.max_steps=80", "finetune.checkpoint_interval=40", "finetune.lr=5e-3", f"run.root={tmp_path}",
                    env={"MLFLOW_TRACKING_URI": pretrained["uri"]})
     results = json.loads((tmp_path / "smoke" / "finetune" / "results.json").read_text())
     scores = results["metrics"]
@@ -223,7 +234,7 @@ def test_multi_task_fine_tune_separates_the_texts_fits_the_lengths_and_lands_in_
                              "tags.`gpt2.stage` = 'finetune'")[0]
     assert run.data.tags["mlflow.parentRunId"] == pretrained["parent"]  # beside the train run that made the checkpoint
     assert run.data.metrics["finetune/kind/accuracy"] == pytest.approx(scores["finetune/kind/accuracy"])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 51))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 81))
     version = client.get_model_version_by_alias("gpt2-pipeline-finetuned", "best")
     assert version.run_id == run.info.run_id
 

@@ -63,7 +63,7 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
 def _grad_dtypes(cfg: Config) -> dict:
     """Where gradients are summed (over micro-steps) and reduced (over ranks) in bf16 runs: fp32 unless
     deepspeed.fp32_grads is off. ZeRO-1 then runs DeepSpeed's BF16_Optimizer (an fp32 gradient per
-    parameter), ZeRO-3 accumulates its partition in fp32, and the all-reduce / reduce-scatter moves fp32."""
+    parameter), ZeRO-2/3 accumulate their partition in fp32, and the all-reduce / reduce-scatter moves fp32."""
     if precision(cfg) != "bf16" or not cfg.deepspeed.fp32_grads or cfg.deepspeed.zero_stage == 0:
         return {}  # ZeRO-0: DeepSpeed has no fp32 accumulation for bf16 weights without ZeRO
     return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
@@ -126,13 +126,12 @@ def local_process_group(backend: str) -> None:
 
     if dist.is_initialized():
         return
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
-        os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    with socket.socket() as s:  # a free port, passed explicitly: the environment (which children inherit) stays as it was
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", "0")  # the engine insists on it (device index); 0 in a world of one
 
 
 # --- the training step --------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from pipeline.core import storage
 from pipeline.core.config import Config, ConfigError
 from pipeline.core.storage import join
-from pipeline.core.tracking import Console, JsonLines, MlflowUploader, for_rank
+from pipeline.core.tracking import Console, JsonLines, Mirror, MlflowUploader, for_rank, mirrored
 from tokenization.tokenizer import encoding
 from train import checkpoint, heads, launch, tasks
 from train import engine as engines
@@ -111,6 +111,9 @@ def _worker(payload: dict) -> dict:
     state = TrainerState(world_size=world, zero_stage=cfg.deepspeed.zero_stage, manifest_sha256=payload["fingerprint"],
                          run_id=tracking["run_id"] if tracking else None)
     engine, state = engine_and_state(tcfg, rank, world, state, model)
+    # a remote run dir: rank 0 appends to a copy on its node, continued from and copied to the run dir (as loop.py)
+    pairs = mirrored(tcfg, tracking["run_id"] if tracking else None) if rank == 0 else {}
+    mirror = Mirror(pairs).restore().start() if pairs else None
     metrics = for_rank(rank, lambda: [Console(f.max_steps), JsonLines(tcfg.metrics_file)])
     uploader = MlflowUploader(tcfg.metrics_file, tracking["run_id"], tracking["uri"]).start() if tracking and rank == 0 else None
     scores: dict = {}
@@ -130,12 +133,16 @@ def _worker(payload: dict) -> dict:
                 url = checkpoint.save(engine, engine.module, tcfg.checkpoint_dir, state, cfg.checkpoint.keep_last)
                 if rank == 0:
                     sys.stdout.write(f"finetune: checkpoint {url}\n")
+                if mirror is not None:  # the metrics up to a checkpoint are in the run dir before it goes past it
+                    mirror.publish()
         if not scores:  # resumed at the end: score the final checkpoint again
             scores = evaluate(engine, payload["eval"], cfg, device)
     finally:
         metrics.close()
         if uploader is not None:
             uploader.close()
+        if mirror is not None:
+            mirror.close()
     return {"checkpoint": checkpoint.latest(tcfg.checkpoint_dir), "step": state.step, "loss": state.loss,
             "metrics": scores}
 

@@ -60,7 +60,9 @@ def fit(cfg: Config, worker: Callable[[dict], dict], payload: dict, name: str) -
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cluster.connect(cfg)
+    # what the workers write must be on storage every node sees; what they read was checked by the caller
+    # (the shards by run(); a fine-tune's task data is read by the driver alone)
+    cluster.connect(cfg, (cfg.run_dir, cfg.checkpoint_dir))
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
     existing = checkpoint.latest(cfg.checkpoint_dir)

@@ -50,6 +50,7 @@ class Plan:
     tokens_per_s_per_gpu: float  # estimate
     gpus: int
     usd_per_gpu_hour: float
+    on_gpu: bool = True  # cluster.use_gpu: a CPU run's limit is the host's memory, not checked here
 
     @property
     def total(self) -> float:
@@ -65,10 +66,12 @@ class Plan:
 
     def report(self, name: str) -> str:
         g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
-        lines = [f"plan for {name}: {self.n_params / 1e6:.1f}M parameters, {self.gpus} GPU(s), per GPU:"]
+        unit = "GPU" if self.on_gpu else "worker"
+        lines = [f"plan for {name}: {self.n_params / 1e6:.1f}M parameters, {self.gpus} {unit}(s), per {unit}:"]
         lines += [f"  {k:<34}{g(v)}" for k, v in self.rows.items()]
-        lines += [f"  {'total':<34}{g(self.total)}  of {g(self.gpu_memory)} "
-                  f"({'fits' if self.fits else 'DOES NOT FIT'})",
+        limit = (f"of {g(self.gpu_memory)} ({'fits' if self.fits else 'DOES NOT FIT'})" if self.on_gpu
+                 else "(a CPU run: the limit is the host's memory)")
+        lines += [f"  {'total':<34}{g(self.total)}  {limit}",
                   f"  activations without / with activation checkpointing: {g(self.activations_plain)} / "
                   f"{g(self.activations_checkpointed)}",
                   "  not counted: CUDA context and allocator fragmentation (1-3 GiB)",
@@ -117,8 +120,8 @@ def state_bytes(cfg: Config, n: int, world: int) -> dict[str, float]:
     if stage <= 1:  # the whole gradient on every rank; ZeRO-1 adds fp32 ones: BF16_Optimizer's (fp32_grads),
         # else the fp32 gradient of the rank's partition of the master weights
         grads = n * e + (n * 4 if fp32_grads else n * 4 / world if stage == 1 else 0)
-    else:  # ZeRO-2/3 keep their partition (ZeRO-3 in the accumulation dtype)
-        grads = n * (4 if stage == 3 and fp32_grads else e) / world
+    else:  # ZeRO-2/3 keep their partition, in the accumulation dtype
+        grads = n * (4 if fp32_grads else e) / world
     master = 4 if bf16 or stage >= 1 else 0  # fp32 master weights (ZeRO >= 1 keeps an fp32 partition even for fp32)
     optim = n * (master + 8) / (world if stage >= 1 else 1)  # + Adam's two moments
     if z.offload_optimizer:
@@ -151,7 +154,7 @@ def plan(cfg: Config, gpu_memory_gib: float = GPU_MEMORY_GIB, mfu: float = ASSUM
         n_flops = GPT(gpt_config(cfg)).num_params(embeddings=False)
     fpt = flops_per_token(gpt_config(cfg), cfg.batch.seq_len, n_flops)
     return Plan(rows, plain, ckpt, gpu_memory_gib * GIB, n, cfg.batch.tokens_per_step, cfg.train.max_steps,
-                fpt, mfu * peak / fpt, world, usd_per_gpu_hour)
+                fpt, mfu * peak / fpt, world, usd_per_gpu_hour, cfg.cluster.use_gpu)
 
 
 def check(cfg: Config, name: str, **kwargs) -> Plan:

@@ -102,15 +102,27 @@ def fingerprint(*splits: Split) -> str:
     return digest.hexdigest()
 
 
-def _records(spec: str, split: str | None, f: FinetuneConfig, key: str, split_key: str) -> Iterator[tuple[str, dict]]:
+def source_fingerprint(f: FinetuneConfig) -> str:
+    """Changes whenever a task file does (its size and modification time or ETag): the pipeline's
+    finetune stage is redone, not skipped, when its data changed."""
+    held_spec, held_key = (f.eval_task, "finetune.eval_task") if f.eval_task else (f.task, "finetune.task")
+    parts = [_source(f.task, f.train_split, f, "finetune.task", "finetune.train_split").fingerprint,
+             _source(held_spec, f.eval_split, f, held_key, "finetune.eval_split").fingerprint]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _source(spec: str, split: str | None, f: FinetuneConfig, key: str, split_key: str) -> sources.Source:
     data = DataConfig(input=[spec], format=f.format, hf_config=f.hf_config, hf_revision=f.hf_revision,
                       hf_split=split or "train")
     try:
-        source = sources.resolve(data)
+        return sources.resolve(data)
     except sources.CorpusError as err:  # sources names tokenization's keys; say which of ours
         message = str(err).replace("data.input", key).replace("data.hf_split", split_key)
         raise TaskError(message.replace("data.", "finetune.")) from None
-    for file in source.files:
+
+
+def _records(spec: str, split: str | None, f: FinetuneConfig, key: str, split_key: str) -> Iterator[tuple[str, dict]]:
+    for file in _source(spec, split, f, key, split_key).files:
         if file.format == "jsonl":
             raw = storage.read_bytes(file.url)
             if file.compressed:

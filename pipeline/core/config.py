@@ -149,8 +149,8 @@ class DeepSpeedConfig(_Section):
     # bf16 runs: sum micro-step gradients and reduce them over ranks in fp32 (true), or in bf16 (false:
     # half the gradient memory and traffic, but 8 mantissa bits lose small gradients in long sums).
     # Cost of true: ZeRO-1 keeps 4 more bytes per parameter (an fp32 gradient beside the bf16 one),
-    # ZeRO-3 4 bytes per parameter of its partition, and gradient communication doubles. (ZeRO-2 keeps
-    # its partition in bf16 but reduces in fp32; ZeRO-0 has no fp32 path in DeepSpeed.)
+    # ZeRO-2/3 4 instead of 2 bytes per parameter of their partition, and gradient communication
+    # doubles. (ZeRO-0 has no fp32 path in DeepSpeed: it stays bf16.)
     fp32_grads: bool = True
     activation_checkpointing: bool = False  # recompute each block in backward: ~1/3 more compute, far less memory
     compile: bool = False  # torch.compile the model inside the DeepSpeed engine
