@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -110,8 +111,11 @@ def resolve(path: str) -> str:
 
 # --- saving ---------------------------------------------------------------------------------------
 
-def save(engine, model: torch.nn.Module, directory: str, state: TrainerState, keep_last: int) -> str:
-    """Write a checkpoint on every rank and commit it on rank 0. Collective: all ranks call it."""
+def save(engine, model: torch.nn.Module, directory: str, state: TrainerState, keep_last: int,
+         before_commit: Callable[[], None] | None = None) -> str:
+    """Write a checkpoint on every rank and commit it on rank 0. Collective: all ranks call it.
+    before_commit: run by rank 0 just before the commit (e.g. copy the metrics up to this step to the run
+    dir: a crash right after the commit resumes past those steps, so they must already be there)."""
     import torch.distributed as dist
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
@@ -135,6 +139,8 @@ def save(engine, model: torch.nn.Module, directory: str, state: TrainerState, ke
                 save_hf(model, local, state=weights)
     dist.barrier()  # every rank's files are in place
     if rank == 0:
+        if before_commit is not None:
+            before_commit()
         storage.write_json(join(url, STATE), {**asdict(state), "saved_at": time.time()})
         storage.write_bytes(join(directory, LATEST), step_name(state.step).encode())
         _prune(directory, keep_last)

@@ -130,11 +130,10 @@ def _worker(payload: dict) -> dict:
             if state.step % f.checkpoint_interval == 0 or state.step == f.max_steps:
                 scores = evaluate(engine, payload["eval"], cfg, device)
                 metrics.log(scores, state.step)
-                url = checkpoint.save(engine, engine.module, tcfg.checkpoint_dir, state, cfg.checkpoint.keep_last)
+                url = checkpoint.save(engine, engine.module, tcfg.checkpoint_dir, state, cfg.checkpoint.keep_last,
+                                      before_commit=mirror.publish if mirror is not None else None)
                 if rank == 0:
                     sys.stdout.write(f"finetune: checkpoint {url}\n")
-                if mirror is not None:  # the metrics up to a checkpoint are in the run dir before it goes past it
-                    mirror.publish()
         if not scores:  # resumed at the end: score the final checkpoint again
             scores = evaluate(engine, payload["eval"], cfg, device)
     finally:

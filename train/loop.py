@@ -123,7 +123,7 @@ def engine_and_state(cfg: Config, rank: int, world: int, state: TrainerState, mo
 
 
 def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: int, device: torch.device,
-           swag: list | None, on_checkpoint=None) -> None:
+           swag: list | None, publish_metrics=None) -> None:
     import torch.distributed as dist
 
     model, b = engine.module, cfg.batch
@@ -169,9 +169,9 @@ def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: 
                                      rank=rank, world=world, collective=True)
             metrics.log(hellaswag.metrics(swag, scores), state.step)
         if state.step % cfg.checkpoint.interval == 0 or last:
-            _say(rank, f"checkpoint {checkpoint.save(engine, model, cfg.checkpoint_dir, state, cfg.checkpoint.keep_last)}")
-            if on_checkpoint:  # the metrics up to a checkpoint are in the run dir before training goes past it
-                on_checkpoint()
+            url = checkpoint.save(engine, model, cfg.checkpoint_dir, state, cfg.checkpoint.keep_last,
+                                  before_commit=publish_metrics)  # the metrics up to it are in the run dir first
+            _say(rank, f"checkpoint {url}")
 
 
 def _system_metrics(tracking: dict, node: int):
