@@ -25,7 +25,7 @@ import torch
 from pipeline.core import storage
 from pipeline.core.config import Config, ConfigError
 from pipeline.core.storage import join
-from pipeline.core.tracking import Console, JsonLines, Mirror, MlflowUploader, for_rank, mirrored
+from pipeline.core.tracking import worker_metrics
 from tokenization.tokenizer import encoding
 from train import checkpoint, heads, launch, tasks
 from train import engine as engines
@@ -111,13 +111,8 @@ def _worker(payload: dict) -> dict:
     state = TrainerState(world_size=world, zero_stage=cfg.deepspeed.zero_stage, manifest_sha256=payload["fingerprint"],
                          run_id=tracking["run_id"] if tracking else None)
     engine, state = engine_and_state(tcfg, rank, world, state, model)
-    # a remote run dir: rank 0 appends to a copy on its node, continued from and copied to the run dir (as loop.py)
-    pairs = mirrored(tcfg, tracking["run_id"] if tracking else None) if rank == 0 else {}
-    mirror = Mirror(pairs).restore().start() if pairs else None
-    metrics = for_rank(rank, lambda: [Console(f.max_steps), JsonLines(tcfg.metrics_file)])
-    uploader = MlflowUploader(tcfg.metrics_file, tracking["run_id"], tracking["uri"]).start() if tracking and rank == 0 else None
     scores: dict = {}
-    try:
+    with worker_metrics(tcfg, rank, tracking, f.max_steps) as (metrics, publish):
         while state.step < f.max_steps:
             torch.manual_seed(step_seed(cfg.run.seed, state.step, rank))  # the token head's dropout
             lr = engines.lr_at(state.step, tcfg)
@@ -131,17 +126,11 @@ def _worker(payload: dict) -> dict:
                 scores = evaluate(engine, payload["eval"], cfg, device)
                 metrics.log(scores, state.step)
                 url = checkpoint.save(engine, engine.module, tcfg.checkpoint_dir, state, cfg.checkpoint.keep_last,
-                                      before_commit=mirror.publish if mirror is not None else None)
+                                      before_commit=publish)
                 if rank == 0:
                     sys.stdout.write(f"finetune: checkpoint {url}\n")
         if not scores:  # resumed at the end: score the final checkpoint again
             scores = evaluate(engine, payload["eval"], cfg, device)
-    finally:
-        metrics.close()
-        if uploader is not None:
-            uploader.close()
-        if mirror is not None:
-            mirror.close()
     return {"checkpoint": checkpoint.latest(tcfg.checkpoint_dir), "step": state.step, "loss": state.loss,
             "metrics": scores}
 

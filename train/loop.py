@@ -20,7 +20,7 @@ import torch
 
 from eval import hellaswag, val_loss
 from pipeline.core.config import Config
-from pipeline.core.tracking import Console, JsonLines, Mirror, MlflowUploader, for_rank, mirrored
+from pipeline.core.tracking import worker_metrics
 from tokenization.shards import manifest_hash
 from tokenization.tokenizer import encoding
 from train import checkpoint
@@ -61,22 +61,13 @@ def train_worker(payload: dict) -> dict:
     # HellaSwag items: read once by the driver (launch._hellaswag), not by every rank
     swag = ray.get(payload["hellaswag"]) if payload.get("hellaswag") is not None else None
 
-    # a remote run dir: rank 0 appends to a copy on its node, continued from and copied to the run dir
-    pairs = mirrored(cfg, tracking["run_id"] if tracking else None) if rank == 0 else {}
-    mirror = Mirror(pairs).restore().start() if pairs else None
-    metrics = for_rank(rank, lambda: [Console(cfg.train.max_steps), JsonLines(cfg.metrics_file)])
-    uploader = MlflowUploader(cfg.metrics_file, tracking["run_id"], tracking["uri"]).start() if tracking and rank == 0 else None
     # one monitor per node (its first local worker), each under system/node_N/: NVML sees all the node's GPUs
     monitor = (_system_metrics(tracking, ctx.get_node_rank())
                if tracking and ctx.get_local_rank() == 0 and cfg.tracking.system_metrics else None)
     try:
-        _train(cfg, engine, state, metrics, rank, world, device, swag, mirror.publish if mirror else None)
+        with worker_metrics(cfg, rank, tracking, cfg.train.max_steps) as (metrics, publish):
+            _train(cfg, engine, state, metrics, rank, world, device, swag, publish)
     finally:
-        metrics.close()
-        if uploader is not None:
-            uploader.close()
-        if mirror is not None:
-            mirror.close()
         if monitor is not None:
             monitor.finish()
     return {"checkpoint": checkpoint.latest(cfg.checkpoint_dir), "step": state.step, "loss": state.loss,

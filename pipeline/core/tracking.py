@@ -11,7 +11,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol, TextIO
 
 from pipeline.core import storage
@@ -278,3 +279,23 @@ class MlflowUploader:
             f.write(str(offset + end))
         os.replace(tmp, self.cursor_path)
         return True
+
+
+@contextmanager
+def worker_metrics(cfg, rank: int, tracking: dict | None, total_steps: int) -> Iterator[tuple[Metrics, Callable | None]]:
+    """A training worker's metrics: on rank 0 the console, metrics.jsonl (on this node, mirrored to a remote
+    run dir) and MLflow (tracking: {"uri", "run_id"}, or None); other ranks log nowhere. Yields the
+    metrics and `publish` (copies the record to the run dir now; None when it is written there directly)."""
+    run_id = tracking["run_id"] if tracking else None
+    pairs = mirrored(cfg, run_id) if rank == 0 else {}
+    mirror = Mirror(pairs).restore().start() if pairs else None
+    metrics = for_rank(rank, lambda: [Console(total_steps), JsonLines(cfg.metrics_file)])
+    uploader = MlflowUploader(cfg.metrics_file, run_id, tracking["uri"]).start() if tracking and rank == 0 else None
+    try:
+        yield metrics, (mirror.publish if mirror is not None else None)
+    finally:
+        metrics.close()
+        if uploader is not None:
+            uploader.close()
+        if mirror is not None:
+            mirror.close()
