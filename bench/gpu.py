@@ -69,7 +69,7 @@ def check_logits(kit: dict, device: torch.device) -> dict:
 def measure(kit: dict, micro_batch: int, compiled: bool, device: torch.device) -> dict:
     """Tokens/s, MFU and peak memory of the trainer's step for one configuration (this process)."""
     cfg = config(kit, micro_batch, compiled)
-    engines.local_process_group("nccl" if device.type == "cuda" else "gloo")
+    engines.local_process_group(use_gpu=device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

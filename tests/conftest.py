@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -54,11 +55,37 @@ def s3_server():
     server.stop()
 
 
+def run_tree(argv: list[str], timeout: float, **popen) -> subprocess.CompletedProcess:
+    """subprocess.run(argv, capture_output=True, text=True, timeout=timeout), except that a command that
+    overruns (or a test that times out while waiting) takes its whole process tree down with it: Ray's
+    GCS, raylets and workers would otherwise outlive the script and load the machine under later tests."""
+    import psutil
+
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid, psutil)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{argv} ran past {timeout} s\nstdout:\n{stdout[-4000:]}\nstderr:\n{stderr[-4000:]}")
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid, psutil)
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
+def _kill_tree(pid: int, psutil) -> None:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        for p in [*root.children(recursive=True), root]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+
+
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would, e.g. run_cli("tokenization/run.py", ...)."""
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    proc = run_tree([sys.executable, *args], timeout, cwd=cwd, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import urllib.request
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_tree
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -23,8 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 def cluster_run(tmp_path_factory, s3_server):
     out = tmp_path_factory.mktemp("cluster")
     env = {**os.environ, **s3_server, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "cluster_run.py"), str(out)], cwd=out, env=env,
-                          capture_output=True, text=True, timeout=1800)
+    proc = run_tree([sys.executable, str(REPO / "tests" / "cluster_run.py"), str(out)], 1150, cwd=out, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out, json.loads((out / "result.json").read_text()), proc.stdout
 

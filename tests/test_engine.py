@@ -3,8 +3,12 @@ stages against an fp32 reference, the GPU-side settings derived for DeepSpeed.""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
+from conftest import REPO, run_tree
 
 from pipeline.core.config import load_config
 from train import engine as engines
@@ -13,7 +17,7 @@ from train.model import GPT
 
 @pytest.fixture(scope="module")
 def process_group():
-    engines.local_process_group("gloo")
+    engines.local_process_group(use_gpu=False)
 
 
 def tiny(*overrides: str):
@@ -48,6 +52,19 @@ def run(cfg, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
         losses.append(loss_sum.item() / accum(cfg))
     weights = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
     return losses, weights
+
+
+def test_a_compile_lock_left_by_a_killed_process_does_not_hang_training_on_cpu(tmp_path):
+    # DeepSpeed's CPU all-reduce is JIT-compiled behind this lock; one left behind hung every later run
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"  # where torch builds it under TORCH_EXTENSIONS_DIR
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    code = ("from test_engine import batches, tiny; from train import engine as e; e.local_process_group(False); "
+            "cfg = tiny(); print('LOSS', e.train_step(e.initialize(cfg, 1), batches(cfg, 0), __import__('torch').device('cpu'))[0].item())")
+    proc = run_tree([sys.executable, "-c", code], 120, cwd=REPO,
+                    env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
+    assert proc.returncode == 0 and "LOSS" in proc.stdout, proc.stderr[-3000:]
+    assert sorted(tmp_path.rglob("*")) == [lock.parent, lock]  # nothing was built
 
 
 def test_bf16_runs_sum_and_reduce_gradients_in_fp32_by_default():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, run_tree
 from mlflow.tracking import MlflowClient
 from test_pipeline import TINY, free_port, loss_history, runs_by_stage, wait_for
 
@@ -313,9 +313,8 @@ def test_the_mlflow_server_from_plain_commands_on_postgres_takes_a_pipeline_run_
         wait_for(up, 180, "the MLflow server")
         # the smoke preset, its run directory on S3, tracked by the server
         env = {**os.environ, **s3_server, "MLFLOW_TRACKING_URI": uri}
-        proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py"), *TINY, "train.max_steps=10",
-                               "run.root=s3://runs/pipeline"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=900)
+        proc = run_tree([sys.executable, str(REPO / "pipeline" / "run.py"), *TINY, "train.max_steps=10",
+                         "run.root=s3://runs/pipeline"], 900, cwd=tmp_path, env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         client = MlflowClient(tracking_uri=uri)
         runs = runs_by_stage(client)
@@ -381,7 +380,7 @@ def test_the_allreduce_bandwidth_check_runs_and_reports_bus_bandwidth(launcher, 
     else:  # 2 Ray Train workers on a local Ray, as `ray job submit` runs it on a cluster
         argv = [sys.executable, *bench, "--ray-workers", "2"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_tree(argv, 600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "2 ranks on 1 node(s), backend gloo" in proc.stdout  # the sums were checked on every rank
     rows = [line.split() for line in proc.stdout.splitlines() if re.match(r"\s+[\d.]+(\s+[\d.e+-]+){3}$", line)]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_tree
 from mlflow.tracking import MlflowClient
 
 from pipeline.core.tracking import read_jsonl
@@ -184,8 +184,7 @@ def embedded(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("embedded")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     started = time.time()
-    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py")], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = run_tree([sys.executable, str(REPO / "pipeline" / "run.py")], 900, cwd=cwd, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return cwd, proc, time.time() - started
 
@@ -242,8 +241,7 @@ def test_the_embedded_default_records_the_whole_lineage_in_mlflow(embedded):
 def test_a_rerun_of_a_finished_run_skips_every_stage(embedded):
     cwd, _, _ = embedded
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py")], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_tree([sys.executable, str(REPO / "pipeline" / "run.py")], 600, cwd=cwd, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for stage in ("tokenize", "train", "eval", "register"):
         assert f"{stage}: complete (fingerprint" in proc.stdout, stage
@@ -354,8 +352,8 @@ print("NODES", launch.run(cfg).nodes, flush=True)
 ray.shutdown()
 cluster.shutdown()
 """)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    proc = run_tree([sys.executable, str(script)], 600, cwd=tmp_path,
+                    env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
     assert proc.returncode == 0 and "NODES 2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
     a = [r["train/loss"] for r in read_jsonl(str(tmp_path / "single" / "smoke" / "metrics.jsonl")) if "train/loss" in r]
     b = [r["train/loss"] for r in read_jsonl(str(tmp_path / "spread" / "smoke" / "metrics.jsonl")) if "train/loss" in r]

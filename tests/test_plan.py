@@ -67,7 +67,7 @@ PEAK = textwrap.dedent('''
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))
 
     cfg = load_config("smoke", sys.argv[1:])
-    engines.local_process_group("gloo")
+    engines.local_process_group(use_gpu=False)
     g = torch.Generator().manual_seed(0)
     def batches():
         b = cfg.batch

@@ -119,9 +119,21 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-def local_process_group(backend: str) -> None:
-    """This process alone as the whole world (tests, bench/gpu.py): no Ray Train, no launcher."""
+def init_distributed(use_gpu: bool, **kwargs) -> None:
+    """torch.distributed through DeepSpeed: nccl on GPUs, gloo on CPUs. On CPUs DeepSpeed would also
+    JIT-compile its shared-memory all-reduce (deepspeed_shm_comm) behind a lock file in
+    ~/.cache/torch_extensions; a process killed while compiling leaves that lock behind and every later
+    run on the machine then waits on it forever. gloo's all-reduce serves CPU runs, so it is switched off."""
     import deepspeed
+    import deepspeed.ops
+
+    if not use_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # DeepSpeed keeps this one dict
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", **kwargs)
+
+
+def local_process_group(use_gpu: bool) -> None:
+    """This process alone as the whole world (tests, bench/gpu.py): no Ray Train, no launcher."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -129,8 +141,8 @@ def local_process_group(backend: str) -> None:
     with socket.socket() as s:  # a free port, passed explicitly: the environment (which children inherit) stays as it was
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    init_distributed(use_gpu, auto_mpi_discovery=False, verbose=False, init_method=f"tcp://127.0.0.1:{port}",
+                     rank=0, world_size=1)
     os.environ.setdefault("LOCAL_RANK", "0")  # the engine insists on it (device index); 0 in a world of one
 
 

@@ -91,7 +91,6 @@ def run(cfg: Config, init: str, *, resume: bool = False, tracking: dict | None =
 
 
 def _worker(payload: dict) -> dict:
-    import deepspeed
     import ray.train
     import ray.train.torch
 
@@ -104,7 +103,7 @@ def _worker(payload: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo")
+    engines.init_distributed(cfg.cluster.use_gpu)
     model = heads.load_hf(storage.local_copy(payload["init"]))
     model.trunk.activation_checkpointing = cfg.deepspeed.activation_checkpointing
     tracking = payload.get("tracking")

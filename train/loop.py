@@ -38,7 +38,6 @@ def train_worker(payload: dict) -> dict:
     """Ray Train's train_loop_per_worker. payload: {"config": Config dump,
     "tracking": {"uri", "run_id"} of the MLflow run that receives the metrics, or None,
     "hellaswag": an object ref to the in-training HellaSwag items, or None}."""
-    import deepspeed
     import ray
     import ray.train
     import ray.train.torch
@@ -49,7 +48,7 @@ def train_worker(payload: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo")
+    engines.init_distributed(cfg.cluster.use_gpu)
     if cfg.cluster.use_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
