@@ -18,14 +18,13 @@ import contextlib
 import io
 import json
 import os
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import ray
+from conftest import kill_newest_train_worker
 from ray.cluster_utils import Cluster
 
 from pipeline import run as pipeline
@@ -58,12 +57,9 @@ def kill_a_worker_once_committed(ckpt_dir: str, step: int, killed: list) -> None
     deadline = time.time() + 900
     while time.time() < deadline and not killed:
         if checkpoint.step_name(step) in checkpoint.committed(ckpt_dir):
-            me = psutil.Process()
-            workers = [p for p in me.children(recursive=True) if "ray::RayTrainWorker" in " ".join(p.cmdline())]
-            if workers:
-                victim = max(workers, key=lambda p: p.pid)
-                os.kill(victim.pid, signal.SIGKILL)
-                killed.append(victim.pid)
+            pid = kill_newest_train_worker()
+            if pid:
+                killed.append(pid)
                 return
         time.sleep(0.2)
 

@@ -82,6 +82,29 @@ def _kill_tree(pid: int, psutil) -> None:
                 p.kill()
 
 
+def kill_newest_train_worker() -> int | None:
+    """SIGKILL the newest Ray Train worker among this process's descendants (the Ray it started), never
+    another test's or another user's; its pid, or None while there is none yet."""
+    import psutil
+
+    workers = [p for p in psutil.Process().children(recursive=True)
+               if "ray::RayTrainWorker" in " ".join(_cmdline(p))]
+    if not workers:
+        return None
+    victim = max(workers, key=lambda p: p.pid)
+    victim.kill()
+    return victim.pid
+
+
+def _cmdline(p) -> list[str]:
+    import psutil
+
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would, e.g. run_cli("tokenization/run.py", ...)."""

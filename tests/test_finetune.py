@@ -214,7 +214,8 @@ def test_multi_task_fine_tune_separates_the_texts_fits_the_lengths_and_lands_in_
     records = passages(150, seed=0)
     write_jsonl(tmp_path / "task.jsonl", records[:240])
     write_jsonl(tmp_path / "held.jsonl", records[240:])
-    proc = run_cli("train/finetune.py", "--ckpt", str(pretrained["checkpoint"]), "--task", str(tmp_path / "task.jsonl"),
+    proc = run_cli("train/finetune.py", "--config", "smoke", "--ckpt", str(pretrained["checkpoint"]), "--task",
+                   str(tmp_path / "task.jsonl"),
                    "--eval-task", str(tmp_path / "held.jsonl"), *FT, "finetune.head=multi",
                    "finetune.heads={kind: {head: classification, label_field: kind}, "
                    "length: {head: regression, label_field: words}}",
@@ -317,7 +318,7 @@ def test_heads_that_do_not_match_the_checkpoint_are_refused_and_models_uris_are_
     with torch.no_grad():
         assert torch.allclose(ours(idx)[0]["task"], theirs(idx).logits, atol=1e-5, rtol=0)
     # resuming it with other heads
-    proc = run_cli("train/finetune.py", "--ckpt", str(pretrained["checkpoint"]), "--resume",
+    proc = run_cli("train/finetune.py", "--config", "smoke", "--ckpt", str(pretrained["checkpoint"]), "--resume",
                    f"run.root={done.run.root}", f"finetune.task={done.finetune.task}", "finetune.num_labels=3",
                    "finetune.text_fields=passage", "finetune.label_field=kind", "tracking.enabled=false", check=False)
     assert proc.returncode == 2 and "finetune.heads.task: configured classification/3, checkpoint has classification/2" in proc.stderr

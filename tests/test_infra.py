@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import REPO, run_tree
 from mlflow.tracking import MlflowClient
-from test_pipeline import TINY, free_port, loss_history, runs_by_stage, wait_for
+from test_pipeline import TINY, answers, free_port, loss_history, runs_by_stage, wait_for
 
 from pipeline.core.config import load_config
 
@@ -301,16 +301,7 @@ def test_the_mlflow_server_from_plain_commands_on_postgres_takes_a_pipeline_run_
                                   stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
         uri = f"http://127.0.0.1:{port}"
 
-        def up() -> bool:
-            import urllib.request
-
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
-            except OSError:
-                return False
-
-        wait_for(up, 180, "the MLflow server")
+        wait_for(lambda: answers(f"{uri}/health", server, tmp_path / "server.log"), 180, "the MLflow server")
         # the smoke preset, its run directory on S3, tracked by the server
         env = {**os.environ, **s3_server, "MLFLOW_TRACKING_URI": uri}
         proc = run_tree([sys.executable, str(REPO / "pipeline" / "run.py"), *TINY, "train.max_steps=10",

@@ -49,6 +49,17 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def answers(url: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> bool:
+    """Whether url answers 200 (for wait_for); a server process that died fails at once, with its log."""
+    import urllib.request
+
+    assert proc is None or proc.poll() is None, log.read_text()[-3000:] if log else f"{proc.args} exited"
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
+
+
 def logged_steps(path: Path) -> int:
     return max((r["step"] for r in read_jsonl(str(path)) if "train/loss" in r), default=0) if path.exists() else 0
 
@@ -80,12 +91,7 @@ class MlflowServer:
         return self
 
     def _up(self) -> bool:
-        import urllib.request
-
-        try:
-            return urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200
-        except OSError:
-            return False
+        return answers(f"{self.uri}/health")
 
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)
@@ -116,13 +122,7 @@ def test_ray_job_submit_keeps_the_run_and_mlflow_store_across_resubmissions(tmp_
     address = f"http://127.0.0.1:{dashboard}"
 
     def agent_is_up() -> bool:
-        import urllib.request
-
-        assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{agent}/api/healthz", timeout=2).status == 200
-        except OSError:
-            return False
+        return answers(f"http://127.0.0.1:{agent}/api/healthz", head, tmp_path / "head.log")
 
     # a copy of the checkout to submit, so that a file of it can change between the two jobs
     checkout = shutil.copytree(REPO, tmp_path / "checkout", ignore=shutil.ignore_patterns(

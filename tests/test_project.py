@@ -34,6 +34,7 @@ def test_packages_import_from_anywhere(tmp_path):
 def test_stage_commands_without_a_preset_say_they_run_production_defaults(tmp_path, capsys):
     import eval.run
     import pipeline.run
+    import train.finetune
     import train.run
     from pipeline.core.config import load_config
 
@@ -43,9 +44,12 @@ def test_stage_commands_without_a_preset_say_they_run_production_defaults(tmp_pa
     out = capsys.readouterr()
     assert out.out.splitlines()[0] == first and "no manifest" in out.err
     assert eval.run.main(["--ckpt", str(tmp_path)]) == 2 and capsys.readouterr().out.splitlines()[0] == first
+    assert train.finetune.main(["--ckpt", str(tmp_path / "none"), "tracking.enabled=false"]) == 2
+    assert capsys.readouterr().out.splitlines()[0] == first
     assert train.run.main(["--config", "smoke", "--data", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().out.splitlines()[0] == "config: preset 'smoke'"
-    for main, default in ((train.run.main, "base"), (eval.run.main, "base"), (pipeline.run.main, "smoke")):
+    for main, default in ((train.run.main, "base"), (eval.run.main, "base"), (train.finetune.main, "base"),
+                          (pipeline.run.main, "smoke")):
         with pytest.raises(SystemExit):
             main(["--help"])
         assert f"default: {default}" in " ".join(capsys.readouterr().out.split())

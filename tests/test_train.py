@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -18,10 +17,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_config, write_jsonl
+from conftest import REPO, kill_newest_train_worker, run_cli, tiny_config, write_jsonl
 from safetensors.torch import load_file
 
 from pipeline.core.config import load_config
@@ -106,11 +104,9 @@ def kill_a_worker_after(metrics_file: str, step: int, killed: list, timeout: flo
     deadline = time.time() + timeout
     while time.time() < deadline:
         if os.path.exists(metrics_file) and any(r.get("step", 0) >= step for r in read_jsonl(metrics_file)):
-            workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-            if workers:
-                victim = max(workers, key=lambda p: p.pid)
-                os.kill(victim.pid, signal.SIGKILL)
-                killed.append(victim.pid)
+            pid = kill_newest_train_worker()
+            if pid:
+                killed.append(pid)
                 return
         time.sleep(0.02)
 
