@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,34 +60,35 @@ def run_tree(argv: list[str], timeout: float, **popen) -> subprocess.CompletedPr
     """subprocess.run(argv, capture_output=True, text=True, timeout=timeout), except that a command that
     overruns (or a test that times out while waiting) takes its whole process tree down with it: Ray's
     GCS, raylets and workers would otherwise outlive the script and load the machine under later tests."""
-    import psutil
-
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid, psutil)
+        kill_tree(proc.pid)
         stdout, stderr = proc.communicate()
         raise AssertionError(f"{argv} ran past {timeout} s\nstdout:\n{stdout[-4000:]}\nstderr:\n{stderr[-4000:]}")
     finally:
         if proc.poll() is None:
-            _kill_tree(proc.pid, psutil)
+            kill_tree(proc.pid)
     return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
 
-def _kill_tree(pid: int, psutil) -> None:
+def kill_tree(pid: int) -> None:
+    """SIGKILL pid and every process below it, and return once they are gone. Ray's daemons and workers
+    are not all in the process group of the driver that started them, and a worker that outlives its
+    driver for a moment can still commit a checkpoint."""
     with contextlib.suppress(psutil.NoSuchProcess):
         root = psutil.Process(pid)
-        for p in [*root.children(recursive=True), root]:
+        tree = [*root.children(recursive=True), root]
+        for p in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+        psutil.wait_procs(tree, timeout=30)
 
 
 def kill_newest_train_worker() -> int | None:
     """SIGKILL the newest Ray Train worker among this process's descendants (the Ray it started), never
     another test's or another user's; its pid, or None while there is none yet."""
-    import psutil
-
     workers = [p for p in psutil.Process().children(recursive=True)
                if "ray::RayTrainWorker" in " ".join(_cmdline(p))]
     if not workers:
@@ -97,8 +99,6 @@ def kill_newest_train_worker() -> int | None:
 
 
 def _cmdline(p) -> list[str]:
-    import psutil
-
     try:
         return p.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli, run_tree
+from conftest import REPO, kill_tree, run_cli, run_tree
 from mlflow.tracking import MlflowClient
 
 from pipeline.core.tracking import read_jsonl
@@ -369,7 +369,7 @@ def test_a_rerun_after_killing_the_driver_resumes_from_the_checkpoint(tmp_path):
     metrics = tmp_path / "runs" / "smoke" / "metrics.jsonl"
     wait_for(lambda: logged_steps(metrics) >= 12 or proc.poll() is not None, 600, "training to pass step 12")
     assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    kill_tree(proc.pid)  # the driver and the local Ray it started, all gone before the count below
     proc.wait()
     killed_at = logged_steps(metrics)
     assert killed_at < 30
