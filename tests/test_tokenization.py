@@ -5,8 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
-import signal
 import struct
 import subprocess
 import sys
@@ -19,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
-from conftest import REPO, run_cli, tree_bytes, write_jsonl
+from conftest import REPO, kill_tree, run_cli, tree_bytes, write_jsonl
 
 from pipeline.core.config import Config, load_config
 from tokenization import job, shards, tokenizer
@@ -153,7 +151,7 @@ def test_killed_run_resumes_to_identical_output_and_a_second_rerun_does_nothing(
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray cluster and the tokenizer actors
+    kill_tree(proc.pid)  # the driver, its Ray cluster and the tokenizer actors, all gone before the count
     proc.wait()
     done_before = len(list(pieces.glob("*.json")))
     assert not (out / "manifest.json").exists() and done_before < 128
