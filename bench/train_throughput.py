@@ -1,11 +1,12 @@
 """Tokens/s of the full training stack against a plain PyTorch loop, side by side in one run.
 
-    python bench/train_throughput.py [--steps 30] [--warmup 5]
+    python bench/train_throughput.py [--steps 30] [--warmup 5] [--cpus 2]
 
 Full stack: Ray Train's TorchTrainer, one worker, DeepSpeed (ZeRO stage from the config), our loader,
 metrics and LR schedule; its per-step times come from the run's metrics.jsonl. Plain loop: the same
-GPT, batch, data and AdamW in this process with as many threads as the worker has CPUs.
-Both exclude start-up and the first --warmup steps. Target: full stack / plain >= 0.95.
+GPT, batch, data and AdamW in this process with as many threads as the worker has CPUs (--cpus, the
+worker's cluster.cpus_per_worker). Both exclude start-up and the first --warmup steps.
+Target: full stack / plain >= 0.95.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from train.model import GPT
 
 OVERRIDES = ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=256",
              "batch.seq_len=256", "batch.micro_batch_size=8", "batch.tokens_per_step=8192",
-             "cluster.num_workers=1", "cluster.cpus_per_worker=2", "eval.interval=0", "checkpoint.interval=100000",
+             "cluster.num_workers=1", "eval.interval=0", "checkpoint.interval=100000",
              "train.warmup_steps=10"]
 
 
@@ -70,11 +71,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--cpus", type=int, default=2, help="the worker's CPUs = the plain loop's threads")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         cluster.connect()  # the Ray a user's run gets
-        base = load_config("smoke", OVERRIDES + [f"train.max_steps={args.steps}"], {"run.root": tmp})
+        overrides = OVERRIDES + [f"train.max_steps={args.steps}", f"cluster.cpus_per_worker={args.cpus}"]
+        base = load_config("smoke", overrides, {"run.root": tmp})
         job.run(base, log=lambda *_: None)
         results: dict[str, list[float]] = {"plain": [], "full": []}
         for i, kind in enumerate(["plain", "full", "plain", "full"]):
@@ -86,7 +89,7 @@ def main() -> None:
         ray.shutdown()
     plain, full = statistics.median(results["plain"]), statistics.median(results["full"])
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads in the plain loop)")
+          f"(plain loop threads: {torch.get_num_threads()})")
     print(f"model: {' '.join(OVERRIDES[:3])}, {base.batch.tokens_per_step} tokens/step, "
           f"ZeRO-{base.deepspeed.zero_stage}, fp32")
     print(f"plain PyTorch loop: {plain:,.0f} tokens/s  runs: " + ", ".join(f"{x:,.0f}" for x in results["plain"]))
