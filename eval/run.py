@@ -18,7 +18,7 @@ from eval import suite
 from eval.checkpoints import CheckpointError
 from eval.hellaswag import HellaSwagError
 from pipeline.core import storage
-from pipeline.core.config import DEFAULT_PRESET, ConfigError, load_config, preset_line
+from pipeline.core.config import PRESET_HELP, ConfigError, load_config, preset_in_force
 from tokenization.shards import ShardError
 from tokenization.tokenizer import TokenizerUnavailable
 
@@ -26,8 +26,7 @@ from tokenization.tokenizer import TokenizerUnavailable
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="eval/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory, DeepSpeed or HF directory, or hf:NAME")
-    p.add_argument("--config", help=f"preset name or YAML path (default: {DEFAULT_PRESET}, "
-                        "production sizes; smoke for a CPU-sized trial)")
+    p.add_argument("--config", help=PRESET_HELP)
     p.add_argument("--data", help="tokenized dataset for the validation loss (default: the preset's)")
     p.add_argument("--no-val", action="store_true", help="skip the validation loss")
     p.add_argument("--val-tokens", type=int, help="token budget of the validation loss")
@@ -54,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     values = {k: v for k, v in values.items() if v is not None}
     if a.hellaswag is not None:
         values["eval.hellaswag"] = None if a.hellaswag == "none" else a.hellaswag
-    print(preset_line(a.config), flush=True)
+    preset = preset_in_force(a.config)
     try:
-        cfg = load_config(a.config or DEFAULT_PRESET, a.overrides, values)
+        cfg = load_config(preset, a.overrides, values)
         if not a.ckpt.startswith("hf:"):
             storage.check(a.ckpt, write=False)
         suite.run(cfg, a.ckpt, a.output, data=not a.no_val, workers=a.workers, device=a.device)

@@ -19,7 +19,7 @@ import time
 
 from pipeline import lineage, stages
 from pipeline.core import cluster, storage
-from pipeline.core.config import HOME_ENV, ConfigError, in_ray_package_cache, load_config, output_base, preset_line
+from pipeline.core.config import HOME_ENV, ConfigError, in_ray_package_cache, load_config, output_base, preset_in_force
 from pipeline.core.progress import format_duration
 from train import plan
 
@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in selected if s not in stages.ALL]
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stages.ALL)}")
-    print(preset_line(args.config, EMBEDDED), flush=True)
+    preset = preset_in_force(args.config, EMBEDDED)
     try:
-        cfg = load_config(args.config or EMBEDDED, args.overrides).with_absolute_paths()
+        cfg = load_config(preset, args.overrides).with_absolute_paths()
         if args.plan:
-            print(plan.check(cfg, args.config or EMBEDDED).report(args.config or EMBEDDED))
+            print(plan.check(cfg, preset).report(preset))
             return 0
     except (ConfigError, plan.PlanError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from pipeline.core import storage
-from pipeline.core.config import DEFAULT_PRESET, ConfigError, load_config, preset_line
+from pipeline.core.config import PRESET_HELP, ConfigError, load_config, preset_in_force
 from tokenization import job
 from tokenization.shards import ShardError
 from tokenization.sources import CorpusError
@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="tokenization/run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"preset name or YAML path (default: {DEFAULT_PRESET}, "
-                        "production sizes; smoke for a CPU-sized trial)")
+    parser.add_argument("--config", help=PRESET_HELP)
     parser.add_argument("--input", action="append",
                         help="builtin, a file, directory, glob or URL, or hf:OWNER/NAME (repeatable)")
     parser.add_argument("--output", help="dataset directory (default: <run dir>/data)")
@@ -36,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     values = {"data.input": args.input, "tokenization.output": args.output}
-    print(preset_line(args.config), flush=True)
+    preset = preset_in_force(args.config)
     try:
-        cfg = load_config(args.config or DEFAULT_PRESET, args.overrides, {k: v for k, v in values.items() if v is not None})
+        cfg = load_config(preset, args.overrides, {k: v for k, v in values.items() if v is not None})
         storage.check(cfg.data_dir)
         job.run(cfg, overwrite=args.overwrite)
     except (ConfigError, storage.StorageError, CorpusError, ShardError, TokenizerUnavailable) as err:

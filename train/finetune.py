@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.core.config import DEFAULT_PRESET, ConfigError, load_config, preset_line
+from pipeline.core.config import PRESET_HELP, ConfigError, load_config, preset_in_force
 from train import launch
 
 
@@ -27,12 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", required=True, help="starting checkpoint (as eval/run.py --ckpt) or models:/NAME@ALIAS")
     parser.add_argument("--task", help="task data: JSONL/Parquet path or hf:NAME (finetune.task)")
     parser.add_argument("--eval-task", help="held-out data (finetune.eval_task; default: a held-out part of --task)")
-    parser.add_argument("--config", help=f"preset name or YAML path (default: {DEFAULT_PRESET}, production sizes; "
-                        "smoke for a CPU-sized trial)")
+    parser.add_argument("--config", help=PRESET_HELP)
     parser.add_argument("--resume", action="store_true", help="continue the fine-tune in finetune.output")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
-    print(preset_line(args.config), flush=True)
+    preset = preset_in_force(args.config)
     # the driver above the trainer: it reads any checkpoint (eval's loader) and writes the MLflow lineage
     from pipeline import finetune
     from train.checkpoint import CheckpointError
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     values = {"finetune.task": args.task, "finetune.eval_task": args.eval_task}
     try:
-        cfg = load_config(args.config or DEFAULT_PRESET, args.overrides, {k: v for k, v in values.items() if v is not None})
+        cfg = load_config(preset, args.overrides, {k: v for k, v in values.items() if v is not None})
         summary = finetune.run(cfg, args.ckpt, resume=args.resume)
     except (ConfigError, CheckpointError, HeadMismatch, TaskError, launch.TrainingFailed) as err:
         print(f"error: {err}", file=sys.stderr)

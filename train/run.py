@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from pipeline.core import storage
-from pipeline.core.config import DEFAULT_PRESET, ConfigError, load_config, preset_line
+from pipeline.core.config import PRESET_HELP, ConfigError, load_config, preset_in_force
 from tokenization.shards import ShardError
 from train import launch, plan
 from train.checkpoint import CheckpointError
@@ -21,19 +21,18 @@ from train.checkpoint import CheckpointError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train/run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"preset name or YAML path (default: {DEFAULT_PRESET}, "
-                        "production sizes; smoke for a CPU-sized trial)")
+    parser.add_argument("--config", help=PRESET_HELP)
     parser.add_argument("--data", help="tokenized dataset directory (default: <run dir>/data)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("--plan", action="store_true",
                         help="print the memory and cost plan (no Ray, no model); exit 2 if it does not fit the GPUs")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
-    print(preset_line(args.config), flush=True)
+    preset = preset_in_force(args.config)
     try:
-        cfg = load_config(args.config or DEFAULT_PRESET, args.overrides, {"tokenization.output": args.data} if args.data else None)
+        cfg = load_config(preset, args.overrides, {"tokenization.output": args.data} if args.data else None)
         if args.plan:
-            print(plan.check(cfg, args.config or DEFAULT_PRESET).report(args.config or DEFAULT_PRESET))
+            print(plan.check(cfg, preset).report(preset))
             return 0
         for url in dict.fromkeys((cfg.data_dir, cfg.run_dir, cfg.checkpoint_dir)):
             storage.check(url)

@@ -444,12 +444,19 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def preset_line(name: str | None, default: str = DEFAULT_PRESET) -> str:
-    """The first line a command prints: which preset is in force, and why when the user named none."""
+# --config's help in every stage command (pipeline/run.py says its own default)
+PRESET_HELP = f"preset name or YAML path (default: {DEFAULT_PRESET}, production sizes; smoke for a CPU-sized trial)"
+
+
+def preset_in_force(name: str | None, default: str = DEFAULT_PRESET) -> str:
+    """The preset a command runs (--config `name`, else `default`), printed as its first line, with why
+    when the user named none."""
     if name is not None:
-        return f"config: preset '{name}'"
+        print(f"config: preset '{name}'", flush=True)
+        return name
     what = "production defaults" if default == DEFAULT_PRESET else "the embedded default"
-    return f"config: preset '{default}' ({what}; no --config given)"
+    print(f"config: preset '{default}' ({what}; no --config given)", flush=True)
+    return default
 
 
 def preset_names() -> list[str]:
