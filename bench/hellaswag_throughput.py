@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval import checkpoints, hellaswag
+from eval import hellaswag
+from pipeline.core.model import checkpoints
 from tokenization.tokenizer import encoding
-from train.model import GPT, GPTConfig, save_hf
+from pipeline.core.model.gpt2 import GPT, GPTConfig, save_hf
 
 
 def make_items(path: Path, count: int) -> None:

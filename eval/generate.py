@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from tokenization.tokenizer import EOT
-from train.model import GPT, KVCache
+from pipeline.core.model.gpt2 import GPT, KVCache
 
 
 def _check_length(model: GPT, prompt: list[int], max_new_tokens: int) -> None:

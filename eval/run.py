@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from eval import suite
-from eval.checkpoints import CheckpointError
+from pipeline.core.model.checkpoints import CheckpointError
 from eval.hellaswag import HellaSwagError
 from pipeline.core import storage
 from pipeline.core.config import PRESET_HELP, ConfigError, load_config, preset_in_force

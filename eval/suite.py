@@ -8,8 +8,9 @@ import time
 
 import torch
 
-from eval import checkpoints, generate, hellaswag, val_loss
+from eval import generate, hellaswag, val_loss
 from pipeline.core import storage
+from pipeline.core.model import checkpoints
 from pipeline.core.config import Config
 from pipeline.core.storage import join
 from tokenization.shards import manifest_hash

@@ -23,11 +23,12 @@ import torch
 from pipeline import registry
 from pipeline.core import storage
 from pipeline.core.config import Config, output_base
+from pipeline.core.model import checkpoints, heads
 from pipeline.core.storage import join
 from pipeline.core.tracking import Mirror, MlflowUploader, mirrored
 from pipeline.lineage import PARENT_TAG, Lineage, tracking_uri
-from train import checkpoint, finetuning, heads, tasks
-from train.checkpoint import CheckpointError
+from train import finetuning, tasks
+from pipeline.core.model.checkpoints import CheckpointError
 
 SOURCE = "source.json"  # beside the starting model: what --ckpt named and where it came from
 _SERVED = Path(__file__).with_name("served_heads.py")
@@ -39,7 +40,7 @@ def run(cfg: Config, ckpt: str, *, resume: bool = False, lineage: Lineage | None
     finetune stage passes its child run); without them the run is found or made under the checkpoint's lineage."""
     cfg = cfg.with_absolute_paths()
     f, init = cfg.finetune, join(cfg.finetune_dir, "init")
-    existing = checkpoint.latest(finetuning.trainer_config(cfg).checkpoint_dir)
+    existing = checkpoints.latest(finetuning.trainer_config(cfg).checkpoint_dir)
     if existing and not resume:
         raise CheckpointError(f"{cfg.finetune_dir} already holds a fine-tune (latest: {existing}); pass --resume to "
                               f"continue it, or set finetune.output (or run.name) for a new one")
@@ -88,8 +89,6 @@ def run(cfg: Config, ckpt: str, *, resume: bool = False, lineage: Lineage | None
 def write_init(cfg: Config, spec: str, init: str, log=print) -> dict:
     """Open the starting checkpoint, put the configured heads on it (kept from the checkpoint when it has
     matching ones, new otherwise, seeded by run.seed) and write it to `init`; returns its description."""
-    from eval import checkpoints
-
     local = _registered(spec, cfg) if spec.startswith("models:/") else None
     trunk, info = checkpoints.load(local["path"] if local else spec)
     info = {**info, **(local or {}), "spec": spec}

@@ -14,7 +14,7 @@ from mlflow.pyfunc import PythonModel
 
 class TaskPredictor(PythonModel):
     def load_context(self, context) -> None:
-        from train.heads import load_hf
+        from pipeline.core.model.heads import load_hf
 
         self.model = load_hf(context.artifacts["checkpoint"]).eval()
 

@@ -16,7 +16,7 @@ class GPT2Generator(PythonModel):
     default (params: max_new_tokens, temperature, top_k, seed)."""
 
     def load_context(self, context) -> None:
-        from train.model import load_hf
+        from pipeline.core.model.gpt2 import load_hf
 
         self.model = load_hf(context.artifacts["checkpoint"]).eval()
 

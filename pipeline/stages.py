@@ -19,12 +19,13 @@ from pipeline import finetune as finetuning
 from pipeline import registry
 from pipeline.core import storage
 from pipeline.core.config import Config
+from pipeline.core.model import checkpoints
 from pipeline.core.storage import join
 from pipeline.core.tracking import Mirror, MlflowUploader, mirrored
 from pipeline.lineage import Lineage
 from tokenization import job
 from tokenization.shards import MANIFEST, manifest_hash
-from train import checkpoint, engine, launch, tasks
+from train import engine, launch, tasks
 
 STAGES = ("tokenize", "train", "eval", "register")  # what a run does by default
 OPTIONAL = ("finetune",)  # run only when --stages names them
@@ -96,8 +97,8 @@ def train_fingerprint(ctx: Context) -> str:
 
 
 def _final_checkpoint(cfg: Config) -> str | None:
-    url = checkpoint.latest(cfg.checkpoint_dir)
-    if url and checkpoint.TrainerState.read(url).step >= cfg.train.max_steps:
+    url = checkpoints.latest(cfg.checkpoint_dir)
+    if url and checkpoints.TrainerState.read(url).step >= cfg.train.max_steps:
         return url
     return None
 
@@ -113,7 +114,7 @@ def train(ctx: Context, run_id: str | None, force: bool) -> dict:
         storage.remove(cfg.checkpoint_dir, recursive=True)
         storage.remove(cfg.metrics_url)
         storage.remove(cfg.metrics_file)
-    elif (checkpoint.latest(cfg.checkpoint_dir) and storage.exists(started)
+    elif (checkpoints.latest(cfg.checkpoint_dir) and storage.exists(started)
           and storage.read_json(started)["fingerprint"] != fingerprint):
         raise StageError(f"{cfg.checkpoint_dir} holds checkpoints of another model, data or training config; "
                          f"use a new run.name, or --force train to start this one over")

@@ -30,6 +30,7 @@ from ray.cluster_utils import Cluster
 from pipeline import run as pipeline
 from pipeline.core import storage
 from pipeline.core.config import load_config
+from pipeline.core.model import checkpoints
 from train import checkpoint, launch
 
 # Small enough for two CPUs; fp32 on CPU, so a resumed run repeats the uninterrupted one bit for bit.
@@ -56,7 +57,7 @@ def kill_a_worker_once_committed(ckpt_dir: str, step: int, killed: list) -> None
     `step` is committed on S3."""
     deadline = time.time() + 900
     while time.time() < deadline and not killed:
-        if checkpoint.step_name(step) in checkpoint.committed(ckpt_dir):
+        if checkpoints.step_name(step) in checkpoints.committed(ckpt_dir):
             pid = kill_newest_train_worker()
             if pid:
                 killed.append(pid)
@@ -90,7 +91,7 @@ def main(out: Path) -> None:
                               "killed": killed}
         killer.join()
         result["pipeline"]["losses"] = losses(cfg)
-        result["pipeline"]["final"] = checkpoint.latest(cfg.checkpoint_dir)
+        result["pipeline"]["final"] = checkpoints.latest(cfg.checkpoint_dir)
         result["pipeline"]["run_dir"] = sorted(storage.filesystem(cfg.run_dir)[0].find(
             storage.filesystem(cfg.run_dir)[1]))
 
@@ -98,18 +99,18 @@ def main(out: Path) -> None:
         ref = load_config("smoke", [*TINY, f"run.root={ROOT}", "run.name=reference",
                                     f"tokenization.output={cfg.data_dir}"])
         trained = launch.run(ref)
-        result["reference"] = {"losses": losses(ref), "final": checkpoint.latest(ref.checkpoint_dir),
+        result["reference"] = {"losses": losses(ref), "final": checkpoints.latest(ref.checkpoint_dir),
                                "nodes": trained.nodes}
 
         # 4. its step-8 checkpoint resumed on one worker
         one = load_config("smoke", [*TINY, f"run.root={ROOT}", "run.name=one-worker", "cluster.num_workers=1",
                                     f"tokenization.output={cfg.data_dir}"])
         fs, _ = storage.filesystem(ROOT)
-        step8 = checkpoint.step_name(8)
+        step8 = checkpoints.step_name(8)
         fs.copy(storage.filesystem(f"{ref.checkpoint_dir}/{step8}")[1],
                 storage.filesystem(f"{one.checkpoint_dir}/{step8}")[1], recursive=True)
         launch.run(one, resume=True)
-        result["one_worker"] = {"losses": losses(one), "final": checkpoint.latest(one.checkpoint_dir),
+        result["one_worker"] = {"losses": losses(one), "final": checkpoints.latest(one.checkpoint_dir),
                                 "universal": storage.exists(f"{one.checkpoint_dir}/{step8}/deepspeed/universal.json")}
         result["temp_dirs"] = {name: sorted(str(p.relative_to(d)) for p in d.rglob("metrics.jsonl"))
                                for name, d in nodes.items()}

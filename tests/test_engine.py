@@ -12,7 +12,7 @@ from conftest import REPO, run_tree
 
 from pipeline.core.config import load_config
 from train import engine as engines
-from train.model import GPT
+from pipeline.core.model.gpt2 import GPT
 
 
 @pytest.fixture(scope="module")

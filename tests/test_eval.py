@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from conftest import run_cli, tiny_config
 
-from eval import checkpoints, generate, hellaswag, val_loss
-from eval.checkpoints import CheckpointError
+from eval import generate, hellaswag, val_loss
+from pipeline.core.model import checkpoints
+from pipeline.core.model.checkpoints import CheckpointError
 from tokenization.tokenizer import encoding
-from train.model import GPT, GPTConfig, save_hf
+from pipeline.core.model.gpt2 import GPT, GPTConfig, save_hf
 
 CACHE = Path(os.environ["TIKTOKEN_CACHE_DIR"])
 ENCODER_JSON, VOCAB_BPE = "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6", "6d1cbeee0f20b3d9449abfede4726ed8212e3aee"

@@ -16,7 +16,7 @@ from sklearn.metrics import f1_score
 from pipeline.core.config import load_config
 from tokenization.tokenizer import encoding
 from train import tasks
-from train.heads import IGNORE, HeadSpec
+from pipeline.core.model.heads import IGNORE, HeadSpec
 from train.tasks import TaskError
 
 
@@ -272,7 +272,8 @@ def test_a_killed_fine_tune_resumes_and_repeats_identical_losses(uninterrupted_f
 
     from pipeline import finetune
     from pipeline.core.tracking import read_jsonl
-    from train import checkpoint, finetuning
+    from pipeline.core.model import checkpoints
+    from train import finetuning
 
     cfg = fine_tune_config(tmp_path, "cluster.max_failures=2", task=kind_task)
     metrics_file = finetuning.trainer_config(cfg.with_absolute_paths()).metrics_file
@@ -294,7 +295,7 @@ def test_a_killed_fine_tune_resumes_and_repeats_identical_losses(uninterrupted_f
     assert sorted(got) == list(range(1, 17)) and any(len(v) > 1 for v in got.values()), got
     for step, values in got.items():  # bitwise: fp32 on CPU, same examples, same dropout seeds
         assert all(v == expected[step][0] for v in values), (step, values, expected[step])
-    weights = [load_file(f"{checkpoint.latest(finetuning.trainer_config(c.with_absolute_paths()).checkpoint_dir)}"
+    weights = [load_file(f"{checkpoints.latest(finetuning.trainer_config(c.with_absolute_paths()).checkpoint_dir)}"
                          f"/model.safetensors") for c in (uninterrupted_fine_tune, cfg)]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert "score.weight" in weights[0]  # transformers' GPT2ForSequenceClassification layout
@@ -306,11 +307,12 @@ def test_heads_that_do_not_match_the_checkpoint_are_refused_and_models_uris_are_
     from transformers import GPT2ForSequenceClassification
 
     from pipeline import finetune
-    from train import checkpoint, finetuning, heads
-    from train.heads import HeadMismatch
+    from pipeline.core.model import checkpoints, heads
+    from pipeline.core.model.heads import HeadMismatch
+    from train import finetuning
 
     done = uninterrupted_fine_tune.with_absolute_paths()
-    final = checkpoint.latest(finetuning.trainer_config(done).checkpoint_dir)
+    final = checkpoints.latest(finetuning.trainer_config(done).checkpoint_dir)
     # the fine-tuned checkpoint is transformers' class, with our logits
     ours, theirs = heads.load_hf(final).eval(), GPT2ForSequenceClassification.from_pretrained(final).eval()
     idx, _ = tasks.collate([tasks.Example(tuple(encode(t)), {}) for t in ("The assert statement is a way", "Return it")],

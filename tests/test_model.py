@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline.core.config import ModelConfig
-from train.model import GPT, GPTConfig, KVCache, load_hf, save_hf
+from pipeline.core.model.gpt2 import GPT, GPTConfig, KVCache, load_hf, save_hf
 
 TINY = GPTConfig(n_layer=3, n_head=4, n_embd=64, block_size=48)
 
@@ -138,7 +138,8 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_computation():
     assert abs(chunked.item() - plain.item()) < 1e-6
     ours, reference = grads(model, chunked * 3), grads(model, plain * 3)  # a non-unit upstream gradient
     for name, g in reference.items():
-        assert torch.allclose(ours[name], g, atol=1e-6, rtol=1e-5), name  # fp32 rounding: sums in another order
+        # fp32 rounding: sums of 60 rows in another order (AMD EPYC: up to 2.4e-6 on bias gradients of ~0.6)
+        assert torch.allclose(ours[name], g, atol=1e-5, rtol=1e-5), name
     assert ours["transformer.wte.weight"][50257:].abs().sum() == 0  # padding rows learn nothing
 
 

@@ -12,7 +12,7 @@ from conftest import run_cli
 from pipeline.core.config import load_config
 from train import plan
 from train.engine import gpt_config
-from train.model import GPT
+from pipeline.core.model.gpt2 import GPT
 
 SMALL = ["model.n_layer=4", "model.n_embd=256", "model.n_head=4", "model.block_size=256", "batch.seq_len=256",
          "batch.micro_batch_size=8", "batch.tokens_per_step=2048"]

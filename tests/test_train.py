@@ -25,10 +25,11 @@ from safetensors.torch import load_file
 from pipeline.core.config import load_config
 from pipeline.core.tracking import read_jsonl
 from tokenization import shards
-from train import checkpoint, launch
+from pipeline.core.model import checkpoints
+from train import launch
 from train.data import ORDER, SequenceOrder, ShardLoader, WindowPermutation
 from train.engine import deepspeed_config, flops_per_token, lr_at, peak_flops
-from train.model import GPT, GPTConfig
+from pipeline.core.model.gpt2 import GPT, GPTConfig
 
 
 def losses(run_dir) -> dict[int, list[float]]:
@@ -41,7 +42,7 @@ def losses(run_dir) -> dict[int, list[float]]:
 
 
 def final_weights(cfg) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(checkpoint.latest(cfg.checkpoint_dir), "model.safetensors"))
+    return load_file(os.path.join(checkpoints.latest(cfg.checkpoint_dir), "model.safetensors"))
 
 
 def reference_run(cfg, steps: int) -> list[float]:
@@ -140,9 +141,9 @@ def test_resume_on_one_worker_after_two_continues_at_the_same_sequence(uninterru
     with pytest.raises(launch.TrainingFailed, match="--resume"):
         launch.run(cfg)  # max_failures=0: the kill ends the run
     killer.join()
-    with pytest.raises(checkpoint.CheckpointError, match="--resume"):
+    with pytest.raises(checkpoints.CheckpointError, match="--resume"):
         launch.run(cfg)
-    resumed_from = checkpoint.TrainerState.read(checkpoint.latest(cfg.checkpoint_dir))
+    resumed_from = checkpoints.TrainerState.read(checkpoints.latest(cfg.checkpoint_dir))
     assert resumed_from.world_size == 2 and 4 <= resumed_from.step < 16
     one = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"num_workers": 1})})
     launch.run(one, resume=True)
@@ -150,9 +151,9 @@ def test_resume_on_one_worker_after_two_continues_at_the_same_sequence(uninterru
     expected, got = losses(uninterrupted.run_dir), losses(cfg.run_dir)
     for step in range(1, 17):  # summation order differs with one worker: equal to float precision
         assert got[step][-1] == pytest.approx(expected[step][0], rel=1e-5)
-    final = checkpoint.TrainerState.read(checkpoint.latest(cfg.checkpoint_dir))
-    assert final.world_size == 1 and final.sequences == checkpoint.TrainerState.read(
-        checkpoint.latest(uninterrupted.checkpoint_dir)).sequences
+    final = checkpoints.TrainerState.read(checkpoints.latest(cfg.checkpoint_dir))
+    assert final.world_size == 1 and final.sequences == checkpoints.TrainerState.read(
+        checkpoints.latest(uninterrupted.checkpoint_dir)).sequences
     a, b = final_weights(uninterrupted), final_weights(cfg)
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
@@ -164,17 +165,17 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(uni
     shutil.copy(uninterrupted.metrics_file, cfg.metrics_file)
     # what a crash in the middle of saving step 16 leaves: files written, no commit, pointer unchanged
     torn = os.path.join(cfg.checkpoint_dir, "step_00000016")
-    os.remove(os.path.join(torn, checkpoint.STATE))
+    os.remove(os.path.join(torn, checkpoints.STATE))
     with open(os.path.join(torn, "model.safetensors"), "r+b") as f:
         f.truncate(100)
-    with open(os.path.join(cfg.checkpoint_dir, checkpoint.LATEST), "w") as f:
+    with open(os.path.join(cfg.checkpoint_dir, checkpoints.LATEST), "w") as f:
         f.write("step_00000012")
-    assert checkpoint.latest(cfg.checkpoint_dir).endswith("step_00000012")
+    assert checkpoints.latest(cfg.checkpoint_dir).endswith("step_00000012")
 
     launch.run(cfg, resume=True)  # loads step 12 and redoes 13-16
     got, expected = losses(cfg.run_dir), losses(uninterrupted.run_dir)
     assert [v[-1] for _, v in sorted(got.items())] == [v[0] for _, v in sorted(expected.items())]
-    assert checkpoint.committed(cfg.checkpoint_dir) == ["step_00000008", "step_00000012", "step_00000016"]
+    assert checkpoints.committed(cfg.checkpoint_dir) == ["step_00000008", "step_00000012", "step_00000016"]
     a, b = final_weights(uninterrupted), final_weights(cfg)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -284,12 +285,12 @@ def test_every_rank_draws_from_every_shard_of_a_sorted_corpus_in_proportion(sort
 
 def test_a_checkpoint_from_the_shard_by_shard_order_is_refused(tmp_path):
     cfg = tiny_config(tmp_path, write_dataset(tmp_path / "data", [5000, 7000], seed=3))
-    old = os.path.join(cfg.checkpoint_dir, checkpoint.step_name(4))
+    old = os.path.join(cfg.checkpoint_dir, checkpoints.step_name(4))
     os.makedirs(old)
     state = {"step": 4, "sequences": 64, "tokens": 4096, "world_size": 2, "zero_stage": 1}  # as written before
-    with open(os.path.join(old, checkpoint.STATE), "w") as f:
+    with open(os.path.join(old, checkpoints.STATE), "w") as f:
         json.dump(state, f)
-    with pytest.raises(checkpoint.CheckpointError, match="shard-by-shard.*" + ORDER + ".*change the order"):
+    with pytest.raises(checkpoints.CheckpointError, match="shard-by-shard.*" + ORDER + ".*change the order"):
         launch.run(cfg, resume=True)
 
 

@@ -1,12 +1,6 @@
-"""Checkpoints: everything a run needs to continue exactly, committed atomically.
-
-    <checkpoint dir>/
-      step_00000100/
-        deepspeed/state/       every rank's DeepSpeed state (weights, ZeRO optimizer partitions)
-        model.safetensors      consolidated fp32 weights under GPT-2's Hugging Face names
-        config.json            so `transformers` opens the directory as GPT2LMHeadModel
-        trainer_state.json     written last, by rank 0: its presence commits the checkpoint
-      latest                   the newest committed checkpoint's name, updated after the commit
+"""Writing checkpoints: everything a run needs to continue exactly, committed atomically, and reading
+the DeepSpeed state back into an engine. The layout and the reading of committed checkpoints are
+pipeline/core/model/checkpoints.py's, shared with eval and fine-tuning.
 
 Works on local disk, a shared filesystem or object storage (fsspec URLs): every rank stages its
 DeepSpeed files on local disk and uploads them. A reader trusts only committed checkpoints, so a crash
@@ -23,91 +17,24 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
 from pipeline.core import storage
 from pipeline.core.storage import join
-from train.model import save_hf
-
-STATE = "trainer_state.json"
-LATEST = "latest"
-DS_TAG = "state"
-UNIVERSAL_TAG = "universal"
-_NAME = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or does not fit; the message names the path."""
-
-
-@dataclass
-class TrainerState:
-    step: int = 0  # optimizer steps taken
-    sequences: int = 0  # data position: global sequences consumed by all workers together
-    tokens: int = 0
-    world_size: int = 1
-    zero_stage: int = 0
-    manifest_sha256: str = ""  # the dataset the run trains on
-    data_order: str = ""  # train/data.py's ORDER; "" in checkpoints written before it was recorded
-    run_id: str | None = None  # the tracking (MLflow) run
-    loss: float | None = None  # training loss of the last step
-
-    @classmethod
-    def read(cls, url: str) -> TrainerState:
-        data = storage.read_json(join(url, STATE))
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
-
-def forbid_unpickling(deepspeed_records: bool = True) -> None:
-    """Make every torch.load in this process weights_only, DeepSpeed's included.
-
-    DeepSpeed's state files hold tensors, dicts and three plain DeepSpeed records; with
-    deepspeed_records those are allowlisted (importing DeepSpeed), and nothing else in a checkpoint
-    can run code when it is read.
-    """
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    if deepspeed_records:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        torch.serialization.add_safe_globals([LossScaler, ZeroStageEnum, fragment_address])
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def is_step_name(name: str) -> bool:
-    """Whether `name` is a checkpoint's directory name (step_NNNNNNNN)."""
-    return bool(_NAME.match(name))
-
-
-def committed(directory: str) -> list[str]:
-    """Names of the committed checkpoints in a checkpoint directory, oldest first."""
-    names = [n for n in storage.listdir(directory) if is_step_name(n)]
-    return [n for n in names if storage.exists(join(directory, n, STATE))]
-
-
-def latest(directory: str) -> str | None:
-    """URL of the newest committed checkpoint. The commit markers decide, not the `latest` pointer
-    (kept for people and tools): a crash between a commit and the pointer update loses nothing."""
-    names = committed(directory)
-    return join(directory, names[-1]) if names else None
-
-
-def resolve(path: str) -> str:
-    """A checkpoint given by the user: a checkpoint directory (its latest) or one checkpoint."""
-    if storage.exists(join(path, STATE)):
-        return path
-    found = latest(path)
-    if found is None:
-        raise CheckpointError(f"{path}: no committed checkpoint here (expected {STATE} in it, "
-                              f"or step_NNNNNNNN/{STATE} below it)")
-    return found
-
+from pipeline.core.model.checkpoints import (
+    DS_TAG,
+    LATEST,
+    STATE,
+    UNIVERSAL_TAG,
+    CheckpointError,
+    TrainerState,
+    committed,
+    is_step_name,
+    step_name,
+)
+from pipeline.core.model.gpt2 import save_hf
 
 # --- saving ---------------------------------------------------------------------------------------
 
@@ -133,7 +60,7 @@ def save(engine, model: torch.nn.Module, directory: str, state: TrainerState, ke
             UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
         weights = full_state_dict(engine, model, keep=rank == 0)  # collective; only rank 0 keeps a copy
         if rank == 0:
-            if hasattr(model, "hf_files"):  # a model with task heads (train/heads.py) writes its own layout
+            if hasattr(model, "hf_files"):  # a model with task heads (pipeline/core/model/heads.py) writes its own layout
                 model.save_hf(local, state=weights)
             else:
                 save_hf(model, local, state=weights)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tokenization import shards
-from train.checkpoint import CheckpointError
+from pipeline.core.model.checkpoints import CheckpointError
 
 # Recorded in every checkpoint (TrainerState.data_order): a run resumes only in the order it started with.
 ORDER = "global-feistel-v1"

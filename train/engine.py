@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.core.config import Config
-from train.model import GPT, GPTConfig
+from pipeline.core.model.gpt2 import GPT, GPTConfig
 
 
 def gpt_config(cfg: Config) -> GPTConfig:

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = preset_in_force(args.config)
     # the driver above the trainer: it reads any checkpoint (eval's loader) and writes the MLflow lineage
     from pipeline import finetune
-    from train.checkpoint import CheckpointError
-    from train.heads import HeadMismatch
+    from pipeline.core.model.checkpoints import CheckpointError
+    from pipeline.core.model.heads import HeadMismatch
     from train.tasks import TaskError
 
     values = {"finetune.task": args.task, "finetune.eval_task": args.eval_task}

@@ -24,12 +24,13 @@ import torch
 
 from pipeline.core import storage
 from pipeline.core.config import Config, ConfigError
+from pipeline.core.model import checkpoints, heads
 from pipeline.core.storage import join
 from pipeline.core.tracking import worker_metrics
 from tokenization.tokenizer import encoding
-from train import checkpoint, heads, launch, tasks
+from train import checkpoint, launch, tasks
 from train import engine as engines
-from train.checkpoint import CheckpointError, TrainerState
+from pipeline.core.model.checkpoints import CheckpointError, TrainerState
 
 RESULTS = "results.json"
 
@@ -70,7 +71,7 @@ def run(cfg: Config, init: str, *, resume: bool = False, tracking: dict | None =
     heads.check_heads(specs, heads.specs_from_hf(init_config), join(init, "config.json"))
     if f.max_len > init_config["n_positions"]:
         raise ConfigError(f"finetune.max_len: ({f.max_len}) exceeds the model's context ({init_config['n_positions']})")
-    existing = checkpoint.latest(tcfg.checkpoint_dir)
+    existing = checkpoints.latest(tcfg.checkpoint_dir)
     if existing and not resume:
         raise CheckpointError(f"{tcfg.checkpoint_dir} already holds checkpoints (latest: {existing}); pass --resume "
                               f"to continue that fine-tune, or set finetune.output (or run.name) for a new one")
@@ -97,7 +98,7 @@ def _worker(payload: dict) -> dict:
     from train.loop import engine_and_state, step_seed
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    checkpoint.forbid_unpickling()
+    checkpoints.forbid_unpickling()
     cfg = Config.model_validate(payload["config"])
     tcfg, f = trainer_config(cfg), cfg.finetune
     ctx = ray.train.get_context()
@@ -130,7 +131,7 @@ def _worker(payload: dict) -> dict:
                     sys.stdout.write(f"finetune: checkpoint {url}\n")
         if not scores:  # resumed at the end: score the final checkpoint again
             scores = evaluate(engine, payload["eval"], cfg, device)
-    return {"checkpoint": checkpoint.latest(tcfg.checkpoint_dir), "step": state.step, "loss": state.loss,
+    return {"checkpoint": checkpoints.latest(tcfg.checkpoint_dir), "step": state.step, "loss": state.loss,
             "metrics": scores}
 
 

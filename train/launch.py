@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 from pipeline.core import cluster, storage
 from pipeline.core.config import Config
+from pipeline.core.model import checkpoints
 from pipeline.core.storage import join
 from tokenization.shards import load_manifest
 from train import checkpoint
-from train.checkpoint import CheckpointError, TrainerState
+from pipeline.core.model.checkpoints import CheckpointError, TrainerState
 from train.data import check_order
 
 
@@ -39,7 +40,7 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
     tracking: {"uri", "run_id"} of the MLflow run that receives rank 0's metrics."""
     cfg = cfg.with_absolute_paths()
     load_manifest(cfg.data_dir)  # fail now, not in every worker, if the dataset is missing
-    existing = checkpoint.latest(cfg.checkpoint_dir)
+    existing = checkpoints.latest(cfg.checkpoint_dir)
     if existing and not resume:
         raise CheckpointError(f"{cfg.checkpoint_dir} already holds checkpoints (latest: {existing}); "
                               f"pass --resume to continue that run, or set run.name for a new one")
@@ -65,8 +66,8 @@ def fit(cfg: Config, worker: Callable[[dict], dict], payload: dict, name: str) -
     cluster.connect(cfg, (cfg.run_dir, cfg.checkpoint_dir))
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
-    existing = checkpoint.latest(cfg.checkpoint_dir)
-    if existing and checkpoint.TrainerState.read(existing).world_size != c.num_workers:
+    existing = checkpoints.latest(cfg.checkpoint_dir)
+    if existing and checkpoints.TrainerState.read(existing).world_size != c.num_workers:
         # once, in a task of its own, so no rank converts while the others wait on a collective's timeout
         print(f"train: converting {existing} to a universal checkpoint for {c.num_workers} worker(s)", flush=True)
         ray.get(ray.remote(_to_universal).options(num_cpus=c.cpus_per_worker).remote(existing))
@@ -103,7 +104,7 @@ def _hellaswag(cfg: Config):
 
 
 def _to_universal(url: str) -> None:
-    checkpoint.forbid_unpickling()  # DeepSpeed's converter reads the state with torch.load
+    checkpoints.forbid_unpickling()  # DeepSpeed's converter reads the state with torch.load
     checkpoint.prepare_universal(url)
 
 

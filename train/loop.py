@@ -20,12 +20,13 @@ import torch
 
 from eval import hellaswag, val_loss
 from pipeline.core.config import Config
+from pipeline.core.model import checkpoints
 from pipeline.core.tracking import worker_metrics
 from tokenization.shards import manifest_hash
 from tokenization.tokenizer import encoding
 from train import checkpoint
 from train import engine as engines
-from train.checkpoint import TrainerState
+from pipeline.core.model.checkpoints import TrainerState
 from train.data import ORDER, ShardLoader, check_order
 
 
@@ -43,7 +44,7 @@ def train_worker(payload: dict) -> dict:
     import ray.train.torch
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    checkpoint.forbid_unpickling()
+    checkpoints.forbid_unpickling()
     cfg = Config.model_validate(payload["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -69,7 +70,7 @@ def train_worker(payload: dict) -> dict:
     finally:
         if monitor is not None:
             monitor.finish()
-    return {"checkpoint": checkpoint.latest(cfg.checkpoint_dir), "step": state.step, "loss": state.loss,
+    return {"checkpoint": checkpoints.latest(cfg.checkpoint_dir), "step": state.step, "loss": state.loss,
             "tokens": state.tokens, "nodes": nodes}
 
 
@@ -99,7 +100,7 @@ def engine_and_state(cfg: Config, rank: int, world: int, state: TrainerState, mo
 
     # one decision per job: rank 0 picks the checkpoint and every rank loads that one, even if another
     # is committed meanwhile or a rank's listing of object storage lags
-    chosen = [checkpoint.latest(cfg.checkpoint_dir) if rank == 0 else None]
+    chosen = [checkpoints.latest(cfg.checkpoint_dir) if rank == 0 else None]
     dist.broadcast_object_list(chosen, src=0)
     resume_from = chosen[0]
     if not resume_from:
@@ -184,11 +185,11 @@ def _memory_gb(device: torch.device) -> float:
 def _check_resumable(saved: TrainerState, now: TrainerState, cfg: Config, url: str) -> None:
     check_order(saved.data_order, url, now.data_order)  # fine-tuning (train/finetuning.py) records none
     if saved.manifest_sha256 != now.manifest_sha256:
-        raise checkpoint.CheckpointError(
+        raise checkpoints.CheckpointError(
             f"{url} was trained on dataset {saved.manifest_sha256[:12]}, but {cfg.data_dir} is "
             f"{now.manifest_sha256[:12]}; resume on the same data or start a new run (run.name)")
     if saved.zero_stage != cfg.deepspeed.zero_stage and saved.world_size == now.world_size:
-        raise checkpoint.CheckpointError(
+        raise checkpoints.CheckpointError(
             f"{url} was written with deepspeed.zero_stage={saved.zero_stage}, this run uses "
             f"{cfg.deepspeed.zero_stage}; resume with the same stage")
 

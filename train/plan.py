@@ -5,7 +5,7 @@ Per GPU (one rank), for the configured precision, ZeRO stage, offload and micro-
   activations                               what autograd saves for backward, counted per layer
   head                                      the chunked loss: one chunk of fp32 logits and its gradient,
                                             plus the hidden-state and weight gradients it keeps
-The activation counts are those of train/model.py as tests/test_plan.py measures them with saved-tensor
+The activation counts are those of pipeline/core/model/gpt2.py as tests/test_plan.py measures them with saved-tensor
 hooks: per layer 16 tensors of B x T x C (LayerNorm and attention inputs, q/k/v, attention output,
 the MLP's 4C input and GELU output, ...) plus fp32 LayerNorm and attention statistics. Not counted:
 the CUDA context and the caching allocator's fragmentation (1-3 GB on a GPU), DeepSpeed's bucket
@@ -23,7 +23,7 @@ import torch
 
 from pipeline.core.config import Config
 from train.engine import flops_per_token, gpt_config, precision
-from train.model import GPT
+from pipeline.core.model.gpt2 import GPT
 
 GIB = 2**30
 ASSUMED_MFU = 0.45  # an assumption (no GPU figure measured yet: BENCHMARKS.md)
@@ -96,7 +96,7 @@ def activation_bytes(cfg: Config, checkpointing: bool) -> float:
 
 
 def head_bytes(cfg: Config) -> float:
-    """The chunked loss (train/model.py LMHead): the gradients it keeps for backward (hidden states in
+    """The chunked loss (pipeline/core/model/gpt2.py LMHead): the gradients it keeps for backward (hidden states in
     the model's dtype, the weight's in fp32) and, at its peak, one chunk of fp32 logits with the
     low-precision copies around it."""
     m, b = cfg.model, cfg.batch

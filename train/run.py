@@ -15,7 +15,7 @@ from pipeline.core import storage
 from pipeline.core.config import PRESET_HELP, ConfigError, load_config, preset_in_force
 from tokenization.shards import ShardError
 from train import launch, plan
-from train.checkpoint import CheckpointError
+from pipeline.core.model.checkpoints import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

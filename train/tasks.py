@@ -28,7 +28,7 @@ import torch
 from pipeline.core import storage
 from pipeline.core.config import DataConfig, FinetuneConfig
 from tokenization import sources
-from train.heads import IGNORE, HeadSpec
+from pipeline.core.model.heads import IGNORE, HeadSpec
 
 
 class TaskError(ValueError):

@@ -243,7 +243,7 @@ class FinetuneHeadConfig(_Section):
 
 
 class FinetuneConfig(_Section):
-    """Task heads on the pretrained trunk (train/heads.py) and the fine-tune stage (train/finetune.py)."""
+    """Task heads on the pretrained trunk (pipeline/core/model/heads.py) and the fine-tune stage (train/finetune.py)."""
 
     task: str | None = None  # training data: JSONL/Parquet file, directory or glob (local or URL), or hf:OWNER/NAME
     eval_task: str | None = None  # held-out data in its own file(s); default: a held-out part of `task`

@@ -210,7 +210,7 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
         """The trunk: GPT-2 without its LM head. idx (B, T) -> the final LayerNorm's output (B, T, C),
-        what task heads (train/heads.py) and the LM head read."""
+        what task heads (pipeline/core/model/heads.py) and the LM head read."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if positions is None:

@@ -1,6 +1,6 @@
 """Task heads on the pretrained GPT-2 trunk, and their Hugging Face layout.
 
-The trunk is train/model.py's GPT without its LM head (`GPT.hidden_states`). A head reads its output:
+The trunk is pipeline/core/model/gpt2.py's GPT without its LM head (`GPT.hidden_states`). A head reads its output:
 
 - `classification`: Hugging Face's GPT2ForSequenceClassification head. GPT-2 is causal, so the state that
   has seen the whole text is the last one: pool at the rightmost token that is not `pad_token_id`, then
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.model import GPT, GPTConfig, config_from_hf, from_hf_state_dict, from_state_dict, hf_config, to_hf_state_dict
+from pipeline.core.model.gpt2 import GPT, GPTConfig, config_from_hf, from_hf_state_dict, from_state_dict, hf_config, to_hf_state_dict
 
 KINDS = ("classification", "regression", "token_classification")
 IGNORE = -100  # token label that adds no loss (HF's ignore index)
@@ -161,7 +161,7 @@ class TaskModel(nn.Module):
 
     def save_hf(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
         """config.json + model.safetensors; `state`: a consolidated state dict to write instead of the
-        model's own (as train/model.save_hf)."""
+        model's own (as gpt2.save_hf)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)

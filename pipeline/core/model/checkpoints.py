@@ -1,6 +1,17 @@
-"""Open a model from whatever `--ckpt` names, without unpickling anything untrusted.
+"""Checkpoints as files: the layout our trainer commits, and opening a model from whatever `--ckpt` names,
+without unpickling anything untrusted. Writing them (DeepSpeed state, the commit) is train/checkpoint.py's.
 
-Accepted:
+Our trainer's layout:
+
+    <checkpoint dir>/
+      step_00000100/
+        deepspeed/state/       every rank's DeepSpeed state (weights, ZeRO optimizer partitions)
+        model.safetensors      consolidated fp32 weights under GPT-2's Hugging Face names
+        config.json            so `transformers` opens the directory as GPT2LMHeadModel
+        trainer_state.json     written last, by rank 0: its presence commits the checkpoint
+      latest                   the newest committed checkpoint's name, updated after the commit
+
+`load` accepts:
 - a checkpoint of our trainer: a step_NNNNNNNN directory (trainer_state.json, model.safetensors,
   config.json) or the checkpoint directory holding them (its newest committed one);
 - a DeepSpeed checkpoint directory (a `latest` file and tag directories, or one tag directory),
@@ -14,16 +25,98 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.core import storage
-from train import checkpoint as trainer_checkpoint
-from train import heads
-from train.checkpoint import CheckpointError
-from train.model import GPT, GPTConfig, config_from_hf, from_hf_state_dict, from_state_dict, load_hf
+from pipeline.core.model import heads
+from pipeline.core.model.gpt2 import GPT, GPTConfig, config_from_hf, from_hf_state_dict, from_state_dict, load_hf
+from pipeline.core.storage import join
+
+STATE = "trainer_state.json"
+LATEST = "latest"
+DS_TAG = "state"
+UNIVERSAL_TAG = "universal"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or does not fit; the message names the path."""
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps taken
+    sequences: int = 0  # data position: global sequences consumed by all workers together
+    tokens: int = 0
+    world_size: int = 1
+    zero_stage: int = 0
+    manifest_sha256: str = ""  # the dataset the run trains on
+    data_order: str = ""  # train/data.py's ORDER; "" in checkpoints written before it was recorded
+    run_id: str | None = None  # the tracking (MLflow) run
+    loss: float | None = None  # training loss of the last step
+
+    @classmethod
+    def read(cls, url: str) -> TrainerState:
+        data = storage.read_json(join(url, STATE))
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def forbid_unpickling(deepspeed_records: bool = True) -> None:
+    """Make every torch.load in this process weights_only, DeepSpeed's included.
+
+    DeepSpeed's state files hold tensors, dicts and three plain DeepSpeed records; with
+    deepspeed_records those are allowlisted (importing DeepSpeed), and nothing else in a checkpoint
+    can run code when it is read.
+    """
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    if deepspeed_records:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        torch.serialization.add_safe_globals([LossScaler, ZeroStageEnum, fragment_address])
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_step_name(name: str) -> bool:
+    """Whether `name` is a checkpoint's directory name (step_NNNNNNNN)."""
+    return bool(_NAME.match(name))
+
+
+def committed(directory: str) -> list[str]:
+    """Names of the committed checkpoints in a checkpoint directory, oldest first."""
+    names = [n for n in storage.listdir(directory) if is_step_name(n)]
+    return [n for n in names if storage.exists(join(directory, n, STATE))]
+
+
+def latest(directory: str) -> str | None:
+    """URL of the newest committed checkpoint. The commit markers decide, not the `latest` pointer
+    (kept for people and tools): a crash between a commit and the pointer update loses nothing."""
+    names = committed(directory)
+    return join(directory, names[-1]) if names else None
+
+
+def resolve(path: str) -> str:
+    """A checkpoint given by the user: a checkpoint directory (its latest) or one checkpoint."""
+    if storage.exists(join(path, STATE)):
+        return path
+    found = latest(path)
+    if found is None:
+        raise CheckpointError(f"{path}: no committed checkpoint here (expected {STATE} in it, "
+                              f"or step_NNNNNNNN/{STATE} below it)")
+    return found
+
+
+
+# --- opening any checkpoint ----------------------------------------------------------------------
 
 LAYOUTS = ("trainer checkpoint: trainer_state.json + model.safetensors + config.json (or step_* below it)",
            "Hugging Face: config.json + model.safetensors or pytorch_model.bin",
@@ -32,7 +125,7 @@ LAYOUTS = ("trainer checkpoint: trainer_state.json + model.safetensors + config.
 
 def load(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """The model and a description of where it came from (layout, path, step, weights sha256)."""
-    trainer_checkpoint.forbid_unpickling(deepspeed_records=False)
+    forbid_unpickling(deepspeed_records=False)
     if spec.startswith("hf:"):
         return _hf_dir(_download(spec[3:]), device, {"layout": "huggingface-hub", "name": spec[3:]})
     path = Path(spec if storage.is_local(spec) else _fetch(spec))
@@ -44,9 +137,9 @@ def load(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
         else:
             raise CheckpointError(f"{spec}: a file; --ckpt takes a directory ({'; '.join(LAYOUTS)})")
     names = {p.name for p in path.iterdir()}
-    if trainer_checkpoint.STATE in names or any(trainer_checkpoint.is_step_name(n) for n in names):
-        step_dir = Path(trainer_checkpoint.resolve(str(path)))
-        state = trainer_checkpoint.TrainerState.read(str(step_dir))
+    if STATE in names or any(is_step_name(n) for n in names):
+        step_dir = Path(resolve(str(path)))
+        state = TrainerState.read(str(step_dir))
         return _hf_dir(step_dir, device, {"layout": "trainer", "step": state.step, "tokens": state.tokens,
                                           "run_id": state.run_id, "manifest_sha256": state.manifest_sha256})
     if "config.json" in names and names & {"model.safetensors", "pytorch_model.bin"}:
@@ -64,9 +157,9 @@ def _fetch(url: str) -> str:
     if not storage.exists(url):
         raise CheckpointError(f"{url}: no such file or directory")
     try:
-        step = trainer_checkpoint.resolve(url)
+        step = resolve(url)
     except CheckpointError:
-        if any(trainer_checkpoint.is_step_name(n) for n in storage.listdir(url)):
+        if any(is_step_name(n) for n in storage.listdir(url)):
             raise  # a checkpoint directory of ours with nothing committed in it: say so, naming the URL
         return storage.local_copy(url)  # a Hugging Face or DeepSpeed directory: all of it
     return storage.local_copy(step, keep=lambda rel: "/" not in rel)
@@ -102,7 +195,7 @@ def _deepspeed_tag(path: Path, names: set[str]) -> str | None:
 def _deepspeed(path: Path, tag: str, device) -> tuple[GPT, dict]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    trainer_checkpoint.forbid_unpickling(deepspeed_records=True)
+    forbid_unpickling(deepspeed_records=True)
     root, tag = (path, tag) if tag else (path.parent, path.name)
     state = {k: v.detach() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag).items()}
     config_file = next((d / "config.json" for d in (root, *root.parents[:3]) if (d / "config.json").exists()), None)
