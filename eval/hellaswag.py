@@ -322,6 +322,12 @@ def _gather(values: np.ndarray, device: torch.device) -> np.ndarray:
     return t.cpu().numpy()
 
 
+# the metrics this module produces; the registry's "best" is ACC_NORM, the number published tables compare
+ACC, ACC_NORM = "hellaswag/harness/acc", "hellaswag/harness/acc_norm"
+COMPLETION_ACC, COMPLETION_ACC_NORM = "hellaswag/completion/acc", "hellaswag/completion/acc_norm"
+SCORES = (ACC, ACC_NORM, COMPLETION_ACC, COMPLETION_ACC_NORM)
+
+
 def metrics(items: list[Item], scores: dict) -> dict:
     """acc and acc_norm per protocol, each named with its protocol."""
     labels = np.array([it.label for it in items])
@@ -329,11 +335,11 @@ def metrics(items: list[Item], scores: dict) -> dict:
     if "harness" in scores:
         lls = scores["harness"]["loglikelihoods"]
         lengths = np.array([[len(c) for c in harness_texts(it)[1]] for it in items], dtype=float)
-        out["hellaswag/harness/acc"] = float((lls.argmax(1) == labels).mean())
-        out["hellaswag/harness/acc_norm"] = float(((lls / lengths).argmax(1) == labels).mean())
+        out[ACC] = float((lls.argmax(1) == labels).mean())
+        out[ACC_NORM] = float(((lls / lengths).argmax(1) == labels).mean())
     if "completion" in scores:
         loss = -scores["completion"]["loglikelihoods"]
-        out["hellaswag/completion/acc"] = float((loss.argmin(1) == labels).mean())
-        out["hellaswag/completion/acc_norm"] = float(((loss / scores["completion"]["tokens"]).argmin(1) == labels).mean())
+        out[COMPLETION_ACC] = float((loss.argmin(1) == labels).mean())
+        out[COMPLETION_ACC_NORM] = float(((loss / scores["completion"]["tokens"]).argmin(1) == labels).mean())
     out["hellaswag/items"] = len(items)
     return out

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         values["eval.hellaswag"] = None if a.hellaswag == "none" else a.hellaswag
     preset = preset_in_force(a.config)
     try:
-        cfg = load_config(preset, a.overrides, values)
+        cfg = load_config(preset, a.overrides, values).with_absolute_paths()
         if not a.ckpt.startswith("hf:"):
             storage.check(a.ckpt, write=False)
         suite.run(cfg, a.ckpt, a.output, data=not a.no_val, workers=a.workers, device=a.device)

@@ -22,7 +22,6 @@ RESULTS = "results.json"
 def run(cfg: Config, ckpt: str, output: str | None = None, *, data: bool = True, workers: int = 1,
         device: str | None = None, log=print) -> dict:
     """Evaluate `ckpt`; write the results JSON to `output` (a directory) when given; return the results."""
-    cfg = cfg.with_absolute_paths()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timing, started = {}, time.perf_counter()
     model, info = checkpoints.load(ckpt, device)
@@ -39,7 +38,7 @@ def run(cfg: Config, ckpt: str, output: str | None = None, *, data: bool = True,
         val = val_loss.evaluate(lambda idx, tgt: model(idx, tgt)[1], x, y, cfg.batch.micro_batch_size, device)
         results["val"] = {**val, "data": cfg.data_dir, "manifest_sha256": manifest_hash(cfg.data_dir),
                           "seq_len": seq_len}
-        results["metrics"].update({"val/loss": val["loss"], "val/perplexity": val["perplexity"]})
+        results["metrics"].update({val_loss.VAL_LOSS: val["loss"], val_loss.VAL_PERPLEXITY: val["perplexity"]})
         timing["val_s"] = time.perf_counter() - t0
 
     if cfg.eval.hellaswag:

@@ -15,6 +15,8 @@ import torch
 
 from tokenization import shards
 
+VAL_LOSS, VAL_PERPLEXITY = "val/loss", "val/perplexity"  # the metrics this module's scores are logged as
+
 
 def val_sequences(dataset_dir: str, seq_len: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed validation set: the first max_tokens // seq_len windows of the val split, in order,

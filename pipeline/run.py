@@ -17,7 +17,10 @@ import os
 import sys
 import time
 
-from pipeline import lineage, stages
+from eval import hellaswag
+from eval.val_loss import VAL_LOSS
+from pipeline import stages
+from pipeline.core import lineage
 from pipeline.core import cluster, storage
 from pipeline.core.config import HOME_ENV, ConfigError, in_ray_package_cache, load_config, output_base, preset_in_force
 from pipeline.core.progress import format_duration
@@ -84,10 +87,11 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
     ctx = stages.Context(cfg, track)
     try:
         for name in selected:
-            summary = ctx.results[name] = stages.run_stage(ctx, stages.ALL[name], name in force)
-            if track and "parent" in summary:  # what the stage says the pipeline's run should carry
-                track.set_tags(parent, summary["parent"].get("tags", {}))
-                track.log_metrics(parent, summary["parent"].get("metrics", {}), summary["parent"].get("step", 0))
+            result = stages.run_stage(ctx, stages.ALL[name], name in force).result
+            if track:  # what the stage says the pipeline's run should carry
+                track.set_tags(parent, result.parent_tags)
+                if result.parent_metrics:
+                    track.log_metrics(parent, result.metrics, result.step)
     except KeyboardInterrupt:
         print("pipeline: interrupted; run the same command again to continue", file=sys.stderr)
         if track:
@@ -110,9 +114,9 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
 def timings(ctx: stages.Context, ray_start: float, track, total: float) -> dict[str, float]:
     """Where the driver's wall time went: each stage's own work, and the orchestration around it (Ray start,
     the MLflow calls that are no stage's work, and the bookkeeping left over)."""
-    ran = {name: s for name, s in ctx.results.items() if not s.get("skipped")}
-    work = {name: s["work_seconds"] for name, s in ran.items()}
-    tracking_work = sum(s["tracking_seconds"] for name, s in ran.items() if stages.ALL[name].tracking_is_work)
+    ran = {name: o for name, o in ctx.outcomes.items() if not o.skipped}
+    work = {name: o.work_seconds for name, o in ran.items()}
+    tracking_work = sum(o.tracking_seconds for name, o in ran.items() if stages.ALL[name].tracking_is_work)
     mlflow = (track.seconds if track else 0.0) - tracking_work
     out = {**work, "ray_start": ray_start, "mlflow": mlflow}
     out["bookkeeping"] = max(0.0, total - sum(out.values()))
@@ -122,18 +126,18 @@ def timings(ctx: stages.Context, ray_start: float, track, total: float) -> dict[
 
 def report(ctx: stages.Context, track, parent: str | None, seconds: dict[str, float]) -> None:
     print(f"\npipeline: done in {format_duration(seconds['total'])}")
-    for name, summary in ctx.results.items():
-        status = "skipped (complete)" if summary.get("skipped") else f"{seconds[name]:.0f} s"
-        print(f"  {name:<9} {status:<20} {summary.get('output') or ''}")
+    for name, outcome in ctx.outcomes.items():
+        status = "skipped (complete)" if outcome.skipped else f"{seconds[name]:.0f} s"
+        print(f"  {name:<9} {status:<20} {outcome.result.output or ''}")
     overhead = seconds["ray_start"] + seconds["mlflow"] + seconds["bookkeeping"]
     print(f"  overhead  {overhead:.0f} s ({overhead / seconds['total']:.0%}): Ray start {seconds['ray_start']:.0f} s, "
           f"MLflow {seconds['mlflow']:.0f} s, bookkeeping {seconds['bookkeeping']:.0f} s")
-    metrics = ctx.results.get("eval", {}).get("metrics", {})
-    for key in ("val/loss", "hellaswag/harness/acc", "hellaswag/harness/acc_norm",
-                "hellaswag/completion/acc", "hellaswag/completion/acc_norm"):
-        if key in metrics:
-            print(f"  {key:<30} {metrics[key]:.4f}")
-    for key, value in ctx.results.get("finetune", {}).get("metrics", {}).items():  # held-out task scores
+    scores = {}
+    if "eval" in ctx.outcomes:
+        scores.update({k: v for k, v in ctx.outcomes["eval"].result.metrics.items() if k in (VAL_LOSS, *hellaswag.SCORES)})
+    if "finetune" in ctx.outcomes:
+        scores.update(ctx.outcomes["finetune"].result.metrics)  # held-out task scores
+    for key, value in scores.items():
         print(f"  {key:<30} {value:.4f}")
     if track and track.available:
         print(f"\nReview it in MLflow:\n  {lineage.ui_command(track.uri)}")

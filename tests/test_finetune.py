@@ -188,7 +188,7 @@ def pretrained(tmp_path_factory, builtin_dataset):
     """A tiny GPT-2 pretrained for a few steps by the pipeline's train stage code, with its MLflow lineage."""
     from conftest import tiny_config
 
-    from pipeline.lineage import Lineage
+    from pipeline.core.lineage import Lineage
     from train import launch
 
     root = tmp_path_factory.mktemp("pretrained")
@@ -257,11 +257,11 @@ def kind_task(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted_fine_tune(tmp_path_factory, pretrained, kind_task):
     """16 steps of a classification fine-tune, checkpoints every 4, registered as `ft-resume`."""
-    from pipeline import finetune
+    from train import finetuning
 
     cfg = fine_tune_config(tmp_path_factory.mktemp("ft-uninterrupted"), "finetune.registered_model=ft-resume",
                            task=kind_task, uri=pretrained["uri"])
-    finetune.run(cfg, pretrained["checkpoint"])
+    finetuning.run(cfg.with_absolute_paths(), pretrained["checkpoint"])
     return cfg
 
 
@@ -270,23 +270,22 @@ def test_a_killed_fine_tune_resumes_and_repeats_identical_losses(uninterrupted_f
     from safetensors.torch import load_file
     from test_train import kill_a_worker_after
 
-    from pipeline import finetune
-    from pipeline.core.tracking import read_jsonl
     from pipeline.core.model import checkpoints
+    from pipeline.core.tracking import metrics_file, read_jsonl
     from train import finetuning
 
     cfg = fine_tune_config(tmp_path, "cluster.max_failures=2", task=kind_task)
-    metrics_file = finetuning.trainer_config(cfg.with_absolute_paths()).metrics_file
+    metrics = metrics_file(cfg.with_absolute_paths().finetune_dir)
     killed: list[int] = []
-    killer = __import__("threading").Thread(target=kill_a_worker_after, args=(metrics_file, 7, killed))
+    killer = __import__("threading").Thread(target=kill_a_worker_after, args=(metrics, 7, killed))
     killer.start()
-    finetune.run(cfg, pretrained["checkpoint"])
+    finetuning.run(cfg.with_absolute_paths(), pretrained["checkpoint"])
     killer.join()
     assert killed, "no worker was killed"
 
     def losses(c) -> dict[int, list[float]]:
         out: dict[int, list[float]] = {}
-        for r in read_jsonl(finetuning.trainer_config(c.with_absolute_paths()).metrics_file):
+        for r in read_jsonl(metrics_file(c.with_absolute_paths().finetune_dir)):
             if "train/loss" in r:
                 out.setdefault(r["step"], []).append(r["train/loss"])
         return out
@@ -295,7 +294,7 @@ def test_a_killed_fine_tune_resumes_and_repeats_identical_losses(uninterrupted_f
     assert sorted(got) == list(range(1, 17)) and any(len(v) > 1 for v in got.values()), got
     for step, values in got.items():  # bitwise: fp32 on CPU, same examples, same dropout seeds
         assert all(v == expected[step][0] for v in values), (step, values, expected[step])
-    weights = [load_file(f"{checkpoints.latest(finetuning.trainer_config(c.with_absolute_paths()).checkpoint_dir)}"
+    weights = [load_file(f"{checkpoints.latest(finetuning.checkpoint_dir(c.with_absolute_paths()))}"
                          f"/model.safetensors") for c in (uninterrupted_fine_tune, cfg)]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert "score.weight" in weights[0]  # transformers' GPT2ForSequenceClassification layout
@@ -306,13 +305,12 @@ def test_heads_that_do_not_match_the_checkpoint_are_refused_and_models_uris_are_
     from conftest import run_cli
     from transformers import GPT2ForSequenceClassification
 
-    from pipeline import finetune
     from pipeline.core.model import checkpoints, heads
     from pipeline.core.model.heads import HeadMismatch
-    from train import finetuning
+    from train import finetuning, start_model
 
     done = uninterrupted_fine_tune.with_absolute_paths()
-    final = checkpoints.latest(finetuning.trainer_config(done).checkpoint_dir)
+    final = checkpoints.latest(finetuning.checkpoint_dir(done))
     # the fine-tuned checkpoint is transformers' class, with our logits
     ours, theirs = heads.load_hf(final).eval(), GPT2ForSequenceClassification.from_pretrained(final).eval()
     idx, _ = tasks.collate([tasks.Example(tuple(encode(t)), {}) for t in ("The assert statement is a way", "Return it")],
@@ -329,9 +327,9 @@ def test_heads_that_do_not_match_the_checkpoint_are_refused_and_models_uris_are_
     cfg = fine_tune_config(tmp_path, "finetune.head=regression", "finetune.label_field=words", task=done.finetune.task,
                            uri=pretrained["uri"])
     with pytest.raises(HeadMismatch, match=r"config\.json: .*configured regression/1, checkpoint has classification/2"):
-        finetune.run(cfg, "models:/ft-resume@best")
-    source = finetune.write_init(fine_tune_config(tmp_path / "again", uri=pretrained["uri"]), "models:/ft-resume@best",
-                                 str(tmp_path / "init"))
+        finetuning.run(cfg.with_absolute_paths(), "models:/ft-resume@best")
+    source = start_model.write(fine_tune_config(tmp_path / "again", uri=pretrained["uri"]).with_absolute_paths(),
+                               "models:/ft-resume@best", str(tmp_path / "init"))
     assert source["registered"] == "ft-resume/1" and source["run_id"]
     again = heads.load_hf(tmp_path / "init").eval()
     with torch.no_grad():

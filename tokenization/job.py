@@ -54,7 +54,6 @@ class TokenizeResult:
 def run(cfg: Config, *, overwrite: bool = False, log=print) -> TokenizeResult:
     """Tokenize cfg.data into cfg.data_dir; returns once the manifest is written."""
     start = time.perf_counter()
-    cfg = cfg.with_absolute_paths()
     out = cfg.data_dir
     source = sources.resolve(cfg.data)  # a missing input fails here, before any Ray work
     tok_info = tokenizer.info()
@@ -92,13 +91,12 @@ def run(cfg: Config, *, overwrite: bool = False, log=print) -> TokenizeResult:
 
 def fingerprint(cfg: Config) -> str:
     """What the dataset cfg describes would be: its input (as it is now), tokenizer and settings."""
-    cfg = cfg.with_absolute_paths()
     return _dataset_fingerprint(cfg, sources.resolve(cfg.data), tokenizer.info())
 
 
 def complete(cfg: Config) -> bool:
     """Whether cfg.data_dir holds this very dataset, every shard present at its size."""
-    url = join(cfg.with_absolute_paths().data_dir, MANIFEST)
+    url = join(cfg.data_dir, MANIFEST)
     if not storage.exists(url):
         return False
     manifest = storage.read_json(url)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     values = {"data.input": args.input, "tokenization.output": args.output}
     preset = preset_in_force(args.config)
     try:
-        cfg = load_config(preset, args.overrides, {k: v for k, v in values.items() if v is not None})
+        cfg = load_config(preset, args.overrides, {k: v for k, v in values.items() if v is not None}).with_absolute_paths()
         storage.check(cfg.data_dir)
         job.run(cfg, overwrite=args.overwrite)
     except (ConfigError, storage.StorageError, CorpusError, ShardError, TokenizerUnavailable) as err:

@@ -10,12 +10,28 @@ import math
 import os
 import socket
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pipeline.core.config import Config
 from pipeline.core.model.gpt2 import GPT, GPTConfig
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The shape of an optimizer step, which pretraining (batch.*) and fine-tuning (finetune.*) each set."""
+
+    sequences: int  # per optimizer step, over all workers and accumulation steps
+    micro_batch_size: int  # sequences per worker per forward pass
+    seq_len: int  # tokens per sequence (fine-tuning: at most; examples are padded per batch)
+
+    @classmethod
+    def of(cls, cfg: Config) -> Batch:
+        """Pretraining's."""
+        b = cfg.batch
+        return cls(b.tokens_per_step // b.seq_len, b.micro_batch_size, b.seq_len)
 
 
 def gpt_config(cfg: Config) -> GPTConfig:
@@ -28,12 +44,14 @@ def precision(cfg: Config) -> str:
     return "bf16" if cfg.cluster.use_gpu else "fp32"
 
 
-def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
-    b, z = cfg.batch, cfg.deepspeed
-    micro_batches = b.tokens_per_step // b.seq_len
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False, batch: Batch | None = None) -> dict:
+    """DeepSpeed's dict for `batch` (default: pretraining's, batch.*)."""
+    b, z = batch or Batch.of(cfg), cfg.deepspeed
+    micro_batches = b.sequences
     if micro_batches % (b.micro_batch_size * world_size):
-        raise ValueError(f"batch.tokens_per_step ({b.tokens_per_step}) does not divide over {world_size} workers "
-                         f"x batch.micro_batch_size ({b.micro_batch_size}) x batch.seq_len ({b.seq_len})")
+        raise ValueError(f"the step's batch of {micro_batches} sequences does not divide over {world_size} workers "
+                         f"x micro-batches of {b.micro_batch_size} (batch.tokens_per_step / batch.seq_len, "
+                         f"batch.micro_batch_size)")
     zero: dict = {"stage": z.zero_stage, "overlap_comm": cfg.cluster.use_gpu, "contiguous_gradients": True}
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.cluster.use_gpu}
@@ -69,13 +87,14 @@ def _grad_dtypes(cfg: Config) -> dict:
     return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warm-up to train.lr over warmup_steps, then cosine decay to min_lr_ratio * lr at max_steps."""
-    t = cfg.train
+def lr_at(step: int, cfg: Config, schedule=None) -> float:
+    """Linear warm-up to the schedule's lr over warmup_steps, then cosine decay to train.min_lr_ratio * lr at
+    max_steps. schedule: train.* (default) or finetune.* (lr, warmup_steps, max_steps)."""
+    t, floor = schedule or cfg.train, cfg.train.min_lr_ratio
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return t.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -85,18 +104,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    t = cfg.train
-    groups = param_groups(model, t.weight_decay)
+def optimizer(model: nn.Module, cfg: Config, schedule=None) -> torch.optim.Optimizer:
+    """AdamW with train.betas and eps, the schedule's (train.* or finetune.*) lr and weight decay."""
+    t, s = cfg.train, schedule or cfg.train
+    groups = param_groups(model, s.weight_decay)
     if cfg.deepspeed.offload_optimizer:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=cfg.cluster.use_gpu)
+        return DeepSpeedCPUAdam(groups, lr=s.lr, betas=tuple(t.betas), eps=t.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=s.lr, betas=tuple(t.betas), eps=t.eps, fused=cfg.cluster.use_gpu)
 
 
-def initialize(cfg: Config, world_size: int, load_universal: bool = False, model: nn.Module | None = None):
-    """The DeepSpeed engine around `model`, by default a freshly initialised GPT (seeded by run.seed).
+def initialize(cfg: Config, world_size: int, load_universal: bool = False, model: nn.Module | None = None,
+               batch: Batch | None = None, schedule=None):
+    """The DeepSpeed engine around `model`, by default a freshly initialised GPT (seeded by run.seed), for
+    `batch` and `schedule` (default: pretraining's, batch.* and train.*).
     engine.gpt_params: the parameters without the position embedding (as FLOPs count them), counted
     here because ZeRO-3 partitions them in deepspeed.initialize (numel() 0 afterwards)."""
     import deepspeed
@@ -106,8 +128,8 @@ def initialize(cfg: Config, world_size: int, load_universal: bool = False, model
         model = GPT(gpt_config(cfg))
         model.activation_checkpointing = cfg.deepspeed.activation_checkpointing
     n_params = sum(p.numel() for p in model.parameters()) - model.config.block_size * model.config.n_embd
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer(model, cfg),
-                                           config=deepspeed_config(cfg, world_size, load_universal))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer(model, cfg, schedule),
+                                           config=deepspeed_config(cfg, world_size, load_universal, batch))
     engine.gpt_params = n_params
     if cfg.deepspeed.compile:
         engine.compile()
@@ -147,10 +169,12 @@ def local_process_group(use_gpu: bool) -> None:
 
 
 # --- the training step --------------------------------------------------------------------------------
+Targets = torch.Tensor | dict[str, torch.Tensor]  # next tokens (B, T), or labels per task head
 
-def train_step(engine, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def train_step(engine, batches: Iterable[tuple[torch.Tensor, Targets]],
                device: torch.device) -> tuple[torch.Tensor, float | None]:
-    """One optimizer step over this rank's micro-batches (CPU tensors (B, T), inputs and targets).
+    """One optimizer step over this rank's micro-batches (CPU tensors: inputs (B, T) and targets, (B, T) for
+    the LM or {head: labels} for task heads).
     Returns the sum of the micro-batch losses (on the device: no host sync) and the gradient norm
     (None where DeepSpeed reports none). The forward returns no logits with targets, so none are held
     through backward."""
@@ -170,7 +194,7 @@ def train_step(engine, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     return loss_sum, grad_norm
 
 
-def on_device(batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+def on_device(batches: Iterable[tuple[Targets, ...]], device: torch.device) -> Iterator[tuple[Targets, ...]]:
     """The batches on the device. On a GPU each is pinned and its copy queued one batch ahead
     (non_blocking from pinned memory does not wait), so the next batch is on its way while the current
     one computes; on a CPU they pass through."""
@@ -179,12 +203,18 @@ def on_device(batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device)
         return
     ahead = None
     for batch in batches:
-        nxt = tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+        nxt = tuple(_to(t, device) for t in batch)
         if ahead is not None:
             yield ahead
         ahead = nxt
     if ahead is not None:
         yield ahead
+
+
+def _to(t: Targets, device: torch.device) -> Targets:
+    if isinstance(t, dict):
+        return {k: _to(v, device) for k, v in t.items()}
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _grad_norm(model: nn.Module) -> float:
@@ -210,7 +240,7 @@ def flops_per_token(config: GPTConfig, seq_len: int, n_params: int) -> float:
 
 
 def mfu(engine, cfg: Config, step_time: float, peak: float | None, world: int) -> float | None:
-    """Model FLOPs utilisation of one optimizer step (None without a peak figure for the device)."""
+    """Model FLOPs utilisation of one pretraining step (None without a peak figure for the device)."""
     if not peak:
         return None
     per_step = flops_per_token(engine.module.config, cfg.batch.seq_len, engine.gpt_params) * cfg.batch.tokens_per_step

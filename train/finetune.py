@@ -32,22 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     preset = preset_in_force(args.config)
-    # the driver above the trainer: it reads any checkpoint (eval's loader) and writes the MLflow lineage
-    from pipeline import finetune
     from pipeline.core.model.checkpoints import CheckpointError
     from pipeline.core.model.heads import HeadMismatch
+    from train import finetuning
     from train.tasks import TaskError
 
     values = {"finetune.task": args.task, "finetune.eval_task": args.eval_task}
     try:
         cfg = load_config(preset, args.overrides, {k: v for k, v in values.items() if v is not None})
-        summary = finetune.run(cfg, args.ckpt, resume=args.resume)
+        result = finetuning.run(cfg.with_absolute_paths(), args.ckpt, resume=args.resume)
     except (ConfigError, CheckpointError, HeadMismatch, TaskError, launch.TrainingFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    scores = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
-    print(f"finetune: done at step {summary['step']}, loss {summary['loss']:.4f}; held out: {scores}; "
-          f"checkpoint {summary['output']}")
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+    print(f"finetune: done at step {result.step}, loss {result.loss:.4f}; held out: {scores}; "
+          f"checkpoint {result.checkpoint}")
     return 0
 
 

@@ -1,38 +1,43 @@
-"""The fine-tune trainer: task heads on a pretrained trunk, on pretraining's DeepSpeed engine, Ray Train
-launch and checkpoints (train/engine.py, launch.py, checkpoint.py, loop.engine_and_state).
+"""The fine-tune stage: a pretrained checkpoint and task data -> task heads trained on it by the one training
+loop (train/loop.py) with the recipe below, scored on a held-out split, tracked in MLflow under the
+checkpoint's lineage, registered as its own model.
 
     <finetune dir>/                 finetune.output, default <run dir>/finetune
-      init/                         the starting model with its heads (config.json + model.safetensors),
-                                    written by the driver (pipeline/finetune.py)
+      init/                         the starting model with its heads (config.json + model.safetensors,
+                                    source.json: what --ckpt named), written by train/start_model.py
       checkpoints/step_NNNNNNNN/    as pretraining's; model.safetensors + config.json in the layout of
                                     transformers' GPT2ForSequenceClassification / GPT2ForTokenClassification
       metrics.jsonl, results.json   training metrics; the final held-out scores
 
-finetune.* sets the optimizer and batches (lr, warm-up, steps, examples per step and per forward pass);
-a trainer Config derived from it drives the shared engine, so the DeepSpeed settings come from one place.
-As in pretraining, a step's result is a function of its number (data position, dropout seed), so a
-restart after a crash repeats the same losses bit for bit.
+finetune.* sets the schedule (lr, warm-up, steps, weight decay) and batches (examples per step and per
+forward pass). As in pretraining, a step's result is a function of its number (data position, dropout
+seed), so a restart after a crash repeats the same losses bit for bit.
+
+MLflow: the run is a child of the pipeline run that produced the checkpoint (found through the run id its
+trainer state or registry entry records), tagged gpt2.stage=finetune; a checkpoint without one (a Hugging
+Face model, say) gets a parent run of its own. Inside the pipeline, the driver passes its child run.
 """
 
 from __future__ import annotations
 
-import sys
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from pipeline.core import storage
-from pipeline.core.config import Config, ConfigError
+from pipeline.core import registry, storage
+from pipeline.core.config import Config, ConfigError, output_base
+from pipeline.core.lineage import PARENT_TAG, Lineage, tracking_uri
 from pipeline.core.model import checkpoints, heads
+from pipeline.core.model.checkpoints import CheckpointError
 from pipeline.core.storage import join
-from pipeline.core.tracking import worker_metrics
 from tokenization.tokenizer import encoding
-from train import checkpoint, launch, tasks
 from train import engine as engines
-from pipeline.core.model.checkpoints import CheckpointError, TrainerState
+from train import launch, start_model, tasks
+from train.loop import Recipe
 
 RESULTS = "results.json"
+_SERVED = Path(__file__).with_name("served_heads.py")
 
 
 @dataclass
@@ -42,117 +47,143 @@ class FinetuneResult:
     loss: float | None
     metrics: dict  # held-out scores of the final checkpoint
     examples: dict  # train / eval example counts, and how many were truncated
+    registered: dict | None = field(default=None)  # the registry version, when tracked
 
 
-def trainer_config(cfg: Config) -> Config:
-    """The config the shared trainer code reads: run dir = the fine-tune dir (so checkpoints, metrics and
-    Ray's records land there), optimizer and batch from finetune.*; the task file stands for the dataset."""
+def checkpoint_dir(cfg: Config) -> str:
+    return join(cfg.finetune_dir, "checkpoints")
+
+
+def run(cfg: Config, ckpt: str, *, resume: bool = False, lineage: Lineage | None = None,
+        run_id: str | None = None, log=print) -> FinetuneResult:
+    """Fine-tune from `ckpt` into cfg.finetune_dir (cfg resolved: Config.with_absolute_paths). With resume,
+    continue from the latest committed checkpoint; without, refuse a dir that has some. lineage/run_id: the
+    MLflow run to log into (the pipeline's finetune stage passes its child run); without them the run is
+    found or made under the checkpoint's lineage."""
+    f, init = cfg.finetune, join(cfg.finetune_dir, "init")
+    existing = checkpoints.latest(checkpoint_dir(cfg))
+    if existing and not resume:
+        raise CheckpointError(f"{cfg.finetune_dir} already holds a fine-tune (latest: {existing}); pass --resume to "
+                              f"continue it, or set finetune.output (or run.name) for a new one")
+    if existing and storage.exists(join(init, start_model.SOURCE)):
+        source = storage.read_json(join(init, start_model.SOURCE))  # the same start, whatever --ckpt says now
+    else:
+        source = start_model.write(cfg, ckpt, init, log)
+    own = lineage is None and cfg.tracking.enabled
+    if own:
+        lineage, run_id = _track(cfg, source)
+    tracking = {"uri": lineage.uri, "run_id": run_id} if lineage and run_id else None
+    if tracking:
+        lineage.log_params(run_id, {k: v for k, v in cfg.flat().items() if k.startswith(("finetune.", "cluster.", "deepspeed."))})
+        lineage.set_tags(run_id, {"start_checkpoint": source["spec"], "start_weights_sha256": source.get("weights_sha256")})
+    try:
+        result = _train(cfg, init, existing, tracking, log)
+    except BaseException:
+        if own and tracking:
+            lineage.finish(run_id, "FAILED")
+        raise
+    if tracking:
+        if own:  # inside the pipeline, the driver records the stage's metrics (train/stage.py)
+            lineage.log_metrics(run_id, result.metrics, result.step)
+        result.registered = _register(cfg, lineage, run_id, result, source, log)
+        if own:
+            lineage.finish(run_id)
+    return result
+
+
+def _train(cfg: Config, init: str, existing: str | None, tracking: dict | None, log) -> FinetuneResult:
     f = cfg.finetune
-    root, name = cfg.finetune_dir.rstrip("/").rsplit("/", 1)
-    return cfg.model_copy(update={
-        "run": cfg.run.model_copy(update={"root": root, "name": name}),
-        "train": cfg.train.model_copy(update={"lr": f.lr, "warmup_steps": f.warmup_steps, "max_steps": f.max_steps,
-                                              "weight_decay": f.weight_decay}),
-        "batch": cfg.batch.model_copy(update={"tokens_per_step": f.batch_size * f.max_len, "seq_len": f.max_len,
-                                              "micro_batch_size": f.micro_batch_size}),
-        "checkpoint": cfg.checkpoint.model_copy(update={"dir": None, "interval": f.checkpoint_interval}),
-        "tokenization": cfg.tokenization.model_copy(update={"output": f.task}),
-    })
-
-
-def run(cfg: Config, init: str, *, resume: bool = False, tracking: dict | None = None) -> FinetuneResult:
-    """Fine-tune the model in `init` (a directory in the heads' Hugging Face layout) on finetune.task.
-    With resume, continue from the latest committed checkpoint; without, refuse a dir that has some.
-    tracking: {"uri", "run_id"} of the MLflow run that receives rank 0's metrics."""
-    cfg = cfg.with_absolute_paths()
-    f, tcfg = cfg.finetune, trainer_config(cfg)
     specs = tasks.head_specs(f)
     init_config = storage.read_json(join(init, "config.json"))
     heads.check_heads(specs, heads.specs_from_hf(init_config), join(init, "config.json"))
     if f.max_len > init_config["n_positions"]:
         raise ConfigError(f"finetune.max_len: ({f.max_len}) exceeds the model's context ({init_config['n_positions']})")
-    existing = checkpoints.latest(tcfg.checkpoint_dir)
-    if existing and not resume:
-        raise CheckpointError(f"{tcfg.checkpoint_dir} already holds checkpoints (latest: {existing}); pass --resume "
-                              f"to continue that fine-tune, or set finetune.output (or run.name) for a new one")
     if existing:  # the heads being trained must be the ones saved
         heads.check_heads(specs, heads.specs_from_hf(storage.read_json(join(existing, "config.json"))),
                           join(existing, "config.json"))
-        print(f"finetune: resuming from {existing}", flush=True)
+        log(f"finetune: resuming from {existing}")
     encode = encoding().encode_ordinary
     train, held = tasks.load(f, "train", encode), tasks.load(f, "eval", encode)
-    print(f"finetune: {len(train.examples)} training examples from {train.source}, {len(held.examples)} held out "
-          f"from {held.source}; {train.truncated + held.truncated} cut at finetune.max_len={f.max_len}", flush=True)
+    log(f"finetune: {len(train.examples)} training examples from {train.source}, {len(held.examples)} held out "
+        f"from {held.source}; {train.truncated + held.truncated} cut at finetune.max_len={f.max_len}")
     payload = {"config": cfg.model_dump(), "init": init, "tracking": tracking, "train": train.examples,
-               "eval": held.examples, "fingerprint": tasks.fingerprint(train, held)}
-    out = launch.fit(tcfg, _worker, payload, "finetune")
+               "eval": held.examples, "fingerprint": tasks.fingerprint(train, held), "source": train.source}
+    out = launch.fit(cfg, make_recipe, payload, "finetune", cfg.finetune_dir, checkpoint_dir(cfg))
+    if tracking:
+        launch.drain_metrics(cfg.finetune_dir, tracking)
     examples = {"train": len(train.examples), "eval": len(held.examples), "truncated": train.truncated + held.truncated}
     storage.write_json(join(cfg.finetune_dir, RESULTS), {**out, "examples": examples, "init": init})
     return FinetuneResult(out["checkpoint"], out["step"], out["loss"], out["metrics"], examples)
 
 
-def _worker(payload: dict) -> dict:
-    import ray.train
-    import ray.train.torch
-
-    from train.loop import engine_and_state, step_seed
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    checkpoints.forbid_unpickling()
-    cfg = Config.model_validate(payload["config"])
-    tcfg, f = trainer_config(cfg), cfg.finetune
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    engines.init_distributed(cfg.cluster.use_gpu)
-    model = heads.load_hf(storage.local_copy(payload["init"]))
-    model.trunk.activation_checkpointing = cfg.deepspeed.activation_checkpointing
-    tracking = payload.get("tracking")
-    state = TrainerState(world_size=world, zero_stage=cfg.deepspeed.zero_stage, manifest_sha256=payload["fingerprint"],
-                         run_id=tracking["run_id"] if tracking else None)
-    engine, state = engine_and_state(tcfg, rank, world, state, model)
-    scores: dict = {}
-    with worker_metrics(tcfg, rank, tracking, f.max_steps) as (metrics, publish):
-        while state.step < f.max_steps:
-            torch.manual_seed(step_seed(cfg.run.seed, state.step, rank))  # the token head's dropout
-            lr = engines.lr_at(state.step, tcfg)
-            engines.set_lr(engine, lr)
-            state.loss = _step(engine, payload["train"], state.sequences, cfg, rank, world, device)
-            state.step += 1
-            state.sequences += f.batch_size
-            metrics.log({"train/loss": state.loss, "train/lr": lr, "train/epoch": state.sequences / len(payload["train"]),
-                         "train/grad_norm": _float(engine.get_global_grad_norm())}, state.step)
-            if state.step % f.checkpoint_interval == 0 or state.step == f.max_steps:
-                scores = evaluate(engine, payload["eval"], cfg, device)
-                metrics.log(scores, state.step)
-                url = checkpoint.save(engine, engine.module, tcfg.checkpoint_dir, state, cfg.checkpoint.keep_last,
-                                      before_commit=publish)
-                if rank == 0:
-                    sys.stdout.write(f"finetune: checkpoint {url}\n")
-        if not scores:  # resumed at the end: score the final checkpoint again
-            scores = evaluate(engine, payload["eval"], cfg, device)
-    return {"checkpoint": checkpoints.latest(tcfg.checkpoint_dir), "step": state.step, "loss": state.loss,
-            "metrics": scores}
+def _register(cfg: Config, lineage: Lineage, run_id: str, result: FinetuneResult, source: dict, log) -> dict | None:
+    f = cfg.finetune
+    lineage.log_artifact(run_id, join(cfg.finetune_dir, RESULTS))  # when local
+    lineage.set_tags(run_id, {"checkpoint": result.checkpoint})
+    score_key = tasks.primary_metric(tasks.head_specs(f))
+    version = registry.register(lineage, run_id, result.checkpoint, f.registered_model, cfg.tracking.best_alias,
+                                result.metrics.get(score_key), {"checkpoint": result.checkpoint,
+                                                                "start_checkpoint": source["spec"]},
+                                model_code=_SERVED, score_key=score_key)
+    if version:
+        log(f"finetune: registered {version['name']} version {version['version']}")
+    return version
 
 
-def _step(engine, examples: list, consumed: int, cfg: Config, rank: int, world: int, device) -> float:
-    """One optimizer step over this rank's slice of the global batch; the global mean loss."""
-    import torch.distributed as dist
+def _track(cfg: Config, source: dict) -> tuple[Lineage | None, str | None]:
+    """This fine-tune's MLflow run, a child of the checkpoint's pipeline run when it has one."""
+    track = Lineage(tracking_uri(cfg.tracking.uri, output_base()), cfg.tracking.experiment, cfg.finetune_dir)
+    if not track.available:
+        return None, None
+    origin = source.get("run_id")
+    parent = origin and track.call("find the checkpoint's run", lambda: track.client.get_run(origin).data.tags.get(PARENT_TAG, origin))
+    if parent:
+        track.parent_id = parent
+    else:
+        track.start_parent(cfg.run.name, {}, {"start_checkpoint": source["spec"]})
+    return track, track.stage_run("finetune")
 
-    f, specs = cfg.finetune, engine.module.specs
-    per_rank = f.batch_size // world
-    loss_sum = torch.zeros((), device=device)
-    accum = engine.gradient_accumulation_steps()
-    for micro in range(accum):
-        batch = tasks.batch_at(examples, consumed + rank * per_rank + micro * f.micro_batch_size,
-                               f.micro_batch_size, cfg.run.seed)
-        idx, labels = tasks.collate(batch, specs, f.pad_token_id)
-        _, loss = engine(idx.to(device), {k: v.to(device) for k, v in labels.items()})
-        engine.backward(loss)
-        engine.step()
-        loss_sum += loss.detach().float()
-    dist.all_reduce(loss_sum)
-    return loss_sum.item() / (accum * world)
+
+# --- in the workers: the loop's recipe --------------------------------------------------------------------
+
+class FineTuning(Recipe):
+    def __init__(self, cfg: Config, payload: dict, device: torch.device):
+        f = cfg.finetune
+        super().__init__(name="finetune", schedule=f, batch=engines.Batch(f.batch_size, f.micro_batch_size, f.max_len),
+                         run_dir=cfg.finetune_dir, checkpoint_dir=checkpoint_dir(cfg),
+                         checkpoint_interval=f.checkpoint_interval, data_id=payload["fingerprint"],
+                         data_source=payload["source"])
+        self.cfg, self.init, self.device = cfg, payload["init"], device
+        self.train, self.held = payload["train"], payload["eval"]
+        self.scores: dict = {}
+
+    def model(self) -> torch.nn.Module:
+        model = heads.load_hf(storage.local_copy(self.init))
+        model.trunk.activation_checkpointing = self.cfg.deepspeed.activation_checkpointing
+        return model
+
+    def batches(self, sequences: int, rank: int, world: int, micro: int):
+        f = self.cfg.finetune
+        batch = tasks.batch_at(self.train, sequences + rank * (f.batch_size // world) + micro * f.micro_batch_size,
+                               f.micro_batch_size, self.cfg.run.seed)
+        return tasks.collate(batch, tasks.head_specs(f), f.pad_token_id)
+
+    def step_metrics(self, state) -> dict:
+        return {"train/epoch": state.sequences / len(self.train)}
+
+    def evaluate(self, engine, step: int, last: bool) -> dict:
+        if step % self.checkpoint_interval == 0 or last:
+            self.scores = evaluate(engine, self.held, self.cfg, self.device)
+            return self.scores
+        return {}
+
+    def result(self, engine) -> dict:
+        # resumed at the end (nothing trained, nothing scored): score the final checkpoint again
+        return {"metrics": self.scores or evaluate(engine, self.held, self.cfg, self.device)}
+
+
+def make_recipe(cfg: Config, payload: dict, rank: int, world: int, device: torch.device) -> FineTuning:
+    return FineTuning(cfg, payload, device)
 
 
 @torch.no_grad()
@@ -170,7 +201,3 @@ def evaluate(engine, examples: list, cfg: Config, device) -> dict[str, float]:
             labels[name].append(gold[name])
     engine.train()
     return tasks.metrics(specs, logits, labels)
-
-
-def _float(value) -> float | None:
-    return None if value is None else float(value)

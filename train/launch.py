@@ -1,4 +1,5 @@
-"""The training stage: Ray Train's TorchTrainer runs train/loop.py on every worker.
+"""The training stage: Ray Train's TorchTrainer runs the loop of train/loop.py on every worker, with
+pretraining's recipe (train/pretraining.py) or fine-tuning's (train/finetuning.py).
 
 The same code path serves one CPU worker on a laptop (gloo) and N GPUs on M nodes (nccl): only
 cluster.* changes. A worker that dies makes Ray Train restart the whole group, up to
@@ -7,6 +8,7 @@ cluster.max_failures times, and the workers resume from the last committed check
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +39,8 @@ class TrainResult:
 def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> TrainResult:
     """Train from cfg.data_dir into cfg.checkpoint_dir. With resume, continue from the latest
     committed checkpoint there; without, refuse to touch a run that already has checkpoints.
-    tracking: {"uri", "run_id"} of the MLflow run that receives rank 0's metrics."""
-    cfg = cfg.with_absolute_paths()
+    tracking: {"uri", "run_id"} of the MLflow run that receives rank 0's metrics. cfg: resolved
+    (Config.with_absolute_paths), as every stage takes it."""
     load_manifest(cfg.data_dir)  # fail now, not in every worker, if the dataset is missing
     existing = checkpoints.latest(cfg.checkpoint_dir)
     if existing and not resume:
@@ -48,32 +50,49 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
         check_order(TrainerState.read(existing).data_order, existing)
         print(f"train: resuming from {existing}", flush=True)
 
-    cluster.connect(cfg)  # before the object store holds the HellaSwag items
-    out = fit(cfg, _worker, {"config": cfg.model_dump(), "tracking": tracking, "hellaswag": _hellaswag(cfg)}, "train")
+    from train import pretraining
+
+    payload = {"config": cfg.model_dump(), "tracking": tracking}
+    out = fit(cfg, pretraining.make_recipe, payload, "train", cfg.run_dir, cfg.checkpoint_dir,
+              shared={"hellaswag": _hellaswag(cfg)})
+    if tracking:
+        drain_metrics(cfg.run_dir, tracking)
     return TrainResult(out["checkpoint"], out["step"], out["loss"], out["tokens"], out["nodes"])
 
 
-def fit(cfg: Config, worker: Callable[[dict], dict], payload: dict, name: str) -> dict:
-    """Run worker(payload) on cluster.num_workers Ray Train workers (restarted up to cluster.max_failures
-    times); rank 0's return value. The worker resumes from its own checkpoints in cfg.checkpoint_dir;
-    when their worker count differs from this run's, they are converted to a universal checkpoint first."""
+def drain_metrics(run_dir: str, tracking: dict) -> None:
+    """Send MLflow whatever rank 0 could not send of the run's metrics, read from the run dir wherever rank 0
+    ran (an unreachable server is retried a while; the record stays in the run dir for the next drain)."""
+    from pipeline.core.tracking import drain
+
+    drain(run_dir, tracking["run_id"], tracking["uri"])
+
+
+def fit(cfg: Config, make_recipe: Callable, payload: dict, name: str, run_dir: str, checkpoint_dir: str,
+        shared: dict | None = None) -> dict:
+    """Run the training loop with make_recipe's recipe (train/loop.py) on cluster.num_workers Ray Train
+    workers (restarted up to cluster.max_failures times); rank 0's return value. The workers resume from
+    their own checkpoints in checkpoint_dir; when their worker count differs from this run's, they are
+    converted to a universal checkpoint first. shared: large payload values, handed to the workers through
+    Ray's object store (one copy per node) instead of inside every worker's payload."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # what the workers write must be on storage every node sees; what they read was checked by the caller
     # (the shards by run(); a fine-tune's task data is read by the driver alone)
-    cluster.connect(cfg, (cfg.run_dir, cfg.checkpoint_dir))
+    cluster.connect(cfg, (run_dir, checkpoint_dir))
+    payload = {**payload, **{k: None if v is None else ray.put(v) for k, v in (shared or {}).items()}}
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
-    existing = checkpoints.latest(cfg.checkpoint_dir)
+    existing = checkpoints.latest(checkpoint_dir)
     if existing and checkpoints.TrainerState.read(existing).world_size != c.num_workers:
         # once, in a task of its own, so no rank converts while the others wait on a collective's timeout
         print(f"train: converting {existing} to a universal checkpoint for {c.num_workers} worker(s)", flush=True)
         ray.get(ray.remote(_to_universal).options(num_cpus=c.cpus_per_worker).remote(existing))
-    ray_dir = join(cfg.run_dir, "ray")
+    ray_dir = join(run_dir, "ray")
     trainer = TorchTrainer(
-        worker,
+        functools.partial(_worker, make_recipe),
         train_loop_config=payload,
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
@@ -91,16 +110,14 @@ def fit(cfg: Config, worker: Callable[[dict], dict], payload: dict, name: str) -
     return result.return_value
 
 
-def _hellaswag(cfg: Config):
+def _hellaswag(cfg: Config) -> list | None:
     """The in-training HellaSwag items, read (and for "official", downloaded and verified) once by the
-    driver and handed to every rank through Ray's object store; None when not evaluated in training."""
+    driver; None when not evaluated in training."""
     if not (cfg.eval.hellaswag and cfg.eval.hellaswag_interval):
         return None
-    import ray
-
     from eval import hellaswag
 
-    return ray.put(hellaswag.load(cfg.eval.hellaswag, limit=cfg.eval.hellaswag_limit)[0])
+    return hellaswag.load(cfg.eval.hellaswag, limit=cfg.eval.hellaswag_limit)[0]
 
 
 def _to_universal(url: str) -> None:
@@ -108,8 +125,8 @@ def _to_universal(url: str) -> None:
     checkpoint.prepare_universal(url)
 
 
-def _worker(payload: dict) -> dict:
+def _worker(make_recipe: Callable, payload: dict) -> dict:
     # Imported in the worker so the driver never loads DeepSpeed.
     from train.loop import train_worker
 
-    return train_worker(payload)
+    return train_worker(make_recipe, payload)

@@ -1,10 +1,12 @@
-"""The training loop that runs in every Ray Train worker.
+"""The one training loop, run in every Ray Train worker, for every kind of training.
 
-Each worker: join the process group Ray Train set up, find the run's latest committed checkpoint,
-build the DeepSpeed engine (resuming from it), then take optimizer steps over its slice of each global
-batch until train.max_steps, evaluating and checkpointing on the way. Everything that decides a step's
-result (data position, learning rate, dropout seed) is a function of the step number, which is why a
-restart from a checkpoint repeats the same losses bit for bit.
+Each worker: join the process group Ray Train set up, find the latest committed checkpoint, build the
+DeepSpeed engine (resuming from it), then take optimizer steps over its slice of each global batch until
+the schedule's max_steps, evaluating and checkpointing on the way. What differs between pretraining
+(train/pretraining.py) and fine-tuning (train/finetuning.py) comes in as a `Recipe`: the model, how a
+step's batches are drawn, what "evaluate" means, the schedule and batch shape, where checkpoints and
+metrics go. Everything that decides a step's result (data position, learning rate, dropout seed) is a
+function of the step number, which is why a restart from a checkpoint repeats the same losses bit for bit.
 """
 
 from __future__ import annotations
@@ -13,21 +15,57 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import psutil
 import torch
 
-from eval import hellaswag, val_loss
 from pipeline.core.config import Config
 from pipeline.core.model import checkpoints
+from pipeline.core.model.checkpoints import CheckpointError, TrainerState
 from pipeline.core.tracking import worker_metrics
-from tokenization.shards import manifest_hash
-from tokenization.tokenizer import encoding
 from train import checkpoint
 from train import engine as engines
-from pipeline.core.model.checkpoints import TrainerState
-from train.data import ORDER, ShardLoader, check_order
+from train.data import check_order
+
+
+@dataclass
+class Recipe:
+    """What one kind of training brings to the loop. Built in each worker by a `make_recipe(cfg, payload,
+    rank, world, device)` of train/pretraining.py or train/finetuning.py."""
+
+    name: str  # "train" or "finetune": the console's prefix
+    schedule: object  # lr, warmup_steps, max_steps, weight_decay: cfg.train or cfg.finetune
+    batch: engines.Batch  # sequences per step, per micro-batch, their length
+    run_dir: str  # metrics.jsonl (and Ray Train's records) go here
+    checkpoint_dir: str
+    checkpoint_interval: int
+    data_id: str  # the data trained on (manifest sha256, task fingerprint): a checkpoint resumes on the same only
+    data_source: str  # the data, as the user named it, for messages
+    data_order: str = ""  # the order of the data (train/data.py's ORDER), recorded in checkpoints
+    tokens_per_step: int | None = None  # exact for pretraining; None where examples are padded per batch
+
+    def model(self) -> torch.nn.Module | None:
+        """The model to train when no checkpoint is resumed; None: a fresh GPT from model.*, seeded by run.seed."""
+        return None
+
+    def batches(self, sequences: int, rank: int, world: int, micro: int) -> tuple[torch.Tensor, engines.Targets]:
+        """This rank's micro-batch `micro` of the step that starts at data position `sequences` (CPU tensors)."""
+        raise NotImplementedError
+
+    def step_metrics(self, state: TrainerState) -> dict:
+        """Metrics of the kind of training, logged with each step's (train/epoch, ...)."""
+        return {}
+
+    def evaluate(self, engine, step: int, last: bool) -> dict:
+        """Metrics of an evaluation due at this step (collective: every rank calls it), or {}."""
+        return {}
+
+    def result(self, engine) -> dict:
+        """What the run returns besides checkpoint, step, loss and tokens (collective)."""
+        return {}
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -35,11 +73,10 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def train_worker(payload: dict) -> dict:
-    """Ray Train's train_loop_per_worker. payload: {"config": Config dump,
-    "tracking": {"uri", "run_id"} of the MLflow run that receives the metrics, or None,
-    "hellaswag": an object ref to the in-training HellaSwag items, or None}."""
-    import ray
+def train_worker(make_recipe: Callable[..., Recipe], payload: dict) -> dict:
+    """Ray Train's train_loop_per_worker (bound to make_recipe by train/launch.fit). payload: {"config":
+    Config dump, "tracking": {"uri", "run_id"} of the MLflow run that receives the metrics, or None, and
+    what make_recipe reads}."""
     import ray.train
     import ray.train.torch
 
@@ -53,25 +90,102 @@ def train_worker(payload: dict) -> dict:
     if cfg.cluster.use_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    recipe = make_recipe(cfg, payload, rank, world, device)
     tracking = payload.get("tracking")
     nodes = _nodes(world)
-    _say(rank, f"{world} worker(s) on {nodes} node(s), {'nccl' if cfg.cluster.use_gpu else 'gloo'}, "
-               f"ZeRO-{cfg.deepspeed.zero_stage}, {engines.precision(cfg)}")
-    engine, state = _engine(cfg, rank, world, tracking["run_id"] if tracking else None)
-    # HellaSwag items: read once by the driver (launch._hellaswag), not by every rank
-    swag = ray.get(payload["hellaswag"]) if payload.get("hellaswag") is not None else None
-
+    say = _speaker(rank, recipe.name)
+    say(f"{world} worker(s) on {nodes} node(s), {'nccl' if cfg.cluster.use_gpu else 'gloo'}, "
+        f"ZeRO-{cfg.deepspeed.zero_stage}, {engines.precision(cfg)}")
+    engine, state = _engine(cfg, recipe, rank, world, tracking["run_id"] if tracking else None, say)
     # one monitor per node (its first local worker), each under system/node_N/: NVML sees all the node's GPUs
     monitor = (_system_metrics(tracking, ctx.get_node_rank())
                if tracking and ctx.get_local_rank() == 0 and cfg.tracking.system_metrics else None)
     try:
-        with worker_metrics(cfg, rank, tracking, cfg.train.max_steps) as (metrics, publish):
-            _train(cfg, engine, state, metrics, rank, world, device, swag, publish)
+        with worker_metrics(recipe.run_dir, rank, tracking, recipe.schedule.max_steps) as (metrics, publish):
+            for url in _train(cfg, recipe, engine, state, metrics, rank, world, device, publish):
+                say(f"checkpoint {url}")
+            extra = recipe.result(engine)
     finally:
         if monitor is not None:
             monitor.finish()
-    return {"checkpoint": checkpoints.latest(cfg.checkpoint_dir), "step": state.step, "loss": state.loss,
-            "tokens": state.tokens, "nodes": nodes}
+    return {"checkpoint": checkpoints.latest(recipe.checkpoint_dir), "step": state.step, "loss": state.loss,
+            "tokens": state.tokens, "nodes": nodes, **extra}
+
+
+def _train(cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, rank: int, world: int,
+           device: torch.device, publish_metrics=None) -> Iterator[str]:
+    """The steps from state.step to the schedule's end; yields each committed checkpoint's URL."""
+    import torch.distributed as dist
+
+    accum = engine.gradient_accumulation_steps()
+    peak = engines.peak_flops(device)
+    max_steps = recipe.schedule.max_steps
+    started, steps_at_start = time.perf_counter(), state.step
+    while state.step < max_steps:
+        t0 = time.perf_counter()
+        torch.manual_seed(step_seed(cfg.run.seed, state.step, rank))
+        lr = engines.lr_at(state.step, cfg, recipe.schedule)
+        engines.set_lr(engine, lr)
+        batches = (recipe.batches(state.sequences, rank, world, micro) for micro in range(accum))
+        loss_sum, grad_norm = engines.train_step(engine, batches, device)
+        dist.all_reduce(loss_sum)
+        state.loss = loss_sum.item() / (accum * world)  # the global batch's mean loss
+        state.step += 1
+        state.sequences += recipe.batch.sequences
+        state.tokens += recipe.tokens_per_step or 0
+        step_time = time.perf_counter() - t0
+        eta = (time.perf_counter() - started) / (state.step - steps_at_start) * (max_steps - state.step)
+        per_step = {"train/loss": state.loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                    "train/step_time_s": step_time, "train/memory_gb": _memory_gb(device), "train/eta_s": eta}
+        if recipe.tokens_per_step:
+            per_step.update({"train/tokens_per_s": recipe.tokens_per_step / step_time, "train/tokens_seen": state.tokens,
+                             "train/mfu": engines.mfu(engine, cfg, step_time, peak, world)})
+        metrics.log({**per_step, **recipe.step_metrics(state)}, state.step)
+
+        last = state.step == max_steps
+        scores = recipe.evaluate(engine, state.step, last)
+        if scores:
+            metrics.log(scores, state.step)
+        if state.step % recipe.checkpoint_interval == 0 or last:
+            yield checkpoint.save(engine, engine.module, recipe.checkpoint_dir, state, cfg.checkpoint.keep_last,
+                                  before_commit=publish_metrics)  # the metrics up to it are in the run dir first
+
+
+def _engine(cfg: Config, recipe: Recipe, rank: int, world: int, run_id: str | None, say):
+    """The DeepSpeed engine and the trainer state: from the latest committed checkpoint when there is one
+    (through its universal checkpoint, converted by the launcher, when the number of workers changed),
+    else fresh."""
+    import torch.distributed as dist
+
+    now = TrainerState(world_size=world, zero_stage=cfg.deepspeed.zero_stage, manifest_sha256=recipe.data_id,
+                       data_order=recipe.data_order, run_id=run_id)
+    # one decision per job: rank 0 picks the checkpoint and every rank loads that one, even if another
+    # is committed meanwhile or a rank's listing of object storage lags
+    chosen = [checkpoints.latest(recipe.checkpoint_dir) if rank == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)
+    resume_from = chosen[0]
+    model = recipe.model()
+    if not resume_from:
+        return engines.initialize(cfg, world, model=model, batch=recipe.batch, schedule=recipe.schedule), now
+    saved = TrainerState.read(resume_from)
+    _check_resumable(saved, now, cfg, recipe, resume_from)
+    engine = engines.initialize(cfg, world, load_universal=saved.world_size != world, model=model,
+                                batch=recipe.batch, schedule=recipe.schedule)
+    checkpoint.load(engine, resume_from, saved, world)
+    say(f"resumed from {resume_from} at step {saved.step} ({saved.sequences} sequences consumed)")
+    return engine, TrainerState(**{**saved.__dict__, "world_size": world, "run_id": saved.run_id or run_id})
+
+
+def _check_resumable(saved: TrainerState, now: TrainerState, cfg: Config, recipe: Recipe, url: str) -> None:
+    check_order(saved.data_order, url, now.data_order)
+    if saved.manifest_sha256 != now.manifest_sha256:
+        raise CheckpointError(
+            f"{url} was trained on data {saved.manifest_sha256[:12]}, but {recipe.data_source} is "
+            f"{now.manifest_sha256[:12]}; resume on the same data or start a new run (run.name)")
+    if saved.zero_stage != cfg.deepspeed.zero_stage and saved.world_size == now.world_size:
+        raise CheckpointError(
+            f"{url} was written with deepspeed.zero_stage={saved.zero_stage}, this run uses "
+            f"{cfg.deepspeed.zero_stage}; resume with the same stage")
 
 
 def _nodes(world: int) -> int:
@@ -84,89 +198,8 @@ def _nodes(world: int) -> int:
     return len(set(ids))
 
 
-def _engine(cfg: Config, rank: int, world: int, run_id: str | None):
-    """The DeepSpeed engine and the trainer state: from the latest committed checkpoint when there is one
-    (through its universal checkpoint, converted by the launcher, when the number of workers changed),
-    else fresh."""
-    state = TrainerState(world_size=world, zero_stage=cfg.deepspeed.zero_stage,
-                         manifest_sha256=manifest_hash(cfg.data_dir), data_order=ORDER, run_id=run_id)
-    return engine_and_state(cfg, rank, world, state)
-
-
-def engine_and_state(cfg: Config, rank: int, world: int, state: TrainerState, model: torch.nn.Module | None = None):
-    """The DeepSpeed engine around model (default: a fresh GPT) and the trainer state, resumed from the latest
-    committed checkpoint in cfg.checkpoint_dir when there is one. state.manifest_sha256 names the data."""
-    import torch.distributed as dist
-
-    # one decision per job: rank 0 picks the checkpoint and every rank loads that one, even if another
-    # is committed meanwhile or a rank's listing of object storage lags
-    chosen = [checkpoints.latest(cfg.checkpoint_dir) if rank == 0 else None]
-    dist.broadcast_object_list(chosen, src=0)
-    resume_from = chosen[0]
-    if not resume_from:
-        return engines.initialize(cfg, world, model=model), state
-    saved = TrainerState.read(resume_from)
-    _check_resumable(saved, state, cfg, resume_from)
-    engine = engines.initialize(cfg, world, load_universal=saved.world_size != world, model=model)
-    checkpoint.load(engine, resume_from, saved, world)
-    _say(rank, f"resumed from {resume_from} at step {saved.step} ({saved.sequences} sequences consumed)")
-    return engine, TrainerState(**{**saved.__dict__, "world_size": world, "run_id": saved.run_id or state.run_id})
-
-
-def _train(cfg: Config, engine, state: TrainerState, metrics, rank: int, world: int, device: torch.device,
-           swag: list | None, publish_metrics=None) -> None:
-    import torch.distributed as dist
-
-    model, b = engine.module, cfg.batch
-    loader = ShardLoader(cfg.data_dir, b.seq_len, cfg.run.seed, cache=cfg.cluster.node_cache)
-    val_x, val_y = (val_loss.val_sequences(cfg.data_dir, b.seq_len, cfg.eval.val_tokens)
-                    if cfg.eval.interval else (None, None))
-    global_batch = b.tokens_per_step // b.seq_len
-    accum = engine.gradient_accumulation_steps()
-    peak = engines.peak_flops(device)
-    started, steps_at_start = time.perf_counter(), state.step
-
-    while state.step < cfg.train.max_steps:
-        t0 = time.perf_counter()
-        torch.manual_seed(step_seed(cfg.run.seed, state.step, rank))
-        lr = engines.lr_at(state.step, cfg)
-        engines.set_lr(engine, lr)
-        batches = (loader.micro_batch(state.sequences, global_batch, rank, world, micro, b.micro_batch_size)
-                   for micro in range(accum))
-        loss_sum, grad_norm = engines.train_step(engine, batches, device)
-        dist.all_reduce(loss_sum)
-        state.loss = loss_sum.item() / (accum * world)  # the global batch's mean loss
-        state.step += 1
-        state.sequences += global_batch
-        state.tokens += b.tokens_per_step
-        step_time = time.perf_counter() - t0
-        eta = (time.perf_counter() - started) / (state.step - steps_at_start) * (cfg.train.max_steps - state.step)
-        metrics.log({"train/loss": state.loss, "train/lr": lr,
-                     "train/grad_norm": None if grad_norm is None else float(grad_norm),
-                     "train/tokens_per_s": b.tokens_per_step / step_time,
-                     "train/mfu": engines.mfu(engine, cfg, step_time, peak, world),
-                     "train/step_time_s": step_time, "train/memory_gb": _memory_gb(device),
-                     "train/eta_s": eta, "train/tokens_seen": state.tokens,
-                     "train/epoch": loader.order.locate(state.sequences)[0]}, state.step)
-
-        last = state.step == cfg.train.max_steps
-        if val_x is not None and (state.step % cfg.eval.interval == 0 or last):
-            engine.eval()
-            val = val_loss.evaluate(lambda idx, tgt: engine(idx, tgt)[1], val_x, val_y, b.micro_batch_size, device, rank, world)
-            engine.train()
-            metrics.log({f"val/{k}": v for k, v in val.items()}, state.step)
-        if swag and (state.step % cfg.eval.hellaswag_interval == 0 or last):
-            scores = hellaswag.score(engine, encoding().encode_ordinary, swag, device, model.config.block_size,
-                                     rank=rank, world=world, collective=True)
-            metrics.log(hellaswag.metrics(swag, scores), state.step)
-        if state.step % cfg.checkpoint.interval == 0 or last:
-            url = checkpoint.save(engine, model, cfg.checkpoint_dir, state, cfg.checkpoint.keep_last,
-                                  before_commit=publish_metrics)  # the metrics up to it are in the run dir first
-            _say(rank, f"checkpoint {url}")
-
-
 def _system_metrics(tracking: dict, node: int):
-    """CPU, memory, disk, network and GPU use (nvidia-ml-py, the `gpu` extra) of one node, on the train run.
+    """CPU, memory, disk, network and GPU use (nvidia-ml-py, the `gpu` extra) of one node, on the training run.
     Without a GPU or NVML, MLflow leaves the GPU metrics out and logs the rest."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -182,19 +215,9 @@ def _memory_gb(device: torch.device) -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2**30
 
 
-def _check_resumable(saved: TrainerState, now: TrainerState, cfg: Config, url: str) -> None:
-    check_order(saved.data_order, url, now.data_order)  # fine-tuning (train/finetuning.py) records none
-    if saved.manifest_sha256 != now.manifest_sha256:
-        raise checkpoints.CheckpointError(
-            f"{url} was trained on dataset {saved.manifest_sha256[:12]}, but {cfg.data_dir} is "
-            f"{now.manifest_sha256[:12]}; resume on the same data or start a new run (run.name)")
-    if saved.zero_stage != cfg.deepspeed.zero_stage and saved.world_size == now.world_size:
-        raise checkpoints.CheckpointError(
-            f"{url} was written with deepspeed.zero_stage={saved.zero_stage}, this run uses "
-            f"{cfg.deepspeed.zero_stage}; resume with the same stage")
-
-
-def _say(rank: int, text: str) -> None:
-    if rank == 0:  # write, not print: see pipeline/core/tracking.Console
-        sys.stdout.write(f"train: {text}\n")
-        sys.stdout.flush()
+def _speaker(rank: int, name: str) -> Callable[[str], None]:
+    def say(text: str) -> None:
+        if rank == 0:  # write, not print: see pipeline/core/tracking.Console
+            sys.stdout.write(f"{name}: {text}\n")
+            sys.stdout.flush()
+    return say

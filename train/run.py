@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     preset = preset_in_force(args.config)
     try:
-        cfg = load_config(preset, args.overrides, {"tokenization.output": args.data} if args.data else None)
+        cfg = load_config(preset, args.overrides, {"tokenization.output": args.data} if args.data else None).with_absolute_paths()
         if args.plan:
             print(plan.check(cfg, preset).report(preset))
             return 0

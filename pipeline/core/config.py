@@ -15,13 +15,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from pipeline.core import tracking
 from pipeline.core.storage import join
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -354,17 +354,11 @@ class Config(_Section):
 
     @property
     def metrics_url(self) -> str:
-        """Every logged training metric as JSON lines: the run's record, in the run directory."""
-        return join(self.run_dir, "metrics.jsonl")
+        return tracking.metrics_url(self.run_dir)
 
     @property
     def metrics_file(self) -> str:
-        """The local file the metrics are appended to: metrics_url itself on local disk; for a remote run
-        dir, a working copy on this node (copied to metrics_url by tracking.Mirror)."""
-        if "://" in self.run_dir:
-            key = hashlib.sha256(self.run_dir.encode()).hexdigest()[:16]
-            return os.path.join(tempfile.gettempdir(), "gpt2-pipeline", key, "metrics.jsonl")
-        return self.metrics_url
+        return tracking.metrics_file(self.run_dir)
 
     def with_absolute_paths(self) -> Config:
         """A copy whose local paths are absolute: Ray workers run in other directories. Outputs resolve

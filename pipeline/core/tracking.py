@@ -6,9 +6,11 @@ everywhere without asking which rank it is on. It imports only progress.py's num
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -172,15 +174,39 @@ def cursor_path(path: str, run_id: str) -> str:
     return f"{path}.sent-{run_id}"
 
 
-def mirrored(cfg, run_id: str | None) -> dict[str, str]:
+def metrics_url(run_dir: str) -> str:
+    """Every logged training metric as JSON lines: the run's record, in its run directory."""
+    return storage.join(run_dir, "metrics.jsonl")
+
+
+def metrics_file(run_dir: str) -> str:
+    """The local file the metrics are appended to: metrics_url itself on local disk; for a remote run dir, a
+    working copy on this node (copied to metrics_url by Mirror)."""
+    if "://" in run_dir:
+        key = hashlib.sha256(run_dir.encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), "gpt2-pipeline", key, "metrics.jsonl")
+    return metrics_url(run_dir)
+
+
+def mirrored(run_dir: str, run_id: str | None) -> dict[str, str]:
     """{local file: URL} of a run's metrics record and its MLflow cursor: empty when the run
     directory is local (the files are written there directly)."""
-    if cfg.metrics_file == cfg.metrics_url:
+    path, url = metrics_file(run_dir), metrics_url(run_dir)
+    if path == url:
         return {}
-    pairs = {cfg.metrics_file: cfg.metrics_url}
+    pairs = {path: url}
     if run_id:
-        pairs[cursor_path(cfg.metrics_file, run_id)] = cursor_path(cfg.metrics_url, run_id)
+        pairs[cursor_path(path, run_id)] = cursor_path(url, run_id)
     return pairs
+
+
+def drain(run_dir: str, run_id: str, uri: str, log=print, timeout_s: float = 120) -> None:
+    """Send to MLflow run run_id whatever of the run's metrics record rank 0 could not send, read from the
+    run directory wherever rank 0 ran (raises only what MlflowUploader.drain raises)."""
+    mirror = Mirror(mirrored(run_dir, run_id)).restore()
+    if os.path.exists(metrics_file(run_dir)):
+        MlflowUploader(metrics_file(run_dir), run_id, uri, log=log).drain(timeout_s=timeout_s)
+    mirror.publish()
 
 
 class MlflowUploader:
@@ -282,15 +308,16 @@ class MlflowUploader:
 
 
 @contextmanager
-def worker_metrics(cfg, rank: int, tracking: dict | None, total_steps: int) -> Iterator[tuple[Metrics, Callable | None]]:
+def worker_metrics(run_dir: str, rank: int, tracking: dict | None, total_steps: int) -> Iterator[tuple[Metrics, Callable | None]]:
     """A training worker's metrics: on rank 0 the console, metrics.jsonl (on this node, mirrored to a remote
     run dir) and MLflow (tracking: {"uri", "run_id"}, or None); other ranks log nowhere. Yields the
     metrics and `publish` (copies the record to the run dir now; None when it is written there directly)."""
     run_id = tracking["run_id"] if tracking else None
-    pairs = mirrored(cfg, run_id) if rank == 0 else {}
+    pairs = mirrored(run_dir, run_id) if rank == 0 else {}
     mirror = Mirror(pairs).restore().start() if pairs else None
-    metrics = for_rank(rank, lambda: [Console(total_steps), JsonLines(cfg.metrics_file)])
-    uploader = MlflowUploader(cfg.metrics_file, run_id, tracking["uri"]).start() if tracking and rank == 0 else None
+    path = metrics_file(run_dir)
+    metrics = for_rank(rank, lambda: [Console(total_steps), JsonLines(path)])
+    uploader = MlflowUploader(path, run_id, tracking["uri"]).start() if tracking and rank == 0 else None
     try:
         yield metrics, (mirror.publish if mirror is not None else None)
     finally:

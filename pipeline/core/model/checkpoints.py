@@ -104,6 +104,14 @@ def latest(directory: str) -> str | None:
     return join(directory, names[-1]) if names else None
 
 
+def finished(directory: str, max_steps: int) -> str | None:
+    """URL of the newest committed checkpoint if it is at max_steps or beyond (training is done), else None."""
+    url = latest(directory)
+    if url and TrainerState.read(url).step >= max_steps:
+        return url
+    return None
+
+
 def resolve(path: str) -> str:
     """A checkpoint given by the user: a checkpoint directory (its latest) or one checkpoint."""
     if storage.exists(join(path, STATE)):

@@ -1,7 +1,7 @@
-"""The final model in MLflow's Model Registry: an MLflow pyfunc model that generates text (see
-pipeline/served_model.py), carrying the Hugging Face files (config.json + model.safetensors) and the
-code it needs, registered as a new version with an alias that always points at the version with the
-best HellaSwag score."""
+"""A model in MLflow's Model Registry: an MLflow pyfunc model logged from a code file of the stage that made
+it (pipeline/served_model.py generates text, train/served_heads.py predicts with task heads), carrying
+the Hugging Face files (config.json + model.safetensors) and the code it needs, registered as a new
+version with an alias that always points at the version with the best score."""
 
 from __future__ import annotations
 
@@ -13,22 +13,18 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from pipeline.core import storage
-from pipeline.lineage import Lineage
+from pipeline.core.lineage import Lineage
 
-SCORE = "hellaswag/harness/acc_norm"  # what "best" means: the number published tables compare
-# The model is logged from code (pipeline/served_model.py), not pickled, so loading it runs no
-# unpickling; the code it needs is bundled, so it loads wherever torch is installed.
-_MODEL_CODE = Path(__file__).with_name("served_model.py")
+# The model is logged from code, not pickled, so loading it runs no unpickling; the code it needs is
+# bundled, so it loads wherever torch is installed.
 _WEIGHTS = ("model.safetensors", "config.json")
-_CODE = [Path(__file__).resolve().parents[1] / name for name in ("pipeline", "tokenization", "train", "eval")]
+_CODE = [Path(__file__).resolve().parents[2] / name for name in ("pipeline", "tokenization", "train", "eval")]
 
 
 def register(lineage: Lineage, run_id: str | None, checkpoint_dir: str, name: str, alias: str,
-             score: float | None, tags: dict[str, str], model_code: Path = _MODEL_CODE,
-             score_key: str = SCORE) -> dict | None:
+             score: float | None, tags: dict[str, str], model_code: Path, score_key: str) -> dict | None:
     """Log the checkpoint as a model of run_id, register a version, move `alias` to it if it scores best
-    (score_key names the score; model_code is the pyfunc's file: text generation, or a fine-tuned
-    model's predictions, pipeline/served_heads.py)."""
+    (score_key names the score; model_code is the pyfunc's file)."""
     if not run_id:
         return None
 

@@ -1,0 +1,51 @@
+"""The register stage: the final checkpoint as an MLflow model (pipeline/served_model.py generates text) in
+the Model Registry, a new version, and the `best` alias on the version with the best HellaSwag score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from eval.hellaswag import ACC_NORM
+from pipeline.core import registry
+from pipeline.core.config import Config
+from pipeline.core.stage import Stage, StageError, StageResult, Tracking, Upstream
+
+SCORE = ACC_NORM  # what "best" means: the number published tables compare
+_SERVED = Path(__file__).with_name("served_model.py")
+
+
+def _inputs(cfg: Config, upstream: Upstream) -> list:
+    return [_recorded(upstream, "train").output, _recorded(upstream, "eval").metrics, cfg.fingerprint("tracking")]
+
+
+def _verify(cfg: Config, result: StageResult, tracking: Tracking | None) -> bool:
+    if not tracking:
+        return True  # nothing to register without tracking
+    found = tracking.lineage.call("look up the registered model", lambda: tracking.lineage.client.get_model_version(
+        result.details["name"], result.details["version"]))
+    return found is not None
+
+
+def _run(cfg: Config, force: bool, tracking: Tracking | None, upstream: Upstream) -> StageResult:
+    if not tracking:
+        print("register: tracking is off or unreachable; nothing registered", flush=True)
+        return StageResult()
+    checkpoint, score = _recorded(upstream, "train").output, _recorded(upstream, "eval").metrics.get(SCORE)
+    version = registry.register(tracking.lineage, tracking.run_id, checkpoint, cfg.tracking.registered_model,
+                                cfg.tracking.best_alias, score, {"checkpoint": checkpoint, "run_dir": cfg.run_dir},
+                                model_code=_SERVED, score_key=SCORE)
+    if version is None:
+        raise StageError("the model could not be registered (tracking server unreachable); re-run to retry")
+    print(f"register: {version['name']} version {version['version']}; alias '{version['alias']}' -> "
+          f"version {version['alias_version']} (best {SCORE})", flush=True)
+    return StageResult(output=version["model_uri"], details=version)
+
+
+def _recorded(upstream: Upstream, name: str) -> StageResult:
+    found = upstream(name)
+    if found is None:
+        raise StageError(f"register: the {name} stage has not completed in this run directory; run it first")
+    return found
+
+
+STAGE = Stage("register", _inputs, _verify, _run, tracking_is_work=True)

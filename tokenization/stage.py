@@ -1,0 +1,37 @@
+"""Tokenization as a pipeline stage: the Ray Data job (job.py) and what its MLflow run records."""
+
+from __future__ import annotations
+
+from pipeline.core.config import Config
+from pipeline.core.stage import Stage, StageResult, Tracking, Upstream
+from tokenization import job
+from tokenization.shards import MANIFEST, manifest_hash
+
+
+def _inputs(cfg: Config, upstream: Upstream) -> str:
+    return job.fingerprint(cfg)
+
+
+def _verify(cfg: Config, result: StageResult, tracking: Tracking | None) -> bool:
+    return job.complete(cfg)
+
+
+def _run(cfg: Config, force: bool, tracking: Tracking | None, upstream: Upstream) -> StageResult:
+    result = job.run(cfg, overwrite=force)
+    m = result.manifest
+    metrics = {"tokenize/documents": m["input_documents"], "tokenize/tokens_train": m["totals"]["train"]["tokens"],
+               "tokenize/tokens_val": m["totals"]["val"]["tokens"], "tokenize/shards": len(m["shards"]),
+               "tokenize/skipped": sum(m["skipped"].values()),
+               **{f"tokenize/skipped_{reason}": n for reason, n in m["skipped"].items()}}
+    if not result.already_complete:
+        metrics.update({"tokenize/seconds": result.seconds, "tokenize/tokens_per_s": result.tokens / result.seconds})
+    digest = manifest_hash(result.output)
+    return StageResult(
+        output=result.output, metrics=metrics,
+        params={f"tokenization.{k}": v for k, v in m["config"]["tokenization"].items()}
+        | {f"data.{k}": v for k, v in m["config"]["data"].items()},
+        tags={"manifest_sha256": digest, "data_dir": result.output}, artifacts={MANIFEST: m},
+        parent_tags={"manifest_sha256": digest}, details={"manifest_sha256": digest})
+
+
+STAGE = Stage("tokenize", _inputs, _verify, _run)
