@@ -155,7 +155,14 @@ def test_resume_on_one_worker_after_two_continues_at_the_same_sequence(uninterru
     assert final.world_size == 1 and final.sequences == checkpoints.TrainerState.read(
         checkpoints.latest(uninterrupted.checkpoint_dir)).sequences
     a, b = final_weights(uninterrupted), final_weights(cfg)
-    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    # The key projection's bias has no gradient in exact arithmetic (softmax ignores a constant added to every
+    # score of a query), so its gradient is rounding noise, which Adam scales up to full-size steps: it differs
+    # with any summation order (1.7e-4 seen on AMD EPYC, where every other weight agreed within 1e-6).
+    n_embd = cfg.model.n_embd
+    for k in a:
+        if k.endswith("attn.c_attn.bias"):
+            a[k], b[k] = torch.cat([a[k][:n_embd], a[k][2 * n_embd:]]), torch.cat([b[k][:n_embd], b[k][2 * n_embd:]])
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), {k: (a[k] - b[k]).abs().max().item() for k in a}
 
 
 @pytest.mark.slow
