@@ -28,15 +28,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.core.command import UserError
+
 # hellaswag_val.jsonl as released (sha256 from the `datasets` library's record of the original file)
 OFFICIAL_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
 OFFICIAL_ITEMS = 10042
 HUB_REPO, HUB_REVISION, HUB_FILE = "Rowan/hellaswag", "refs/convert/parquet", "default/validation/0000.parquet"
 _FIELDS = ("ind", "activity_label", "ctx_a", "ctx_b", "ctx", "split", "split_type", "label", "endings", "source_id")
 PROTOCOLS = ("harness", "completion")
+# The metrics this module produces (metrics()): the names every reader (the driver's report, the registry's
+# "best") imports from here. ACC_NORM under the harness protocol is the number published tables compare.
+ACC = "hellaswag/harness/acc"
+ACC_NORM = "hellaswag/harness/acc_norm"
+COMPLETION_ACC = "hellaswag/completion/acc"
+COMPLETION_ACC_NORM = "hellaswag/completion/acc_norm"
+METRICS = (ACC, ACC_NORM, COMPLETION_ACC, COMPLETION_ACC_NORM)
 
 
-class HellaSwagError(ValueError):
+class HellaSwagError(UserError, ValueError):
     pass
 
 
@@ -329,11 +338,11 @@ def metrics(items: list[Item], scores: dict) -> dict:
     if "harness" in scores:
         lls = scores["harness"]["loglikelihoods"]
         lengths = np.array([[len(c) for c in harness_texts(it)[1]] for it in items], dtype=float)
-        out["hellaswag/harness/acc"] = float((lls.argmax(1) == labels).mean())
-        out["hellaswag/harness/acc_norm"] = float(((lls / lengths).argmax(1) == labels).mean())
+        out[ACC] = float((lls.argmax(1) == labels).mean())
+        out[ACC_NORM] = float(((lls / lengths).argmax(1) == labels).mean())
     if "completion" in scores:
         loss = -scores["completion"]["loglikelihoods"]
-        out["hellaswag/completion/acc"] = float((loss.argmin(1) == labels).mean())
-        out["hellaswag/completion/acc_norm"] = float(((loss / scores["completion"]["tokens"]).argmin(1) == labels).mean())
+        out[COMPLETION_ACC] = float((loss.argmin(1) == labels).mean())
+        out[COMPLETION_ACC_NORM] = float(((loss / scores["completion"]["tokens"]).argmin(1) == labels).mean())
     out["hellaswag/items"] = len(items)
     return out

@@ -12,10 +12,11 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from eval.hellaswag import ACC_NORM
 from pipeline.core import storage
 from pipeline.lineage import Lineage
 
-SCORE = "hellaswag/harness/acc_norm"  # what "best" means: the number published tables compare
+SCORE = ACC_NORM  # what "best" means: HellaSwag acc_norm (harness), the number published tables compare
 # The model is logged from code (pipeline/served_model.py), not pickled, so loading it runs no
 # unpickling; the code it needs is bundled, so it loads wherever torch is installed.
 _MODEL_CODE = Path(__file__).with_name("served_model.py")

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pipeline.core.command import UserError
 from eval import suite
 from pipeline import finetune as finetuning
 from pipeline import registry
@@ -30,7 +31,7 @@ STAGES = ("tokenize", "train", "eval", "register")  # what a run does by default
 OPTIONAL = ("finetune",)  # run only when --stages names them
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     pass
 
 

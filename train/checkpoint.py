@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from pipeline.core import storage
+from pipeline.core.command import UserError
 from pipeline.core.storage import join
 from train.model import save_hf
 
@@ -38,7 +39,7 @@ UNIVERSAL_TAG = "universal"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, incomplete or does not fit; the message names the path."""
 
 

@@ -14,37 +14,31 @@ as finetune.registered_model.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from pipeline.core.config import PRESET_HELP, ConfigError, load_config, preset_in_force
-from train import launch
+from pipeline.core.command import CommandParser, command, help_config
+from pipeline.core.config import load_config, preset_in_force
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train/finetune.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="train/finetune.py", description=__doc__)
     parser.add_argument("--ckpt", required=True, help="starting checkpoint (as eval/run.py --ckpt) or models:/NAME@ALIAS")
     parser.add_argument("--task", help="task data: JSONL/Parquet path or hf:NAME (finetune.task)")
     parser.add_argument("--eval-task", help="held-out data (finetune.eval_task; default: a held-out part of --task)")
-    parser.add_argument("--config", help=PRESET_HELP)
     parser.add_argument("--resume", action="store_true", help="continue the fine-tune in finetune.output")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_overrides()
     args = parser.parse_args(argv)
     preset = preset_in_force(args.config)
-    # the driver above the trainer: it reads any checkpoint (eval's loader) and writes the MLflow lineage
-    from pipeline import finetune
-    from train.checkpoint import CheckpointError
-    from train.heads import HeadMismatch
-    from train.tasks import TaskError
-
     values = {"finetune.task": args.task, "finetune.eval_task": args.eval_task}
-    try:
-        cfg = load_config(preset, args.overrides, {k: v for k, v in values.items() if v is not None})
-        summary = finetune.run(cfg, args.ckpt, resume=args.resume)
-    except (ConfigError, CheckpointError, HeadMismatch, TaskError, launch.TrainingFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(preset, args.overrides, {k: v for k, v in values.items() if v is not None})
+    if help_config(args, cfg):
+        return 0
+    # the driver above the trainer: it reads any checkpoint (eval's loader) and writes the MLflow lineage
+    # (torch, Ray, DeepSpeed, MLflow: imported once the arguments are parsed)
+    from pipeline import finetune
+
+    summary = finetune.run(cfg, args.ckpt, resume=args.resume)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
     print(f"finetune: done at step {summary['step']}, loss {summary['loss']:.4f}; held out: {scores}; "
           f"checkpoint {summary['output']}")

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.core import cluster, storage
+from pipeline.core.command import UserError
 from pipeline.core.config import Config
 from pipeline.core.storage import join
 from tokenization.shards import load_manifest
@@ -20,7 +21,7 @@ from train.checkpoint import CheckpointError, TrainerState
 from train.data import check_order
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(UserError, RuntimeError):
     pass
 
 

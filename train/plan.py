@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.core.command import UserError
 from pipeline.core.config import Config
 from train.engine import flops_per_token, gpt_config, precision
 from train.model import GPT
@@ -33,7 +34,7 @@ GPU_MEMORY_GIB = 79.0  # what an H100 80GB reports to PyTorch
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce/all-gather bucket, in elements
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A run that does not fit its GPUs; the message gives the numbers."""
 
 
