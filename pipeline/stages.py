@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline.core.command import UserError
 from eval import suite
 from pipeline import finetune as finetuning
 from pipeline import registry
 from pipeline.core import storage
+from pipeline.core.command import UserError
 from pipeline.core.config import Config
 from pipeline.core.storage import join
 from pipeline.core.tracking import Mirror, MlflowUploader, mirrored
