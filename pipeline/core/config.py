@@ -425,17 +425,29 @@ class FinetuneConfig(Schedule):
 
 class Config(_Section):
     run: RunConfig = RunConfig()
+    """the run: its name, where its outputs go, its seed"""
     data: DataConfig = DataConfig()
+    """the corpus to tokenize: files, a Hub dataset or the built-in prose"""
     tokenization: TokenizationConfig = TokenizationConfig()
+    """the tokenization job: shards, validation split, bad input"""
     model: ModelConfig = ModelConfig()
+    """the GPT-2 architecture"""
     train: TrainConfig = TrainConfig()
+    """pretraining's optimizer (AdamW) and schedule"""
     batch: BatchConfig = BatchConfig()
+    """pretraining's batch: tokens per step, micro-batch, sequence length"""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    """DeepSpeed: ZeRO stage, offload, precision, activation checkpointing"""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    """checkpoints of pretraining: where, how often, how many kept"""
     eval: EvalConfig = EvalConfig()
+    """evaluation: validation loss, HellaSwag, generated samples"""
     tracking: TrackingConfig = TrackingConfig()
+    """MLflow: server, experiment, registered model"""
     cluster: ClusterConfig = ClusterConfig()
+    """Ray: training workers, GPUs, placement, restarts"""
     finetune: FinetuneConfig = FinetuneConfig()
+    """the optional fine-tune: task data, heads, optimizer and schedule"""
 
     @model_validator(mode="after")
     def _check(self) -> Config:
