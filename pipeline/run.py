@@ -16,8 +16,16 @@ import os
 import sys
 import time
 
-from pipeline.core.command import CommandParser, UserError, command, help_config
-from pipeline.core.config import HOME_ENV, in_ray_package_cache, load_config, output_base, preset_in_force
+from pipeline.core.command import UserError, command
+from pipeline.core.config import (
+    HOME_ENV,
+    CommandParser,
+    help_config,
+    in_ray_package_cache,
+    load_config,
+    output_base,
+    preset_in_force,
+)
 from pipeline.core.progress import format_duration
 
 EMBEDDED = "smoke"  # what `python pipeline/run.py` runs with no arguments

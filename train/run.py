@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 
 from pipeline.core import storage
-from pipeline.core.command import CommandParser, command, help_config
-from pipeline.core.config import load_config, preset_in_force
+from pipeline.core.command import command
+from pipeline.core.config import CommandParser, help_config, load_config, preset_in_force
 
 
 @command

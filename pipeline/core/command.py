@@ -1,5 +1,6 @@
-"""What every command shares: the one family of errors a user can fix, the shell that reports them,
-and the argument parser with `--config`, `--help-config` and `section.key=value` overrides.
+"""What every command shares: the one family of errors a user can fix, and the shell that reports them.
+(The argument parser every command uses, with --config, --help-config and overrides, is config.py's
+CommandParser.)
 
 An error a user can fix (a bad config key, a missing file, storage that cannot be reached, a checkpoint
 that does not fit) derives from `UserError`. A command's `main` is wrapped by `command`: a `UserError`
@@ -11,11 +12,9 @@ This module imports nothing heavy (no torch, Ray, MLflow), so `--help` and `--he
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -55,45 +54,3 @@ def command(main: Callable[..., int | None]) -> Callable[..., int]:
         return 0 if code is None else code
 
     return run
-
-
-HELP_CONFIG = ("print every config key (dotted), its type, the value in force for the preset and the "
-               "overrides given, and what it does; then exit")
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse with what every stage command takes: --config PRESET, --help-config and positional
-    `section.key=value` overrides. With --help-config no argument is required (as with --help), so
-    `eval/run.py --help-config` works without --ckpt."""
-
-    def __init__(self, *args: Any, preset_help: str | None = None, **kwargs: Any):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(*args, **kwargs)
-        if preset_help is None:
-            from pipeline.core.config import PRESET_HELP
-            preset_help = PRESET_HELP
-        self.add_argument("--config", help=preset_help)
-        self.add_argument("--help-config", action="store_true", help=HELP_CONFIG)
-
-    def add_overrides(self) -> None:
-        """The trailing `section.key=value` arguments (added last, so they read last in --help)."""
-        self.add_argument("overrides", nargs="*", metavar="section.key=value",
-                          help="override any config key, e.g. train.lr=3e-4 (see --help-config)")
-
-    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        args = list(sys.argv[1:] if args is None else args)
-        if "--help-config" in args:
-            for action in self._actions:
-                action.required = False
-        return super().parse_args(args, namespace)
-
-
-def help_config(args: argparse.Namespace, cfg: Any) -> bool:
-    """With --help-config: print the config reference of `cfg` (the config in force) and return True, so
-    the command returns 0 before any work."""
-    if not getattr(args, "help_config", False):
-        return False
-    from pipeline.core.config import reference
-
-    print(reference(cfg), flush=True)
-    return True

@@ -10,13 +10,16 @@ This module imports nothing else of the project, so every stage may import it.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
 import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
@@ -666,6 +669,45 @@ def preset_in_force(name: str | None, default: str = DEFAULT_PRESET) -> str:
     what = "production defaults" if default == DEFAULT_PRESET else "the embedded default"
     print(f"config: preset '{default}' ({what}; no --config given)", flush=True)
     return default
+
+
+# The argument parser of every command: --config, --help-config, section.key=value overrides.
+
+HELP_CONFIG = ("print every config key (dotted), its type, the value in force for the preset and the "
+               "overrides given, and what it does; then exit")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse with what every stage command takes: --config PRESET, --help-config and positional
+    `section.key=value` overrides. With --help-config no argument is required (as with --help), so
+    `eval/run.py --help-config` works without --ckpt."""
+
+    def __init__(self, *args: Any, preset_help: str | None = None, **kwargs: Any):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--config", help=PRESET_HELP if preset_help is None else preset_help)
+        self.add_argument("--help-config", action="store_true", help=HELP_CONFIG)
+
+    def add_overrides(self) -> None:
+        """The trailing `section.key=value` arguments (added last, so they read last in --help)."""
+        self.add_argument("overrides", nargs="*", metavar="section.key=value",
+                          help="override any config key, e.g. train.lr=3e-4 (see --help-config)")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        if "--help-config" in args:
+            for action in self._actions:
+                action.required = False
+        return super().parse_args(args, namespace)
+
+
+def help_config(args: argparse.Namespace, cfg: Config) -> bool:
+    """With --help-config: print the config reference of `cfg` (the config in force) and return True, so
+    the command returns 0 before any work."""
+    if not getattr(args, "help_config", False):
+        return False
+    print(reference(cfg), flush=True)
+    return True
 
 
 def preset_names() -> list[str]:
