@@ -7,7 +7,8 @@ that does not fit) derives from `UserError`. A command's `main` is wrapped by `c
 becomes one line `error: <message>` on stderr and exit code 2, Ctrl-C exit code 130; anything else is a
 bug and keeps its traceback.
 
-This module imports nothing heavy (no torch, Ray, MLflow), so `--help` and `--help-config` are fast.
+This module imports nothing of ours (every module that defines an error imports it) and nothing heavy
+(no torch, Ray, MLflow), so `--help` and `--help-config` are fast.
 """
 
 from __future__ import annotations
