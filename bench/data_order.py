@@ -35,10 +35,10 @@ import torch
 
 from eval import val_loss
 from pipeline.core.config import load_config
+from pipeline.core.model.gpt2 import GPT
 from tokenization import builtin, job, shards
 from train import engine
 from train.data import ShardLoader
-from pipeline.core.model.gpt2 import GPT
 
 OLD_COMMIT = "306d9b1"  # the last commit with the shard-by-shard order
 REPO = Path(__file__).resolve().parents[1]

@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.model.gpt2 import GPT  # noqa: E402
 from train import engine as engines  # noqa: E402
 from train import plan as plans  # noqa: E402
-from pipeline.core.model.gpt2 import GPT  # noqa: E402
 
 H100_PEAK = 989e12  # bf16 dense FLOP/s, H100 SXM (the reference; train/engine.py's table too)
 FULL = {"preset": "gpt2-124m", "micro_batches": [16, 32, 64], "seq_len": 1024, "warmup": 5, "steps": 20,

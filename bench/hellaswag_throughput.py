@@ -27,8 +27,8 @@ import torch
 
 from eval import hellaswag
 from pipeline.core.model import checkpoints
-from tokenization.tokenizer import encoding
 from pipeline.core.model.gpt2 import GPT, GPTConfig, save_hf
+from tokenization.tokenizer import encoding
 
 
 def make_items(path: Path, count: int) -> None:

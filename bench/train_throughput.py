@@ -23,12 +23,12 @@ import torch
 
 from pipeline.core import cluster
 from pipeline.core.config import load_config
+from pipeline.core.model.gpt2 import GPT
 from pipeline.core.tracking import read_jsonl
 from tokenization import job
 from train import launch
 from train.data import ShardLoader
 from train.engine import gpt_config, lr_at, param_groups
-from pipeline.core.model.gpt2 import GPT
 
 OVERRIDES = ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=256",
              "batch.seq_len=256", "batch.micro_batch_size=8", "batch.tokens_per_step=8192",

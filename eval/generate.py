@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import torch
 
-from tokenization.tokenizer import EOT
+from pipeline.core.command import UserError
 from pipeline.core.model.gpt2 import GPT, KVCache
+from tokenization.tokenizer import EOT
+
+
+class GenerationError(UserError, ValueError):
+    """A prompt or sampling setting the model cannot generate from; the message names the key."""
 
 
 def _check_length(model: GPT, prompt: list[int], max_new_tokens: int) -> None:
     if not prompt:
-        raise ValueError("the prompt is empty")
+        raise GenerationError("eval.prompts (--prompt): a prompt is empty")
+    if len(prompt) >= model.config.block_size or max_new_tokens < 1:
+        raise GenerationError(f"eval.prompts (--prompt): a prompt of {len(prompt)} tokens leaves no room for new "
+                              f"tokens in the model's context of {model.config.block_size}")
     if len(prompt) + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's context of {model.config.block_size}")
+        raise GenerationError(f"prompt ({len(prompt)} tokens) + eval.max_new_tokens ({max_new_tokens}) exceeds the "
+                              f"model's context of {model.config.block_size}")
 
 
 def _filter(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -41,7 +49,7 @@ def sample(model: GPT, prompt: list[int], max_new_tokens: int, *, greedy: bool =
     """num_samples continuations of prompt (token ids, prompt excluded, stopped at <|endoftext|>)."""
     _check_length(model, prompt, max_new_tokens)
     if not greedy and temperature <= 0:
-        raise ValueError("temperature must be positive (or use greedy decoding)")
+        raise GenerationError("eval.temperature: must be positive (or use greedy decoding, eval.greedy)")
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -28,15 +28,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.core.command import UserError
+
 # hellaswag_val.jsonl as released (sha256 from the `datasets` library's record of the original file)
 OFFICIAL_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
 OFFICIAL_ITEMS = 10042
 HUB_REPO, HUB_REVISION, HUB_FILE = "Rowan/hellaswag", "refs/convert/parquet", "default/validation/0000.parquet"
 _FIELDS = ("ind", "activity_label", "ctx_a", "ctx_b", "ctx", "split", "split_type", "label", "endings", "source_id")
 PROTOCOLS = ("harness", "completion")
+# The metrics this module produces (metrics()): the names every reader (the driver's report, the registry's
+# "best") imports from here. ACC_NORM under the harness protocol is the number published tables compare.
+ACC = "hellaswag/harness/acc"
+ACC_NORM = "hellaswag/harness/acc_norm"
+COMPLETION_ACC = "hellaswag/completion/acc"
+COMPLETION_ACC_NORM = "hellaswag/completion/acc_norm"
+METRICS = (ACC, ACC_NORM, COMPLETION_ACC, COMPLETION_ACC_NORM)
 
 
-class HellaSwagError(ValueError):
+class HellaSwagError(UserError, ValueError):
     pass
 
 
@@ -320,12 +329,6 @@ def _gather(values: np.ndarray, device: torch.device) -> np.ndarray:
     t = torch.from_numpy(values).to(device)
     dist.all_reduce(t)  # each rank filled only its own items; the others are zero
     return t.cpu().numpy()
-
-
-# the metrics this module produces; the registry's "best" is ACC_NORM, the number published tables compare
-ACC, ACC_NORM = "hellaswag/harness/acc", "hellaswag/harness/acc_norm"
-COMPLETION_ACC, COMPLETION_ACC_NORM = "hellaswag/completion/acc", "hellaswag/completion/acc_norm"
-SCORES = (ACC, ACC_NORM, COMPLETION_ACC, COMPLETION_ACC_NORM)
 
 
 def metrics(items: list[Item], scores: dict) -> dict:

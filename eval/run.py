@@ -11,22 +11,17 @@ directory, a Hugging Face GPT-2 directory, or hf:NAME (e.g. hf:gpt2) when the Hu
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from eval import suite
-from pipeline.core.model.checkpoints import CheckpointError
-from eval.hellaswag import HellaSwagError
 from pipeline.core import storage
-from pipeline.core.config import PRESET_HELP, ConfigError, load_config, preset_in_force
-from tokenization.shards import ShardError
-from tokenization.tokenizer import TokenizerUnavailable
+from pipeline.core.command import command
+from pipeline.core.config import CommandParser, help_config, load_config, preset_in_force
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="eval/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="eval/run.py", description=__doc__)
     p.add_argument("--ckpt", required=True, help="checkpoint directory, DeepSpeed or HF directory, or hf:NAME")
-    p.add_argument("--config", help=PRESET_HELP)
     p.add_argument("--data", help="tokenized dataset for the validation loss (default: the preset's)")
     p.add_argument("--no-val", action="store_true", help="skip the validation loss")
     p.add_argument("--val-tokens", type=int, help="token budget of the validation loss")
@@ -44,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="spread HellaSwag over this many Ray workers")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--output", help="directory for results.json")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_overrides()
     a = p.parse_args(argv)
     values = {"tokenization.output": a.data, "eval.val_tokens": a.val_tokens, "eval.hellaswag_limit": a.limit,
               "eval.prompts": a.prompt, "eval.max_new_tokens": a.max_new_tokens, "eval.num_samples": a.num_samples,
@@ -54,14 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.hellaswag is not None:
         values["eval.hellaswag"] = None if a.hellaswag == "none" else a.hellaswag
     preset = preset_in_force(a.config)
-    try:
-        cfg = load_config(preset, a.overrides, values).with_absolute_paths()
-        if not a.ckpt.startswith("hf:"):
-            storage.check(a.ckpt, write=False)
-        suite.run(cfg, a.ckpt, a.output, data=not a.no_val, workers=a.workers, device=a.device)
-    except (ConfigError, storage.StorageError, CheckpointError, HellaSwagError, ShardError, TokenizerUnavailable, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(preset, a.overrides, values)
+    if help_config(args=a, cfg=cfg):
+        return 0
+    cfg = cfg.with_absolute_paths()  # once, here: every stage takes it resolved
+    if not a.ckpt.startswith("hf:"):
+        storage.check(a.ckpt, write=False)
+    from eval import suite  # torch (and Ray with --workers): once the arguments are parsed
+
+    suite.run(cfg, a.ckpt, a.output, data=not a.no_val, workers=a.workers, device=a.device)
     return 0
 
 

@@ -10,8 +10,8 @@ import torch
 
 from eval import generate, hellaswag, val_loss
 from pipeline.core import storage
-from pipeline.core.model import checkpoints
 from pipeline.core.config import Config
+from pipeline.core.model import checkpoints
 from pipeline.core.storage import join
 from tokenization.shards import manifest_hash
 from tokenization.tokenizer import encoding

@@ -30,7 +30,8 @@ def val_sequences(dataset_dir: str, seq_len: int, max_tokens: int) -> tuple[torc
         have += len(parts[-1])
     count = min(max_tokens // seq_len, (have - 1) // seq_len)
     if count <= 0:
-        raise ValueError(f"{dataset_dir}: the val split ({have} tokens) is shorter than one sequence of {seq_len}")
+        raise shards.ShardError(f"{dataset_dir}: the val split ({have} tokens) is shorter than one sequence of {seq_len} "
+                                f"(batch.seq_len); tokenize with a larger tokenization.val_fraction or val_tokens")
     rows = torch.from_numpy(np.concatenate(parts)[:count * seq_len + 1])
     return rows[:-1].view(count, seq_len), rows[1:].view(count, seq_len)
 

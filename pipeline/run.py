@@ -12,53 +12,63 @@ submitting the same run name again continues: tokenization is reused, training r
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
-from eval import hellaswag
-from eval.val_loss import VAL_LOSS
-from pipeline import stages
-from pipeline.core import lineage
-from pipeline.core import cluster, storage
-from pipeline.core.config import HOME_ENV, ConfigError, in_ray_package_cache, load_config, output_base, preset_in_force
+from pipeline.core.command import UserError, command
+from pipeline.core.config import (
+    HOME_ENV,
+    CommandParser,
+    help_config,
+    in_ray_package_cache,
+    load_config,
+    output_base,
+    preset_in_force,
+)
 from pipeline.core.progress import format_duration
-from train import plan
 
 EMBEDDED = "smoke"  # what `python pipeline/run.py` runs with no arguments
+# The stages, by name: pipeline/stages.py's table defines them (tests/test_stages.py checks that the names
+# agree); named here so that --help imports no stage (torch, Ray, MLflow).
+STAGES = ("tokenize", "train", "eval", "register")
+OPTIONAL = ("finetune",)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pipeline/run.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"preset name or YAML path (default: {EMBEDDED}: the built-in corpus, "
-                                         "CPU-sized; a stage's own command defaults to production sizes)")
-    parser.add_argument("--stages", default=",".join(stages.STAGES),
-                        help=f"comma-separated stages to run, in order (optional: {', '.join(stages.OPTIONAL)})")
-    parser.add_argument("--force", action="append", default=[], choices=list(stages.ALL), metavar="STAGE",
+    parser = CommandParser(prog="pipeline/run.py", description=__doc__,
+                           preset_help=f"preset name or YAML path (default: {EMBEDDED}: the built-in corpus, "
+                                       "CPU-sized; a stage's own command defaults to production sizes)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated stages to run, in order (optional: {', '.join(OPTIONAL)})")
+    parser.add_argument("--force", action="append", default=[], choices=[*STAGES, *OPTIONAL], metavar="STAGE",
                         help="redo this stage even if it is complete (repeatable)")
     parser.add_argument("--plan", action="store_true",
                         help="print the training memory and cost plan (no Ray, no model); exit 2 if it does not fit")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_overrides()
     args = parser.parse_args(argv)
     selected = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = [s for s in selected if s not in stages.ALL]
+    unknown = [s for s in selected if s not in (*STAGES, *OPTIONAL)]
     if unknown:
-        parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(stages.ALL)}")
+        parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join((*STAGES, *OPTIONAL))}")
     preset = preset_in_force(args.config, EMBEDDED)
-    try:
-        cfg = load_config(preset, args.overrides).with_absolute_paths()
-        if args.plan:
-            print(plan.check(cfg, preset).report(preset))
-            return 0
-    except (ConfigError, plan.PlanError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(preset, args.overrides).with_absolute_paths()
+    if help_config(args, cfg):
+        return 0
+    if args.plan:
+        from train import plan
+
+        print(plan.check(cfg, preset).report(preset))
+        return 0
     return run(cfg, selected, set(args.force))
 
 
 def run(cfg, selected: list[str], force: set[str]) -> int:
+    # the heavy parts (Ray, MLflow, torch), once the arguments are parsed
+    from pipeline import stages
+    from pipeline.core import cluster, lineage, storage
+
     started = time.time()
     if in_ray_package_cache():  # see README, "Run it on a cluster": outputs must outlive Ray's copy of the checkout
         os.makedirs(output_base(), exist_ok=True)
@@ -66,14 +76,11 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
               f"relative outputs go to {output_base()} "
               f"(${HOME_ENV} sets it): run directory {cfg.run_dir}, MLflow "
               f"{lineage.tracking_uri(cfg.tracking.uri, output_base())}", flush=True)
-    try:  # storage and cluster that cannot work are refused before any work, with one line
-        for url in dict.fromkeys((cfg.run_dir, cfg.data_dir, cfg.checkpoint_dir)):
-            storage.check(url)
-        connecting = time.time()
-        cluster.connect(cfg)
-    except (ConfigError, storage.StorageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # storage and cluster that cannot work are refused before any work, with one line (a UserError)
+    for url in dict.fromkeys((cfg.run_dir, cfg.data_dir, cfg.checkpoint_dir)):
+        storage.check(url)
+    connecting = time.time()
+    cluster.connect(cfg)
     ray_start = time.time() - connecting
     uri = lineage.tracking_uri(cfg.tracking.uri, output_base())
     track = lineage.Lineage(uri, cfg.tracking.experiment, cfg.run_dir) if cfg.tracking.enabled else None
@@ -97,6 +104,10 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
         if track:
             track.finish(parent, "KILLED")
         return 130
+    except UserError:  # one line, exit 2 (the command shell); the run is marked failed
+        if track:
+            track.finish(parent, "FAILED")
+        raise
     except Exception as err:  # every stage error is reported the same way: what failed, and how to resume
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         print("pipeline: stopped; fix the cause and run the same command again to continue", file=sys.stderr)
@@ -111,9 +122,11 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
     return 0
 
 
-def timings(ctx: stages.Context, ray_start: float, track, total: float) -> dict[str, float]:
+def timings(ctx, ray_start: float, track, total: float) -> dict[str, float]:
     """Where the driver's wall time went: each stage's own work, and the orchestration around it (Ray start,
     the MLflow calls that are no stage's work, and the bookkeeping left over)."""
+    from pipeline import stages
+
     ran = {name: o for name, o in ctx.outcomes.items() if not o.skipped}
     work = {name: o.work_seconds for name, o in ran.items()}
     tracking_work = sum(o.tracking_seconds for name, o in ran.items() if stages.ALL[name].tracking_is_work)
@@ -124,7 +137,11 @@ def timings(ctx: stages.Context, ray_start: float, track, total: float) -> dict[
     return out
 
 
-def report(ctx: stages.Context, track, parent: str | None, seconds: dict[str, float]) -> None:
+def report(ctx, track, parent: str | None, seconds: dict[str, float]) -> None:
+    from eval.hellaswag import METRICS as HELLASWAG
+    from eval.val_loss import VAL_LOSS
+    from pipeline.core.lineage import ui_command
+
     print(f"\npipeline: done in {format_duration(seconds['total'])}")
     for name, outcome in ctx.outcomes.items():
         status = "skipped (complete)" if outcome.skipped else f"{seconds[name]:.0f} s"
@@ -134,13 +151,13 @@ def report(ctx: stages.Context, track, parent: str | None, seconds: dict[str, fl
           f"MLflow {seconds['mlflow']:.0f} s, bookkeeping {seconds['bookkeeping']:.0f} s")
     scores = {}
     if "eval" in ctx.outcomes:
-        scores.update({k: v for k, v in ctx.outcomes["eval"].result.metrics.items() if k in (VAL_LOSS, *hellaswag.SCORES)})
+        scores.update({k: v for k, v in ctx.outcomes["eval"].result.metrics.items() if k in (VAL_LOSS, *HELLASWAG)})
     if "finetune" in ctx.outcomes:
         scores.update(ctx.outcomes["finetune"].result.metrics)  # held-out task scores
     for key, value in scores.items():
         print(f"  {key:<30} {value:.4f}")
     if track and track.available:
-        print(f"\nReview it in MLflow:\n  {lineage.ui_command(track.uri)}")
+        print(f"\nReview it in MLflow:\n  {ui_command(track.uri)}")
         if parent:
             print(f"  then open {track.run_url(parent)}")
 

@@ -25,8 +25,6 @@ from pipeline.core.storage import join
 from tokenization.stage import STAGE as TOKENIZE
 from train.stage import FINETUNE, TRAIN
 
-STAGES = ("tokenize", "train", "eval", "register")  # what a run does by default
-OPTIONAL = ("finetune",)  # run only when --stages names them
 ALL: dict[str, Stage] = {s.name: s for s in (TOKENIZE, TRAIN, EVAL, register.STAGE, FINETUNE)}
 
 

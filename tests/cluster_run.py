@@ -31,7 +31,7 @@ from pipeline import run as pipeline
 from pipeline.core import storage
 from pipeline.core.config import load_config
 from pipeline.core.model import checkpoints
-from train import checkpoint, launch
+from train import launch
 
 # Small enough for two CPUs; fp32 on CPU, so a resumed run repeats the uninterrupted one bit for bit.
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64", "batch.seq_len=64",

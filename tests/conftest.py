@@ -114,6 +114,30 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict | None
     return proc
 
 
+def config_leaves(model=None, prefix: str = "") -> dict:
+    """{dotted key: pydantic FieldInfo} of every leaf field of the config, by walking Config.model_fields
+    recursively; a dict of sections (finetune.heads) contributes its entries' fields under `<name>`."""
+    from typing import get_args, get_origin
+
+    from pydantic import BaseModel
+
+    from pipeline.core.config import Config
+
+    def is_model(t) -> bool:
+        return isinstance(t, type) and issubclass(t, BaseModel)
+
+    out = {}
+    for name, field in (model or Config).model_fields.items():
+        annotation, args = field.annotation, get_args(field.annotation)
+        if is_model(annotation):
+            out.update(config_leaves(annotation, f"{prefix}{name}."))
+        elif get_origin(annotation) is dict and is_model(args[1]):
+            out.update(config_leaves(args[1], f"{prefix}{name}.<name>."))
+        else:
+            out[f"{prefix}{name}"] = field
+    return out
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     """Records are dicts (dumped as JSON) or raw bytes/str lines (written as they are)."""
     with open(path, "wb") as f:

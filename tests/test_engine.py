@@ -11,8 +11,8 @@ import torch
 from conftest import REPO, run_tree
 
 from pipeline.core.config import load_config
-from train import engine as engines
 from pipeline.core.model.gpt2 import GPT
+from train import engine as engines
 
 
 @pytest.fixture(scope="module")

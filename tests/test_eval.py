@@ -20,8 +20,8 @@ from conftest import run_cli, tiny_config
 from eval import generate, hellaswag, val_loss
 from pipeline.core.model import checkpoints
 from pipeline.core.model.checkpoints import CheckpointError
-from tokenization.tokenizer import encoding
 from pipeline.core.model.gpt2 import GPT, GPTConfig, save_hf
+from tokenization.tokenizer import encoding
 
 CACHE = Path(os.environ["TIKTOKEN_CACHE_DIR"])
 ENCODER_JSON, VOCAB_BPE = "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6", "6d1cbeee0f20b3d9449abfede4726ed8212e3aee"

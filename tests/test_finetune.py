@@ -14,9 +14,9 @@ from scipy.stats import pearsonr
 from sklearn.metrics import f1_score
 
 from pipeline.core.config import load_config
+from pipeline.core.model.heads import IGNORE, HeadSpec
 from tokenization.tokenizer import encoding
 from train import tasks
-from pipeline.core.model.heads import IGNORE, HeadSpec
 from train.tasks import TaskError
 
 

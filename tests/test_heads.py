@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2ForTokenClassification, GPT2Model
 
 from pipeline.core.model import heads
-from pipeline.core.model.heads import IGNORE, HeadMismatch, HeadSpec, TaskModel
 from pipeline.core.model.gpt2 import GPT, GPTConfig
+from pipeline.core.model.heads import IGNORE, HeadMismatch, HeadSpec, TaskModel
 
 TINY = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=48)
 PAD = 50256

@@ -10,9 +10,9 @@ import torch
 from conftest import run_cli
 
 from pipeline.core.config import load_config
+from pipeline.core.model.gpt2 import GPT
 from train import plan
 from train.engine import gpt_config
-from pipeline.core.model.gpt2 import GPT
 
 SMALL = ["model.n_layer=4", "model.n_embd=256", "model.n_head=4", "model.block_size=256", "batch.seq_len=256",
          "batch.micro_batch_size=8", "batch.tokens_per_step=2048"]
@@ -92,7 +92,7 @@ def test_plan_is_within_15_percent_of_the_measured_peak_of_a_training_step(check
     script.write_text(PEAK)
     proc = run_cli(str(script), *SMALL, f"deepspeed.activation_checkpointing={str(checkpointing).lower()}",
                    env={"MALLOC_MMAP_THRESHOLD_": "65536", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"})
-    measured, planned = map(float, next(l for l in proc.stdout.splitlines() if l.startswith("RESULT")).split()[1:])
+    measured, planned = map(float, next(line for line in proc.stdout.splitlines() if line.startswith("RESULT")).split()[1:])
     assert planned == pytest.approx(measured, rel=0.15), (measured / 2**20, planned / 2**20)
 
 

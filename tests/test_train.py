@@ -23,13 +23,13 @@ from conftest import REPO, kill_newest_train_worker, run_cli, tiny_config, write
 from safetensors.torch import load_file
 
 from pipeline.core.config import load_config
+from pipeline.core.model import checkpoints
+from pipeline.core.model.gpt2 import GPT, GPTConfig
 from pipeline.core.tracking import read_jsonl
 from tokenization import shards
-from pipeline.core.model import checkpoints
 from train import launch
 from train.data import ORDER, SequenceOrder, ShardLoader, WindowPermutation
 from train.engine import deepspeed_config, flops_per_token, lr_at, peak_flops
-from pipeline.core.model.gpt2 import GPT, GPTConfig
 
 
 def losses(run_dir) -> dict[int, list[float]]:

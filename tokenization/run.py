@@ -10,13 +10,12 @@ import argparse
 import sys
 
 from pipeline.core import storage
-from pipeline.core.config import PRESET_HELP, ConfigError, load_config, preset_in_force
+from pipeline.core.command import command
+from pipeline.core.config import CommandParser, help_config, load_config, preset_in_force
 from tokenization import job
-from tokenization.shards import ShardError
-from tokenization.sources import CorpusError
-from tokenization.tokenizer import TokenizerUnavailable
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["verify"]:
@@ -25,24 +24,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("dataset", help="directory (or URL) holding manifest.json")
         return 0 if job.verify(parser.parse_args(argv[1:]).dataset) else 1
 
-    parser = argparse.ArgumentParser(prog="tokenization/run.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=PRESET_HELP)
+    parser = CommandParser(prog="tokenization/run.py", description=__doc__)
     parser.add_argument("--input", action="append",
                         help="builtin, a file, directory, glob or URL, or hf:OWNER/NAME (repeatable)")
     parser.add_argument("--output", help="dataset directory (default: <run dir>/data)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset made from other input")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_overrides()
     args = parser.parse_args(argv)
     values = {"data.input": args.input, "tokenization.output": args.output}
     preset = preset_in_force(args.config)
-    try:
-        cfg = load_config(preset, args.overrides, {k: v for k, v in values.items() if v is not None}).with_absolute_paths()
-        storage.check(cfg.data_dir)
-        job.run(cfg, overwrite=args.overwrite)
-    except (ConfigError, storage.StorageError, CorpusError, ShardError, TokenizerUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(preset, args.overrides, {k: v for k, v in values.items() if v is not None})
+    if help_config(args, cfg):
+        return 0
+    cfg = cfg.with_absolute_paths()  # once, here: every stage takes it resolved
+    storage.check(cfg.data_dir)
+    job.run(cfg, overwrite=args.overwrite)
     return 0
 
 

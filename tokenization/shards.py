@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core import storage
+from pipeline.core.command import UserError
 from pipeline.core.storage import join
 
 MAGIC = 20240520
@@ -36,7 +37,7 @@ MANIFEST_VERSION = 1
 SPLITS = ("train", "val")
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard or manifest that does not match what it claims to be; the message names the file."""
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import fsspec
 
 from pipeline.core import storage
+from pipeline.core.command import UserError
 from pipeline.core.config import DataConfig
 from tokenization import builtin
 
@@ -39,7 +40,7 @@ _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".pa
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """An input that cannot be read as asked; the message names the file (and line)."""
 
 

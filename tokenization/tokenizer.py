@@ -8,6 +8,8 @@ from functools import lru_cache
 import tiktoken
 import tiktoken.load
 
+from pipeline.core.command import UserError
+
 EOT = 50256
 _VOCAB_URLS = {  # the files tiktoken's "gpt2" encoding is built from (and checks by sha256)
     "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
@@ -15,7 +17,7 @@ _VOCAB_URLS = {  # the files tiktoken's "gpt2" encoding is built from (and check
 }
 
 
-class TokenizerUnavailable(RuntimeError):
+class TokenizerUnavailable(UserError, RuntimeError):
     pass
 
 

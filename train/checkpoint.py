@@ -22,7 +22,6 @@ from dataclasses import asdict
 import torch
 
 from pipeline.core import storage
-from pipeline.core.storage import join
 from pipeline.core.model.checkpoints import (
     DS_TAG,
     LATEST,
@@ -35,6 +34,7 @@ from pipeline.core.model.checkpoints import (
     step_name,
 )
 from pipeline.core.model.gpt2 import save_hf
+from pipeline.core.storage import join
 
 # --- saving ---------------------------------------------------------------------------------------
 

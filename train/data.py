@@ -21,8 +21,8 @@ import os
 import numpy as np
 import torch
 
-from tokenization import shards
 from pipeline.core.model.checkpoints import CheckpointError
+from tokenization import shards
 
 # Recorded in every checkpoint (TrainerState.data_order): a run resumes only in the order it started with.
 ORDER = "global-feistel-v1"

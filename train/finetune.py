@@ -14,36 +14,30 @@ as finetune.registered_model.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from pipeline.core.config import PRESET_HELP, ConfigError, load_config, preset_in_force
-from train import launch
+from pipeline.core.command import command
+from pipeline.core.config import CommandParser, help_config, load_config, preset_in_force
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train/finetune.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="train/finetune.py", description=__doc__)
     parser.add_argument("--ckpt", required=True, help="starting checkpoint (as eval/run.py --ckpt) or models:/NAME@ALIAS")
     parser.add_argument("--task", help="task data: JSONL/Parquet path or hf:NAME (finetune.task)")
     parser.add_argument("--eval-task", help="held-out data (finetune.eval_task; default: a held-out part of --task)")
-    parser.add_argument("--config", help=PRESET_HELP)
     parser.add_argument("--resume", action="store_true", help="continue the fine-tune in finetune.output")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_overrides()
     args = parser.parse_args(argv)
     preset = preset_in_force(args.config)
-    from pipeline.core.model.checkpoints import CheckpointError
-    from pipeline.core.model.heads import HeadMismatch
-    from train import finetuning
-    from train.tasks import TaskError
-
     values = {"finetune.task": args.task, "finetune.eval_task": args.eval_task}
-    try:
-        cfg = load_config(preset, args.overrides, {k: v for k, v in values.items() if v is not None})
-        result = finetuning.run(cfg.with_absolute_paths(), args.ckpt, resume=args.resume)
-    except (ConfigError, CheckpointError, HeadMismatch, TaskError, launch.TrainingFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(preset, args.overrides, {k: v for k, v in values.items() if v is not None})
+    if help_config(args, cfg):
+        return 0
+    cfg = cfg.with_absolute_paths()  # once, here: every stage takes it resolved
+    from train import finetuning  # torch, Ray, DeepSpeed, MLflow: imported once the arguments are parsed
+
+    result = finetuning.run(cfg, args.ckpt, resume=args.resume)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     print(f"finetune: done at step {result.step}, loss {result.loss:.4f}; held out: {scores}; "
           f"checkpoint {result.checkpoint}")

@@ -60,7 +60,7 @@ def run(cfg: Config, ckpt: str, *, resume: bool = False, lineage: Lineage | None
     continue from the latest committed checkpoint; without, refuse a dir that has some. lineage/run_id: the
     MLflow run to log into (the pipeline's finetune stage passes its child run); without them the run is
     found or made under the checkpoint's lineage."""
-    f, init = cfg.finetune, join(cfg.finetune_dir, "init")
+    init = join(cfg.finetune_dir, "init")
     existing = checkpoints.latest(checkpoint_dir(cfg))
     if existing and not resume:
         raise CheckpointError(f"{cfg.finetune_dir} already holds a fine-tune (latest: {existing}); pass --resume to "

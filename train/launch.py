@@ -14,16 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.core import cluster, storage
+from pipeline.core.command import UserError
 from pipeline.core.config import Config
 from pipeline.core.model import checkpoints
+from pipeline.core.model.checkpoints import CheckpointError, TrainerState
 from pipeline.core.storage import join
 from tokenization.shards import load_manifest
 from train import checkpoint
-from pipeline.core.model.checkpoints import CheckpointError, TrainerState
 from train.data import check_order
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(UserError, RuntimeError):
     pass
 
 

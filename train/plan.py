@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.core.command import UserError
 from pipeline.core.config import Config
-from train.engine import flops_per_token, gpt_config, precision
 from pipeline.core.model.gpt2 import GPT
+from train.engine import flops_per_token, gpt_config, precision
 
 GIB = 2**30
 ASSUMED_MFU = 0.45  # an assumption (no GPU figure measured yet: BENCHMARKS.md)
@@ -33,7 +34,7 @@ GPU_MEMORY_GIB = 79.0  # what an H100 80GB reports to PyTorch
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce/all-gather bucket, in elements
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A run that does not fit its GPUs; the message gives the numbers."""
 
 

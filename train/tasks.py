@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from pipeline.core import storage
+from pipeline.core.command import UserError
 from pipeline.core.config import DataConfig, FinetuneConfig
-from tokenization import sources
 from pipeline.core.model.heads import IGNORE, HeadSpec
+from tokenization import sources
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """Task data that cannot be used; the message names the file and line (or row) and the key."""
 
 

@@ -10,18 +10,23 @@ This module imports nothing else of the project, so every stage may import it.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import difflib
 import hashlib
 import json
 import os
 import re
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from pipeline.core import tracking
+from pipeline.core.command import UserError
 from pipeline.core.storage import join
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -31,7 +36,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "base"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the offending key."""
 
 
@@ -42,26 +47,38 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 class _Section(BaseModel):
     # strict: a YAML string is never coerced into a number or a bool behind the user's back.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # use_attribute_docstrings: the string under each field is its description (Model.model_fields[name].description),
+    # which --help-config prints.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, use_attribute_docstrings=True)
 
 
 class RunConfig(_Section):
-    name: str = "smoke"  # the run's name: its directory under run.root and its MLflow run name
-    root: str = "runs"  # local path or object-storage URL; the run directory is root/name
-    seed: int = 1337  # seeds the model's initialisation and the data order
-    shared_fs: bool = False  # a local run.root every node mounts (NFS): allowed on a multi-node Ray cluster
+    name: str = "smoke"
+    """the run's name: its directory under run.root and its MLflow run name"""
+    root: str = "runs"
+    """local path or object-storage URL; the run directory is root/name"""
+    seed: int = 1337
+    """seeds the model's initialisation and the data order"""
+    shared_fs: bool = False
+    """a local run.root every node mounts (NFS): allowed on a multi-node Ray cluster"""
 
 
 class DataConfig(_Section):
-    # "builtin" (the English prose shipped with Python), files / directories / globs (local, s3://,
-    # gs://, any fsspec URL), or "hf:OWNER/NAME" for a Hugging Face Hub dataset.
     input: list[str] = ["builtin"]
-    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"  # input format; auto: from the file suffix
-    text_field: str = "text"  # the JSONL / Parquet / Hub column that holds a document's text
-    text_unit: Literal["file", "line", "paragraph"] = "file"  # what one document is in a text file
-    hf_config: str | None = None  # a Hub dataset's configuration (subset), e.g. sample-10BT
-    hf_split: str = "train"  # the Hub dataset's split to read
-    hf_revision: str | None = None  # a Hub dataset's git revision (commit, tag or branch); null: main
+    """builtin (the English prose shipped with Python), files / directories / globs (local, s3://, gs://, any
+    fsspec URL), or "hf:OWNER/NAME" for a Hugging Face Hub dataset."""
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    """input format; auto: from the file suffix"""
+    text_field: str = "text"
+    """the JSONL / Parquet / Hub column that holds a document's text"""
+    text_unit: Literal["file", "line", "paragraph"] = "file"
+    """what one document is in a text file"""
+    hf_config: str | None = None
+    """a Hub dataset's configuration (subset), e.g. sample-10BT"""
+    hf_split: str = "train"
+    """the Hub dataset's split to read"""
+    hf_revision: str | None = None
+    """a Hub dataset's git revision (commit, tag or branch); null: main"""
 
     @field_validator("input", mode="before")
     @classmethod
@@ -70,15 +87,24 @@ class DataConfig(_Section):
 
 
 class TokenizationConfig(_Section):
-    output: str | None = None  # where shards and manifest go; default: <run dir>/data
-    tokenizer: Literal["gpt2"] = "gpt2"  # GPT-2's BPE (tiktoken), 50,257 tokens
-    shard_tokens: int = 100_000_000  # tokens per shard file (2 bytes each): 100M tokens = 200 MB
-    val_fraction: float = 0.01  # share of documents held out for validation, chosen by document hash
-    val_tokens: int | None = None  # when set, a token budget replaces val_fraction
-    strict: bool = False  # fail on the first bad document instead of skipping and counting it
-    max_doc_bytes: int = 1_000_000  # longer documents are skipped and counted (bytes of UTF-8)
-    piece_bytes: int = 64 * 2**20  # input bytes per unit of parallel work
-    num_workers: int | None = None  # tokenizer actors; default: one per CPU of the cluster
+    output: str | None = None
+    """where shards and manifest go; default: <run dir>/data"""
+    tokenizer: Literal["gpt2"] = "gpt2"
+    """GPT-2's BPE (tiktoken), 50,257 tokens"""
+    shard_tokens: int = 100_000_000
+    """tokens per shard file (2 bytes each): 100M tokens = 200 MB"""
+    val_fraction: float = 0.01
+    """share of documents held out for validation, chosen by document hash"""
+    val_tokens: int | None = None
+    """when set, a token budget replaces val_fraction"""
+    strict: bool = False
+    """fail on the first bad document instead of skipping and counting it"""
+    max_doc_bytes: int = 1_000_000
+    """longer documents are skipped and counted (bytes of UTF-8)"""
+    piece_bytes: int = 64 * 2**20
+    """input bytes per unit of parallel work"""
+    num_workers: int | None = None
+    """tokenizer actors; default: one per CPU of the cluster"""
 
     @model_validator(mode="after")
     def _check(self) -> TokenizationConfig:
@@ -92,13 +118,20 @@ class TokenizationConfig(_Section):
 
 
 class ModelConfig(_Section):
-    n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads per block
-    n_embd: int = 768  # width of the residual stream; a multiple of n_head
-    block_size: int = 1024  # context length in tokens (learned position embeddings)
-    vocab_size: int = 50257  # GPT-2's BPE vocabulary
-    pad_vocab_to: int = 64  # embedding rows rounded up to a multiple of this (1: no padding)
-    dropout: float = 0.0  # on attention, residual and embeddings (GPT-2 pretraining: 0)
+    n_layer: int = 12
+    """transformer blocks"""
+    n_head: int = 12
+    """attention heads per block"""
+    n_embd: int = 768
+    """width of the residual stream; a multiple of n_head"""
+    block_size: int = 1024
+    """context length in tokens (learned position embeddings)"""
+    vocab_size: int = 50257
+    """GPT-2's BPE vocabulary"""
+    pad_vocab_to: int = 64
+    """embedding rows rounded up to a multiple of this (1: no padding)"""
+    dropout: float = 0.0
+    """on attention, residual and embeddings (GPT-2 pretraining: 0)"""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -110,25 +143,62 @@ class ModelConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class Schedule(_Section):
+    """What pretraining (train.*) and fine-tuning (finetune.*) share: AdamW's learning rate and weight decay,
+    and the schedule (linear warm-up, then cosine decay), typed, documented and checked once. A subclass
+    names its section (for error messages) and its own defaults."""
+
+    section: ClassVar[str] = "schedule"  # the config key of the subclass: train, finetune
+    defaults: ClassVar[dict[str, Any]] = {}  # the subclass's defaults of the fields below
+
+    lr: float = 6e-4
+    """peak learning rate, reached at the end of warm-up"""
+    warmup_steps: int = 715
+    """optimizer steps of linear warm-up from 0"""
+    max_steps: int = 19073
+    """optimizer steps in the run (train: each of batch.tokens_per_step tokens; finetune: of finetune.batch_size
+    examples)"""
+    weight_decay: float = 0.1
+    """AdamW decay on 2-D weights only (not biases or LayerNorm)"""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if cls.defaults:  # a copy of the inherited field with the subclass's default (its doc and type stay)
+            for name, value in cls.defaults.items():
+                cls.__pydantic_fields__[name] = field = copy.copy(cls.__pydantic_fields__[name])
+                field.default = value
+            cls.model_rebuild(force=True)
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> Schedule:
+        s = self.section
+        _require(self.lr > 0, f"{s}.lr", "must be positive")
+        _require(self.max_steps > 0, f"{s}.max_steps", "must be positive")
+        _require(0 <= self.warmup_steps <= self.max_steps, f"{s}.warmup_steps",
+                 f"({self.warmup_steps}) must be between 0 and {s}.max_steps ({self.max_steps})")
+        _require(self.weight_decay >= 0, f"{s}.weight_decay", "must be >= 0")
+        return self
+
+
+class TrainConfig(Schedule):
     """Optimizer and schedule: AdamW, linear warm-up, cosine decay to min_lr_ratio * lr."""
 
-    lr: float = 6e-4  # peak learning rate, reached at the end of warm-up
-    min_lr_ratio: float = 0.1  # the cosine decay ends at min_lr_ratio * lr
-    warmup_steps: int = 715  # optimizer steps of linear warm-up from 0
-    max_steps: int = 19073  # optimizer steps in the run (each of batch.tokens_per_step tokens)
-    weight_decay: float = 0.1  # AdamW decay on 2-D weights only (not biases or LayerNorm)
-    betas: list[float] = [0.9, 0.95]  # AdamW's (beta1, beta2)
-    eps: float = 1e-8  # AdamW's epsilon
-    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables clipping
+    section: ClassVar[str] = "train"
+    defaults: ClassVar[dict[str, Any]] = {"lr": 6e-4, "warmup_steps": 715, "max_steps": 19073, "weight_decay": 0.1}
+
+    min_lr_ratio: float = 0.1
+    """the cosine decay ends at min_lr_ratio * lr"""
+    betas: list[float] = [0.9, 0.95]
+    """AdamW's (beta1, beta2)"""
+    eps: float = 1e-8
+    """AdamW's epsilon"""
+    grad_clip: float = 1.0
+    """global gradient-norm clip; 0 disables clipping"""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        _require(self.lr > 0, "train.lr", "must be positive")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
-        _require(self.max_steps > 0, "train.max_steps", "must be positive")
-        _require(0 <= self.warmup_steps <= self.max_steps, "train.warmup_steps",
-                 f"({self.warmup_steps}) must be between 0 and train.max_steps ({self.max_steps})")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
                  "must be two numbers in [0, 1)")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
@@ -136,24 +206,33 @@ class TrainConfig(_Section):
 
 
 class BatchConfig(_Section):
-    tokens_per_step: int = 2**19  # the global batch, over all workers and accumulation steps
-    micro_batch_size: int = 64  # sequences per worker per forward pass
-    seq_len: int = 1024  # tokens per training sequence; at most model.block_size
+    tokens_per_step: int = 2**19
+    """the global batch, over all workers and accumulation steps"""
+    micro_batch_size: int = 64
+    """sequences per worker per forward pass"""
+    seq_len: int = 1024
+    """tokens per training sequence; at most model.block_size"""
 
 
 class DeepSpeedConfig(_Section):
-    zero_stage: int = 1  # 0: plain data parallel; 1: shard optimizer states; 2: + gradients; 3: + weights
-    offload_optimizer: bool = False  # optimizer states in CPU memory (ZeRO >= 1): less GPU memory, slower steps
-    offload_params: bool = False  # weights in CPU memory (ZeRO-3 only)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    # bf16 runs: sum micro-step gradients and reduce them over ranks in fp32 (true), or in bf16 (false:
-    # half the gradient memory and traffic, but 8 mantissa bits lose small gradients in long sums).
-    # Cost of true: ZeRO-1 keeps 4 more bytes per parameter (an fp32 gradient beside the bf16 one),
-    # ZeRO-2/3 4 instead of 2 bytes per parameter of their partition, and gradient communication
-    # doubles. (ZeRO-0 has no fp32 path in DeepSpeed: it stays bf16.)
+    zero_stage: int = 1
+    """0: plain data parallel; 1: shard optimizer states; 2: + gradients; 3: + weights"""
+    offload_optimizer: bool = False
+    """optimizer states in CPU memory (ZeRO >= 1): less GPU memory, slower steps"""
+    offload_params: bool = False
+    """weights in CPU memory (ZeRO-3 only)"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU"""
     fp32_grads: bool = True
-    activation_checkpointing: bool = False  # recompute each block in backward: ~1/3 more compute, far less memory
-    compile: bool = False  # torch.compile the model inside the DeepSpeed engine
+    """bf16 runs: sum micro-step gradients and reduce them over ranks in fp32 (true), or in bf16 (false: half the
+    gradient memory and traffic, but 8 mantissa bits lose small gradients in long sums). Cost of true: ZeRO-1
+    keeps 4 more bytes per parameter (an fp32 gradient beside the bf16 one), ZeRO-2/3 4 instead of 2 bytes per
+    parameter of their partition, and gradient communication doubles. (ZeRO-0 has no fp32 path in DeepSpeed: it
+    stays bf16.)"""
+    activation_checkpointing: bool = False
+    """recompute each block in backward: ~1/3 more compute, far less memory"""
+    compile: bool = False
+    """torch.compile the model inside the DeepSpeed engine"""
 
     @model_validator(mode="after")
     def _check(self) -> DeepSpeedConfig:
@@ -166,9 +245,12 @@ class DeepSpeedConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    dir: str | None = None  # default: <run dir>/checkpoints
-    interval: int = 1000  # steps; a checkpoint is also written at the end
-    keep_last: int = 3  # committed checkpoints kept; older ones are deleted after each save
+    dir: str | None = None
+    """default: <run dir>/checkpoints"""
+    interval: int = 1000
+    """steps; a checkpoint is also written at the end"""
+    keep_last: int = 3
+    """committed checkpoints kept; older ones are deleted after each save"""
 
     @model_validator(mode="after")
     def _check(self) -> CheckpointConfig:
@@ -178,22 +260,35 @@ class CheckpointConfig(_Section):
 
 
 class EvalConfig(_Section):
-    interval: int = 250  # steps between validation-loss evaluations during training (0: never)
-    val_tokens: int = 10_485_760  # token budget of each validation-loss evaluation
-    # "official": the 10,042-item validation set, downloaded once and verified; "smoke": a few items
-    # bundled for offline smoke runs (not comparable to anything); a JSONL/parquet path; null: skip
+    interval: int = 250
+    """steps between validation-loss evaluations during training (0: never)"""
+    val_tokens: int = 10_485_760
+    """token budget of each validation-loss evaluation"""
     hellaswag: str | None = "official"
-    hellaswag_interval: int = 0  # steps between HellaSwag evaluations during training (0: never)
-    hellaswag_limit: int | None = None  # first N items only
-    prompts: list[str] = ["Hello, I'm a language model,"]  # prompts of the text samples after training
-    max_new_tokens: int = 64  # tokens generated per sample
-    greedy: bool = False  # argmax decoding instead of sampling
-    temperature: float = 0.8  # sampling temperature (> 0)
-    top_k: int | None = 50  # sample among the k likeliest tokens; null: all
-    top_p: float | None = None  # nucleus sampling: the smallest set with this probability; null: off
-    num_beams: int = 1  # > 1: beam search instead of sampling
-    num_samples: int = 2  # completions per prompt
-    seed: int = 42  # sampling seed: the same seed gives the same text
+    """official: the 10,042-item validation set, downloaded once and verified; smoke: a few items bundled for
+    offline smoke runs (not comparable to anything); a JSONL/parquet path; null: skip"""
+    hellaswag_interval: int = 0
+    """steps between HellaSwag evaluations during training (0: never)"""
+    hellaswag_limit: int | None = None
+    """first N items only"""
+    prompts: list[str] = ["Hello, I'm a language model,"]
+    """prompts of the text samples after training"""
+    max_new_tokens: int = 64
+    """tokens generated per sample"""
+    greedy: bool = False
+    """argmax decoding instead of sampling"""
+    temperature: float = 0.8
+    """sampling temperature (> 0)"""
+    top_k: int | None = 50
+    """sample among the k likeliest tokens; null: all"""
+    top_p: float | None = None
+    """nucleus sampling: the smallest set with this probability; null: off"""
+    num_beams: int = 1
+    """> 1: beam search instead of sampling"""
+    num_samples: int = 2
+    """completions per prompt"""
+    seed: int = 42
+    """sampling seed: the same seed gives the same text"""
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
@@ -206,24 +301,34 @@ class EvalConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    enabled: bool = True  # false: no MLflow at all (metrics still go to the console and metrics.jsonl)
-    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment: str = "gpt2-pretraining"  # MLflow experiment the runs go to
-    registered_model: str = "gpt2-pipeline"  # MLflow registered-model name of the register stage
-    best_alias: str = "best"  # alias moved to the version with the best HellaSwag score
-    system_metrics: bool = True  # log CPU, memory, (GPU) utilisation of the training run to MLflow
+    enabled: bool = True
+    """false: no MLflow at all (metrics still go to the console and metrics.jsonl)"""
+    uri: str | None = None
+    """default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"""
+    experiment: str = "gpt2-pretraining"
+    """MLflow experiment the runs go to"""
+    registered_model: str = "gpt2-pipeline"
+    """MLflow registered-model name of the register stage"""
+    best_alias: str = "best"
+    """alias moved to the version with the best HellaSwag score"""
+    system_metrics: bool = True
+    """log CPU, memory, (GPU) utilisation of the training run to MLflow"""
 
 
 class ClusterConfig(_Section):
-    num_workers: int = 1  # training workers (one per GPU)
-    use_gpu: bool = False  # one GPU per worker, nccl and (precision auto) bf16; false: CPU, gloo, fp32
-    cpus_per_worker: float = 1.0  # Ray CPUs reserved per training worker (data loading, the host side)
-    max_failures: int = 3  # automatic restarts of the training run from its last checkpoint
-    # how Ray places the workers: PACK fills nodes, STRICT_SPREAD puts each worker on its own node
+    num_workers: int = 1
+    """training workers (one per GPU)"""
+    use_gpu: bool = False
+    """one GPU per worker, nccl and (precision auto) bf16; false: CPU, gloo, fp32"""
+    cpus_per_worker: float = 1.0
+    """Ray CPUs reserved per training worker (data loading, the host side)"""
+    max_failures: int = 3
+    """automatic restarts of the training run from its last checkpoint"""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    # node-local directory for the one copy per node of remote (s3://, gs://) training shards;
-    # default: <system temp dir>/gpt2-pipeline/shards
+    """how Ray places the workers: PACK fills nodes, STRICT_SPREAD puts each worker on its own node"""
     node_cache: str | None = None
+    """node-local directory for the one copy per node of remote (s3://, gs://) training shards; default: <system temp
+    dir>/gpt2-pipeline/shards"""
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
@@ -236,43 +341,68 @@ class ClusterConfig(_Section):
 class FinetuneHeadConfig(_Section):
     """One named head of a multi-task fine-tune (finetune.head=multi)."""
 
-    head: Literal["classification", "regression", "token_classification"] = "classification"  # what it predicts
-    num_labels: int = 2  # classes (regression: 1 output)
-    label_field: str = "label"  # the record field holding this head's label
-    weight: float = 1.0  # factor of this head's loss in the summed loss
+    head: Literal["classification", "regression", "token_classification"] = "classification"
+    """what it predicts"""
+    num_labels: int = 2
+    """classes (regression: 1 output)"""
+    label_field: str = "label"
+    """the record field holding this head's label"""
+    weight: float = 1.0
+    """factor of this head's loss in the summed loss"""
 
 
-class FinetuneConfig(_Section):
-    """Task heads on the pretrained trunk (pipeline/core/model/heads.py) and the fine-tune stage (train/finetune.py)."""
+class FinetuneConfig(Schedule):
+    """Task heads on the pretrained trunk (pipeline/core/model/heads.py) and the fine-tune stage (train/finetuning.py); the
+    optimizer and schedule (lr, warmup_steps, max_steps, weight_decay) as train.*, with their own values."""
 
-    task: str | None = None  # training data: JSONL/Parquet file, directory or glob (local or URL), or hf:OWNER/NAME
-    eval_task: str | None = None  # held-out data in its own file(s); default: a held-out part of `task`
-    format: Literal["auto", "jsonl", "parquet"] = "auto"  # how task files are read (auto: by suffix)
-    hf_config: str | None = None  # configuration of a hf: dataset (e.g. sst2 of nyu-mll/glue)
-    hf_revision: str | None = None  # git revision of a hf: dataset
-    train_split: str = "train"  # split of a hf: dataset trained on
-    eval_split: str = "validation"  # split of a hf: dataset scored as the held-out set
-    eval_fraction: float = 0.1  # files without eval_task: share of examples held out, picked by a hash of the text
-    # classification: one label per text; regression: one number; token_classification: one label per word
-    # (the text field is then a list of words); multi: the named heads of finetune.heads
+    section: ClassVar[str] = "finetune"
+    defaults: ClassVar[dict[str, Any]] = {"lr": 5e-5, "warmup_steps": 0, "max_steps": 1000, "weight_decay": 0.0}
+
+    task: str | None = None
+    """training data: JSONL/Parquet file, directory or glob (local or URL), or hf:OWNER/NAME"""
+    eval_task: str | None = None
+    """held-out data in its own file(s); default: a held-out part of `task`"""
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    """how task files are read (auto: by suffix)"""
+    hf_config: str | None = None
+    """configuration of a hf: dataset (e.g. sst2 of nyu-mll/glue)"""
+    hf_revision: str | None = None
+    """git revision of a hf: dataset"""
+    train_split: str = "train"
+    """split of a hf: dataset trained on"""
+    eval_split: str = "validation"
+    """split of a hf: dataset scored as the held-out set"""
+    eval_fraction: float = 0.1
+    """files without eval_task: share of examples held out, picked by a hash of the text"""
     head: Literal["classification", "regression", "token_classification", "multi"] = "classification"
-    num_labels: int = 2  # classes of a classification or token-classification head (regression: 1 output, ignored)
-    text_fields: list[str] = ["text"]  # record fields that make the input; several (a pair) are joined by newlines
-    label_field: str = "label"  # record field holding the label
-    heads: dict[str, FinetuneHeadConfig] = {}  # head=multi: head name -> its kind, labels, label field, loss weight
-    classifier_dropout: float = 0.1  # dropout before a token-classification head (transformers' default)
-    pad_token_id: int = 50256  # pads a batch on the right; sequence heads pool at the last other token
-    max_len: int = 128  # tokens per example; longer ones are truncated (and counted)
-    batch_size: int = 32  # examples per optimizer step, over all workers
-    micro_batch_size: int = 8  # examples per worker per forward pass
-    lr: float = 5e-5  # peak learning rate (AdamW, linear warm-up, cosine decay as train.*)
-    warmup_steps: int = 0  # linear warm-up steps
-    max_steps: int = 1000  # optimizer steps
-    weight_decay: float = 0.0  # on 2-D weights
-    checkpoint_interval: int = 200  # steps between checkpoints (and one at the end)
-    output: str | None = None  # checkpoints, metrics, results; default: <run dir>/finetune
-    checkpoint: str | None = None  # pretrained model to start from (as --ckpt); pipeline default: its final checkpoint
-    registered_model: str = "gpt2-pipeline-finetuned"  # MLflow registry name of the fine-tuned model
+    """classification: one label per text; regression: one number; token_classification: one label per word (the text
+    field is then a list of words); multi: the named heads of finetune.heads"""
+    num_labels: int = 2
+    """classes of a classification or token-classification head (regression: 1 output, ignored)"""
+    text_fields: list[str] = ["text"]
+    """record fields that make the input; several (a pair) are joined by newlines"""
+    label_field: str = "label"
+    """record field holding the label"""
+    heads: dict[str, FinetuneHeadConfig] = {}
+    """head=multi: head name -> its kind, labels, label field, loss weight"""
+    classifier_dropout: float = 0.1
+    """dropout before a token-classification head (transformers' default)"""
+    pad_token_id: int = 50256
+    """pads a batch on the right; sequence heads pool at the last other token"""
+    max_len: int = 128
+    """tokens per example; longer ones are truncated (and counted)"""
+    batch_size: int = 32
+    """examples per optimizer step, over all workers"""
+    micro_batch_size: int = 8
+    """examples per worker per forward pass"""
+    checkpoint_interval: int = 200
+    """steps between checkpoints (and one at the end)"""
+    output: str | None = None
+    """checkpoints, metrics, results; default: <run dir>/finetune"""
+    checkpoint: str | None = None
+    """pretrained model to start from (as --ckpt); pipeline default: its final checkpoint"""
+    registered_model: str = "gpt2-pipeline-finetuned"
+    """MLflow registry name of the fine-tuned model"""
 
     @field_validator("text_fields", mode="before")
     @classmethod
@@ -291,27 +421,36 @@ class FinetuneConfig(_Section):
             _require(h.weight >= 0, f"finetune.heads.{name}.weight", "must be >= 0")
         _require(0.0 < self.eval_fraction < 1.0, "finetune.eval_fraction", "must be in (0, 1)")
         _require(0.0 <= self.classifier_dropout < 1.0, "finetune.classifier_dropout", "must be in [0, 1)")
-        for key in ("max_len", "batch_size", "micro_batch_size", "max_steps", "checkpoint_interval"):
+        for key in ("max_len", "batch_size", "micro_batch_size", "checkpoint_interval"):
             _require(getattr(self, key) > 0, f"finetune.{key}", "must be positive")
-        _require(self.lr > 0, "finetune.lr", "must be positive")
-        _require(0 <= self.warmup_steps <= self.max_steps, "finetune.warmup_steps",
-                 f"({self.warmup_steps}) must be between 0 and finetune.max_steps ({self.max_steps})")
         return self
 
 
 class Config(_Section):
     run: RunConfig = RunConfig()
+    """the run: its name, where its outputs go, its seed"""
     data: DataConfig = DataConfig()
+    """the corpus to tokenize: files, a Hub dataset or the built-in prose"""
     tokenization: TokenizationConfig = TokenizationConfig()
+    """the tokenization job: shards, validation split, bad input"""
     model: ModelConfig = ModelConfig()
+    """the GPT-2 architecture"""
     train: TrainConfig = TrainConfig()
+    """pretraining's optimizer (AdamW) and schedule"""
     batch: BatchConfig = BatchConfig()
+    """pretraining's batch: tokens per step, micro-batch, sequence length"""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    """DeepSpeed: ZeRO stage, offload, precision, activation checkpointing"""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    """checkpoints of pretraining: where, how often, how many kept"""
     eval: EvalConfig = EvalConfig()
+    """evaluation: validation loss, HellaSwag, generated samples"""
     tracking: TrackingConfig = TrackingConfig()
+    """MLflow: server, experiment, registered model"""
     cluster: ClusterConfig = ClusterConfig()
+    """Ray: training workers, GPUs, placement, restarts"""
     finetune: FinetuneConfig = FinetuneConfig()
+    """the optional fine-tune: task data, heads, optimizer and schedule"""
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -397,6 +536,79 @@ class Config(_Section):
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
 
 
+# ---------------------------------------------------------------------------------------------
+# The reference: every key of the config, its type, value and doc (--help-config of every command).
+
+HEAD_NAME = "<name>"  # stands for a head's name in finetune.heads.<name>.KEY
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is type(None):
+        return "null"
+    args, origin = get_args(annotation), get_origin(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if args:  # X | None
+        return " | ".join(_type_name(a) for a in args)
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _model_in_dict(annotation: Any) -> type[BaseModel] | None:
+    """Model when annotation is dict[str, Model] (finetune.heads), else None."""
+    args = get_args(annotation)
+    if get_origin(annotation) is dict and len(args) == 2 and isinstance(args[1], type) and issubclass(args[1], BaseModel):
+        return args[1]
+    return None
+
+
+def leaf_fields(model: type[BaseModel] = Config, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: FieldInfo} of every leaf of the config; a dict of sections (finetune.heads) is listed
+    as its entries' fields under `<name>` (finetune.heads.<name>.weight)."""
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out.update(leaf_fields(annotation, f"{key}."))
+        elif (entry := _model_in_dict(annotation)) is not None:
+            out.update(leaf_fields(entry, f"{key}.{HEAD_NAME}."))
+        else:
+            out[key] = field
+    return out
+
+
+def _value_at(cfg: BaseModel, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if part == HEAD_NAME:
+            return None
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def reference(cfg: Config) -> str:
+    """Every key of the config, one line each: `section.key  type  value in force  what it does`. The
+    fields of finetune.heads are listed under <name> with their defaults, then for each configured head."""
+    rows = []
+    fields = leaf_fields()
+    for key, field in fields.items():
+        default = field.get_default(call_default_factory=True)
+        value = default if HEAD_NAME in key else _value_at(cfg, key)
+        rows.append((key, _type_name(field.annotation), value, field.description or ""))
+        if HEAD_NAME in key:  # the configured heads, with their values
+            section, leaf = key.split(f".{HEAD_NAME}.")
+            for name, head in _value_at(cfg, section).items():
+                rows.append((f"{section}.{name}.{leaf}", _type_name(field.annotation), getattr(head, leaf),
+                             field.description or ""))
+    rows = [(k, t, json.dumps(v), " ".join(doc.split())) for k, t, v, doc in rows]
+    kw = max(len(r[0]) for r in rows)
+    tw = min(22, max(len(r[1]) for r in rows))
+    vw = min(24, max(len(r[2]) for r in rows))
+    return "\n".join(f"{k:<{kw}}  {t:<{tw}}  {v:<{vw}}  {doc}" for k, t, v, doc in rows)
+
+
 HOME_ENV = "GPT2_PIPELINE_HOME"
 
 
@@ -451,6 +663,45 @@ def preset_in_force(name: str | None, default: str = DEFAULT_PRESET) -> str:
     what = "production defaults" if default == DEFAULT_PRESET else "the embedded default"
     print(f"config: preset '{default}' ({what}; no --config given)", flush=True)
     return default
+
+
+# The argument parser of every command: --config, --help-config, section.key=value overrides.
+
+HELP_CONFIG = ("print every config key (dotted), its type, the value in force for the preset and the "
+               "overrides given, and what it does; then exit")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse with what every stage command takes: --config PRESET, --help-config and positional
+    `section.key=value` overrides. With --help-config no argument is required (as with --help), so
+    `eval/run.py --help-config` works without --ckpt."""
+
+    def __init__(self, *args: Any, preset_help: str | None = None, **kwargs: Any):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--config", help=PRESET_HELP if preset_help is None else preset_help)
+        self.add_argument("--help-config", action="store_true", help=HELP_CONFIG)
+
+    def add_overrides(self) -> None:
+        """The trailing `section.key=value` arguments (added last, so they read last in --help)."""
+        self.add_argument("overrides", nargs="*", metavar="section.key=value",
+                          help="override any config key, e.g. train.lr=3e-4 (see --help-config)")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        if "--help-config" in args:
+            for action in self._actions:
+                action.required = False
+        return super().parse_args(args, namespace)
+
+
+def help_config(args: argparse.Namespace, cfg: Config) -> bool:
+    """With --help-config: print the config reference of `cfg` (the config in force) and return True, so
+    the command returns 0 before any work."""
+    if not getattr(args, "help_config", False):
+        return False
+    print(reference(cfg), flush=True)
+    return True
 
 
 def preset_names() -> list[str]:

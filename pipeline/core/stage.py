@@ -10,11 +10,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.core.command import UserError
 from pipeline.core.config import Config
 from pipeline.core.lineage import Lineage
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """A stage that cannot run as asked (an earlier stage's output missing, a run dir holding another run)."""
 
 

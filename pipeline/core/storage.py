@@ -22,8 +22,10 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.core.command import UserError
 
-class StorageError(RuntimeError):
+
+class StorageError(UserError, RuntimeError):
     """Storage that cannot be used as configured; the one-line message names the URL and the cause."""
 
 

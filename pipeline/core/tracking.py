@@ -38,11 +38,7 @@ _SHOWN = {
     "train/step_time_s": lambda v: f"{v * 1000:.0f} ms/step",
     "train/memory_gb": lambda v: f"mem {v:.1f} GB",
     "train/eta_s": lambda v: f"eta {format_duration(v)}",
-    "hellaswag/harness/acc": lambda v: f"hellaswag acc {v:.4f}",
-    "hellaswag/harness/acc_norm": lambda v: f"acc_norm {v:.4f} (harness)",
-    "hellaswag/completion/acc": lambda v: f"acc {v:.4f}",
-    "hellaswag/completion/acc_norm": lambda v: f"acc_norm {v:.4f} (completion)",
-}
+}  # and any other metric (HellaSwag's, named by eval/hellaswag.py) as name=value
 _QUIET = {"train/tokens_seen", "train/epoch", "val/tokens", "val/perplexity", "hellaswag/items"}
 
 

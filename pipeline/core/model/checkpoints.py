@@ -26,13 +26,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from pipeline.core import storage
+from pipeline.core.command import UserError
 from pipeline.core.model import heads
 from pipeline.core.model.gpt2 import GPT, GPTConfig, config_from_hf, from_hf_state_dict, from_state_dict, load_hf
 from pipeline.core.storage import join
@@ -44,7 +47,7 @@ UNIVERSAL_TAG = "universal"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, incomplete or does not fit; the message names the path."""
 
 
@@ -176,14 +179,28 @@ def _fetch(url: str) -> str:
 def _hf_dir(path: Path, device, info: dict) -> tuple[GPT, dict]:
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: no config.json beside the weights")
-    try:
-        fine_tuned = heads.specs_from_hf(json.loads((path / "config.json").read_text()))
-        model = heads.load_hf(path).trunk if fine_tuned else load_hf(path)  # with task heads: the trunk
-    except ValueError as err:  # a config we do not implement, or weights that do not fit it
-        raise CheckpointError(str(err)) from None
     weights = path / "model.safetensors"
     weights = weights if weights.exists() else path / "pytorch_model.bin"
+    config = _read_config(path / "config.json")
+    try:
+        fine_tuned = heads.specs_from_hf(config)
+        model = heads.load_hf(path).trunk if fine_tuned else load_hf(path)  # with task heads: the trunk
+    except (ValueError, KeyError) as err:  # a config we do not implement, or weights that do not fit it
+        raise CheckpointError(str(err) if str(path) in str(err) else f"{path / 'config.json'}: {err}") from None
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as err:  # weights that do not read
+        raise CheckpointError(f"{weights}: not readable weights ({type(err).__name__}: {err})") from None
     return model.to(device), {**info, "path": str(path), "weights": str(weights), "weights_sha256": _sha256(weights)}
+
+
+def _read_config(path: Path) -> dict:
+    """A checkpoint's config.json, or a CheckpointError naming the file."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{path}: not a readable JSON file ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return config
 
 
 def _deepspeed_tag(path: Path, names: set[str]) -> str | None:
@@ -208,7 +225,10 @@ def _deepspeed(path: Path, tag: str, device) -> tuple[GPT, dict]:
     state = {k: v.detach() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag).items()}
     config_file = next((d / "config.json" for d in (root, *root.parents[:3]) if (d / "config.json").exists()), None)
     if config_file is not None:  # our layout: step_N/config.json beside step_N/deepspeed/state
-        config = config_from_hf(json.loads(config_file.read_text()))
+        try:
+            config = config_from_hf(_read_config(config_file))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{config_file}: {err if isinstance(err, ValueError) else f'no key {err}'}") from None
     else:
         config = _config_from_shapes(state, root)
     c_attn = state.get("transformer.h.0.attn.c_attn.weight")

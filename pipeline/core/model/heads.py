@@ -25,7 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.core.model.gpt2 import GPT, GPTConfig, config_from_hf, from_hf_state_dict, from_state_dict, hf_config, to_hf_state_dict
+from pipeline.core.command import UserError
+from pipeline.core.model.gpt2 import (
+    GPT,
+    GPTConfig,
+    config_from_hf,
+    from_hf_state_dict,
+    from_state_dict,
+    hf_config,
+    to_hf_state_dict,
+)
 
 KINDS = ("classification", "regression", "token_classification")
 IGNORE = -100  # token label that adds no loss (HF's ignore index)
@@ -34,7 +43,7 @@ _HF_CLASS = {"classification": "GPT2ForSequenceClassification", "regression": "G
 _HF_ATTR = {"classification": "score", "regression": "score", "token_classification": "classifier"}
 
 
-class HeadMismatch(ValueError):
+class HeadMismatch(UserError, ValueError):
     """Heads that do not fit a checkpoint's; the message names the key and the file."""
 
 
