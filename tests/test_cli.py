@@ -167,13 +167,13 @@ def test_every_user_fixable_error_is_a_user_error():
     from eval.hellaswag import HellaSwagError
     from pipeline.core.command import UserError
     from pipeline.core.config import ConfigError
+    from pipeline.core.model.checkpoints import CheckpointError
+    from pipeline.core.model.heads import HeadMismatch
+    from pipeline.core.stage import StageError
     from pipeline.core.storage import StorageError
-    from pipeline.stages import StageError
     from tokenization.shards import ShardError
     from tokenization.sources import CorpusError
     from tokenization.tokenizer import TokenizerUnavailable
-    from train.checkpoint import CheckpointError
-    from train.heads import HeadMismatch
     from train.launch import TrainingFailed
     from train.plan import PlanError
     from train.tasks import TaskError
@@ -221,7 +221,7 @@ def test_the_shell_reports_user_errors_in_one_line_and_exits_130_on_ctrl_c(capsy
 def test_eval_input_errors_are_user_errors_naming_the_file(tmp_path, capsys):
     """What eval/run.py used to catch as a bare ValueError now raises a UserError at its source."""
     import eval.run
-    from train.model import GPT, GPTConfig, save_hf
+    from pipeline.core.model.gpt2 import GPT, GPTConfig, save_hf
 
     good = tmp_path / "good"
     save_hf(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=50257)), good)
