@@ -68,6 +68,7 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
     # the heavy parts (Ray, MLflow, torch), once the arguments are parsed
     from pipeline import stages
     from pipeline.core import cluster, lineage, storage
+    from pipeline.core.redaction import redact
 
     started = time.time()
     if in_ray_package_cache():  # see README, "Run it on a cluster": outputs must outlive Ray's copy of the checkout
@@ -75,7 +76,7 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
         print(f"pipeline: running in Ray's copy of the working directory ({os.getcwd()}), which Ray deletes; "
               f"relative outputs go to {output_base()} "
               f"(${HOME_ENV} sets it): run directory {cfg.run_dir}, MLflow "
-              f"{lineage.tracking_uri(cfg.tracking.uri, output_base())}", flush=True)
+              f"{redact(lineage.tracking_uri(cfg.tracking.uri, output_base()))}", flush=True)
     # storage and cluster that cannot work are refused before any work, with one line (a UserError)
     for url in dict.fromkeys((cfg.run_dir, cfg.data_dir, cfg.checkpoint_dir)):
         storage.check(url)
@@ -87,10 +88,10 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
     import ray
 
     tags = {"git_commit": lineage.git_commit(), "ray_cluster_resources": ray.cluster_resources(),
-            "run_dir": cfg.run_dir, **{f"version.{k}": v for k, v in lineage.package_versions().items()}}
+            "run_dir": redact(cfg.run_dir), **{f"version.{k}": v for k, v in lineage.package_versions().items()}}
     parent = track.start_parent(cfg.run.name, cfg.flat(), tags) if track else None
     print(f"pipeline: run '{cfg.run.name}' in {cfg.run_dir}; stages {', '.join(selected)}; tracking "
-          f"{uri if track and track.available else 'off'}", flush=True)
+          f"{redact(uri) if track and track.available else 'off'}", flush=True)
     ctx = stages.Context(cfg, track)
     try:
         for name in selected:

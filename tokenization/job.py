@@ -61,7 +61,12 @@ def run(cfg: Config, *, overwrite: bool = False, log=print) -> TokenizeResult:
     manifest_url = join(out, MANIFEST)
 
     if storage.exists(manifest_url):
-        existing = storage.read_json(manifest_url)
+        try:
+            existing = shards.load_manifest(out)
+        except ShardError:
+            if not overwrite:
+                raise  # a damaged manifest is named, never trusted
+            existing = {}
         if existing.get("fingerprint") == fingerprint and not _missing_shards(out, existing):
             log(f"tokenize: {out} is complete and matches this input and config; nothing to do")
             return TokenizeResult(out, existing, True, time.perf_counter() - start, 0, 0, 0)
@@ -96,10 +101,9 @@ def fingerprint(cfg: Config) -> str:
 
 def complete(cfg: Config) -> bool:
     """Whether cfg.data_dir holds this very dataset, every shard present at its size."""
-    url = join(cfg.data_dir, MANIFEST)
-    if not storage.exists(url):
+    if not storage.exists(join(cfg.data_dir, MANIFEST)):
         return False
-    manifest = storage.read_json(url)
+    manifest = shards.load_manifest(cfg.data_dir)
     return manifest.get("fingerprint") == fingerprint(cfg) and not _missing_shards(cfg.data_dir, manifest)
 
 

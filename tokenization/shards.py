@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -116,11 +117,60 @@ def load_manifest(dataset_dir: str) -> dict:
     url = join(dataset_dir, MANIFEST)
     if not storage.exists(url):
         raise ShardError(f"{url}: no manifest; is {dataset_dir} a tokenized dataset?")
-    manifest = storage.read_json(url)
+    try:
+        manifest = json.loads(storage.read_bytes(url))
+    except ValueError as err:
+        raise ShardError(f"{url}: not a JSON manifest ({err})") from None
+    validate_manifest(manifest, url)
+    return manifest
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # a bare name: no separator, no "..", nothing hidden
+
+
+def validate_manifest(manifest: object, url: str) -> None:
+    """Refuse a manifest any of whose fields could mislead a reader: it names files that are read, and
+    hashes that name node-cache paths, so it is checked as hostile input before anything uses it."""
+    def fail(field: str, message: str, value: object) -> None:
+        raise ShardError(f"{url}: {field}: {message} (got {value!r:.80})")
+
+    if not isinstance(manifest, dict):
+        fail("manifest", "must be a JSON object", type(manifest).__name__)
     if manifest.get("format_version") != MANIFEST_VERSION:
         raise ShardError(f"{url}: manifest format_version {manifest.get('format_version')!r}, "
                          f"this code reads {MANIFEST_VERSION}")
-    return manifest
+    entries = manifest.get("shards")
+    if not isinstance(entries, list):
+        fail("shards", "must be a list", entries)
+    fields = set(ShardInfo.__dataclass_fields__)
+    for i, entry in enumerate(entries):
+        where = f"shards[{i}]"
+        if not isinstance(entry, dict) or set(entry) != fields:
+            fail(where, f"must be an object with exactly {', '.join(sorted(fields))}", entry)
+        name = entry["file"]
+        if not isinstance(name, str) or not _FILE_NAME.match(name) or ".." in name:
+            fail(f"{where}.file", "must be a bare file name inside the dataset directory", name)
+        if entry["split"] not in SPLITS:
+            fail(f"{where}.split", f"must be one of {', '.join(SPLITS)}", entry["split"])
+        for key in ("tokens", "documents"):
+            if not _count(entry[key]):
+                fail(f"{where}.{key}", "must be a non-negative integer", entry[key])
+        if not isinstance(entry["sha256"], str) or not _SHA256.match(entry["sha256"]):
+            fail(f"{where}.sha256", "must be 64 lowercase hex digits", entry["sha256"])
+    for split, totals in (manifest.get("totals") or {}).items():
+        for key, value in (totals.items() if isinstance(totals, dict) else [("", totals)]):
+            if not _count(value):
+                fail(f"totals.{split}.{key}".rstrip("."), "must be a non-negative integer", value)
+    for reason, value in (manifest.get("skipped") or {}).items():
+        if not _count(value):
+            fail(f"skipped.{reason}", "must be a non-negative integer", value)
+    if "input_documents" in manifest and not _count(manifest["input_documents"]):
+        fail("input_documents", "must be a non-negative integer", manifest["input_documents"])
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def manifest_hash(dataset_dir: str) -> str:

@@ -19,6 +19,7 @@ from pipeline.core.config import Config, output_base
 from pipeline.core.lineage import tracking_uri
 from pipeline.core.model import checkpoints, heads
 from pipeline.core.model.checkpoints import CheckpointError
+from pipeline.core.redaction import redact
 from pipeline.core.storage import join
 from train import tasks
 
@@ -72,7 +73,7 @@ def _registered(spec: str, cfg: Config) -> dict:
                                                    dst_path=tempfile.mkdtemp(prefix="gpt2-registered-"),
                                                    tracking_uri=uri)
     except Exception as err:  # MlflowException, a bad name, the server down: the user needs the spec named
-        raise CheckpointError(f"{spec}: cannot read this registered model from {uri} ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"{spec}: cannot read this registered model from {redact(uri)} ({type(err).__name__}: {err})") from err
     weights = os.path.join(path, "artifacts", "checkpoint")
     if not os.path.isfile(os.path.join(weights, "config.json")):
         raise CheckpointError(f"{spec}: the registered model holds no artifacts/checkpoint/config.json")

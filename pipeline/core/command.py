@@ -7,7 +7,7 @@ that does not fit) derives from `UserError`. A command's `main` is wrapped by `c
 becomes one line `error: <message>` on stderr and exit code 2, Ctrl-C exit code 130; anything else is a
 bug and keeps its traceback.
 
-This module imports nothing of ours (every module that defines an error imports it) and nothing heavy
+This module imports nothing of ours but redaction.py (every module that defines an error imports it) and nothing heavy
 (no torch, Ray, MLflow), so `--help` and `--help-config` are fast.
 """
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Sequence
+
+from pipeline.core.redaction import redact
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -35,7 +37,7 @@ def one_line(message: object) -> str:
 
 
 def report(err: BaseException) -> None:
-    print(f"error: {one_line(err) or type(err).__name__}", file=sys.stderr, flush=True)
+    print(f"error: {redact(one_line(err)) or type(err).__name__}", file=sys.stderr, flush=True)
 
 
 def command(main: Callable[..., int | None]) -> Callable[..., int]:

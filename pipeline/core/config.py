@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from pipeline.core import tracking
 from pipeline.core.command import UserError
+from pipeline.core.redaction import redact
 from pipeline.core.storage import join
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -523,7 +524,7 @@ class Config(_Section):
 
     def flat(self) -> dict[str, Any]:
         """The config as {"section.key": value}, e.g. for MLflow params."""
-        return {f"{section}.{key}": value
+        return {f"{section}.{key}": _redacted(value)
                 for section, fields in self.model_dump().items() for key, value in fields.items()}
 
     def fingerprint(self, *sections: str) -> str:
@@ -533,7 +534,8 @@ class Config(_Section):
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+        """The config as YAML, credentials in URIs redacted: what is logged and stored of it."""
+        return redact(yaml.safe_dump(self.model_dump(), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,6 +609,14 @@ def reference(cfg: Config) -> str:
     tw = min(22, max(len(r[1]) for r in rows))
     vw = min(24, max(len(r[2]) for r in rows))
     return "\n".join(f"{k:<{kw}}  {t:<{tw}}  {v:<{vw}}  {doc}" for k, t, v, doc in rows)
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
 
 
 HOME_ENV = "GPT2_PIPELINE_HOME"

@@ -3,7 +3,7 @@
 Runs are found again by their tags, so submitting the same run name again continues the same parent
 and child runs. The tracking server is never allowed to stop the pipeline: every call is retried a
 few times with back-off and then skipped with a warning (training metrics travel separately, from a
-local file, see pipeline/core/tracking.MlflowUploader). Imports nothing else of the project.
+local file, see pipeline/core/tracking.MlflowUploader). Credentials in the tracking URI never reach a log line.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from pipeline.core.redaction import redact
 
 T = TypeVar("T")
 RUN_DIR_TAG, STAGE_TAG, PARENT_TAG = "gpt2.run_dir", "gpt2.stage", "mlflow.parentRunId"
@@ -33,7 +35,7 @@ def tracking_uri(configured: str | None, base: str | None = None) -> str:
 
 def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
+        return f"open {redact(uri)}"
     artifacts = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
     return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifacts} --port 5000"
 
@@ -90,8 +92,8 @@ class Lineage:
                 return fn()
             except Exception as err:  # server down, network, HTTP 5xx: all the same to the pipeline
                 if attempt == self.attempts - 1:
-                    self.log(f"tracking: could not {what} at {self.uri} ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0][:200]}); continuing without it")
+                    self.log(redact(f"tracking: could not {what} at {self.uri} ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0][:200]}); continuing without it"))
                     return None
                 time.sleep(delay)
                 delay *= 2
@@ -186,7 +188,7 @@ class Lineage:
     def run_url(self, run_id: str | None) -> str | None:
         if not run_id or not self.experiment_id:
             return None
-        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        base = redact(self.uri) if self.uri.startswith("http") else "http://127.0.0.1:5000"
         # MLflow's UI picks its sidebar (GenAI or Model training) from this parameter, else from the browser's
         # localStorage (default GenAI), never from the experiment's kind tag (mlflow issue 24498; 3.18.0 still does)
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}?workflowType=machine_learning"

@@ -19,6 +19,7 @@ from typing import Protocol, TextIO
 
 from pipeline.core import storage
 from pipeline.core.progress import format_duration, human
+from pipeline.core.redaction import redact
 
 
 class Sink(Protocol):
@@ -289,12 +290,12 @@ class MlflowUploader:
                 client.log_batch(self.run_id, metrics=metrics[i:i + self.MAX_BATCH])
         except Exception as err:  # unreachable or failing server: keep the lines, retry later
             if not self._failing:
-                self.log(f"tracking: MLflow at {self.uri} unreachable ({type(err).__name__}); metrics are kept in "
+                self.log(f"tracking: MLflow at {redact(self.uri)} unreachable ({type(err).__name__}); metrics are kept in "
                          f"{self.path} and sent when it is back")
             self._failing = True
             return False
         if self._failing:
-            self.log(f"tracking: MLflow at {self.uri} is back; sending the kept metrics")
+            self.log(f"tracking: MLflow at {redact(self.uri)} is back; sending the kept metrics")
         self._failing = False
         tmp = f"{self.cursor_path}.tmp"
         with open(tmp, "w") as f:

@@ -65,8 +65,38 @@ class TrainerState:
 
     @classmethod
     def read(cls, url: str) -> TrainerState:
-        data = storage.read_json(join(url, STATE))
+        """The state a checkpoint committed, each field checked: a damaged or hand-edited record is refused
+        with the file and field named, never resumed from."""
+        where = join(url, STATE)
+        try:
+            data = json.loads(storage.read_bytes(where))
+        except ValueError as err:
+            raise CheckpointError(f"{where}: not a JSON trainer state ({err})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{where}: must be a JSON object, got {type(data).__name__}")
+        for key, ok, what in _STATE_FIELDS:
+            if key in data and not ok(data[key]):
+                raise CheckpointError(f"{where}: {key}: must be {what} (got {data[key]!r:.80})")
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+_STATE_FIELDS = (
+    ("step", _count, "a non-negative integer"),
+    ("sequences", _count, "a non-negative integer"),
+    ("tokens", _count, "a non-negative integer"),
+    ("world_size", lambda v: _count(v) and v >= 1, "a positive integer"),
+    ("zero_stage", lambda v: v in (0, 1, 2, 3) and not isinstance(v, bool), "0, 1, 2 or 3"),
+    ("manifest_sha256", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}|", v) is not None,
+     "64 lowercase hex digits"),
+    ("data_order", lambda v: isinstance(v, str) and len(v) < 200, "a short string"),
+    ("run_id", lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-zA-Z_-]{1,64}", v) is not None),
+     "an MLflow run id or null"),
+    ("loss", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number or null"),
+)
 
 
 def forbid_unpickling(deepspeed_records: bool = True) -> None:

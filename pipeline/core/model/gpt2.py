@@ -274,8 +274,14 @@ def config_from_hf(hf: dict, pad_vocab_to: int = 64) -> GPTConfig:
     if unsupported or hf.get("activation_function", "gelu_new") != "gelu_new":
         raise ValueError(f"config.json has GPT-2 variants this model does not implement: "
                          f"{unsupported or hf.get('activation_function')}")
-    return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                     block_size=hf["n_positions"], vocab_size=hf["vocab_size"], pad_vocab_to=pad_vocab_to)
+    sizes = {key: hf.get(key) for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
+    for key, value in sizes.items():  # hostile input: checked before it sizes a tensor
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 1 << 20:
+            raise ValueError(f"config.json: {key} must be a positive integer (got {value!r:.40})")
+    if sizes["n_embd"] % sizes["n_head"]:
+        raise ValueError(f"config.json: n_embd ({sizes['n_embd']}) must be a multiple of n_head ({sizes['n_head']})")
+    return GPTConfig(n_layer=sizes["n_layer"], n_head=sizes["n_head"], n_embd=sizes["n_embd"],
+                     block_size=sizes["n_positions"], vocab_size=sizes["vocab_size"], pad_vocab_to=pad_vocab_to)
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -302,6 +308,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[s
         key = name if name.startswith("transformer.") else f"transformer.{name}"
         t = tensor.t() if key.endswith(_CONV1D) else tensor
         if key == "transformer.wte.weight" and config.padded_vocab_size > t.shape[0]:
+            if t.shape[0] < config.vocab_size:  # padding rows are ours to add; a real token's row is not
+                raise ValueError(f"config.json: vocab_size {config.vocab_size} exceeds the {t.shape[0]} rows "
+                                 f"of the token embedding")
             t = torch.cat([t, t.new_zeros(config.padded_vocab_size - t.shape[0], t.shape[1])])
         out[key] = t.contiguous()
     out["lm_head.weight"] = out["transformer.wte.weight"]

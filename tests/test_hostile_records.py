@@ -1,0 +1,135 @@
+"""Manifests and checkpoint records are hostile input: every field is checked before it names a file, a
+cache path or a tensor size, and a bad one is refused naming the file and the field."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.core.model import checkpoints
+from pipeline.core.model.checkpoints import CheckpointError
+from pipeline.core.model.gpt2 import GPT, GPTConfig, save_hf
+from tokenization import shards
+from tokenization.shards import ShardError
+
+
+def dataset(directory, tokens: int = 3000) -> dict:
+    """One train shard of random tokens and its manifest (no Ray, no tokenizer)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    digest = shards.write_shard(str(directory / "train_000000.bin"), [rng.integers(0, 50257, tokens, dtype=np.uint16)],
+                                tokens)
+    manifest = {"format_version": shards.MANIFEST_VERSION, "shards": [
+        {"file": "train_000000.bin", "split": "train", "tokens": tokens, "documents": 1, "sha256": digest}]}
+    (directory / shards.MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+TAMPERED = [  # (field, value, message)
+    ("sha256", "../../../victim", r"shards\[0\]\.sha256: must be 64 lowercase hex digits"),
+    ("sha256", "A" * 64, r"shards\[0\]\.sha256"),
+    ("file", "../../../../etc/passwd", r"shards\[0\]\.file: must be a bare file name"),
+    ("file", "/etc/passwd", r"shards\[0\]\.file"),
+    ("file", "..", r"shards\[0\]\.file"),
+    ("tokens", -5, r"shards\[0\]\.tokens: must be a non-negative integer"),
+    ("tokens", "12", r"shards\[0\]\.tokens"),
+    ("documents", True, r"shards\[0\]\.documents"),
+    ("split", "test", r"shards\[0\]\.split: must be one of train, val"),
+]
+
+
+def tamper(directory, manifest: dict, field: str, value) -> None:
+    bad = json.loads(json.dumps(manifest))
+    bad["shards"][0][field] = value
+    (directory / shards.MANIFEST).write_text(json.dumps(bad))
+
+
+@pytest.mark.parametrize("field, value, message", TAMPERED)
+def test_a_tampered_local_manifest_is_refused_naming_the_field(tmp_path, field, value, message):
+    data = tmp_path / "data"
+    manifest = dataset(data)
+    tamper(data, manifest, field, value)
+    with pytest.raises(ShardError, match=rf"{data / shards.MANIFEST}: {message}"):
+        shards.local_split(str(data), "train", str(tmp_path / "cache"))
+
+
+def test_other_manifest_damage_is_named(tmp_path):
+    data = tmp_path / "data"
+    manifest = dataset(data)
+    (data / shards.MANIFEST).write_text("{not json")
+    with pytest.raises(ShardError, match="not a JSON manifest"):
+        shards.load_manifest(str(data))
+    for bad, message in (([], "manifest: must be a JSON object"), ({**manifest, "shards": {}}, "shards: must be a list"),
+                         ({**manifest, "shards": [{**manifest["shards"][0], "extra": 1}]}, r"shards\[0\]: must be an object"),
+                         ({**manifest, "totals": {"train": {"tokens": -1}}}, r"totals\.train\.tokens"),
+                         ({**manifest, "skipped": {"malformed_json": -2}}, r"skipped\.malformed_json")):
+        (data / shards.MANIFEST).write_text(json.dumps(bad))
+        with pytest.raises(ShardError, match=message):
+            shards.load_manifest(str(data))
+
+
+@pytest.mark.slow
+def test_a_tampered_manifest_on_object_storage_deletes_and_reads_nothing_on_the_node(s3_server, tmp_path, monkeypatch):
+    import boto3
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    local, cache = tmp_path / "local", tmp_path / "node" / "cache"
+    manifest = dataset(local)
+    # the attack of the report: a sha256 that walks out of the node cache onto a file the worker would delete
+    victim = tmp_path / "node" / "victim.bin"
+    victim.parent.mkdir(parents=True)
+    victim.write_bytes(b"precious")
+    for field, value in (("sha256", "../victim"), ("file", "../../../../etc/passwd")):
+        tamper(local, manifest, field, value)
+        for f in local.iterdir():
+            s3.upload_file(str(f), "runs", f"hostile/{f.name}")
+        with pytest.raises(ShardError, match=rf"s3://runs/hostile/manifest.json: shards\[0\]\.{field}"):
+            shards.local_split("s3://runs/hostile", "train", str(cache))
+        assert victim.read_bytes() == b"precious" and not (victim.parent / "victim.bin.lock").exists()
+        assert not cache.exists() or not os.listdir(cache)
+
+
+def checkpoint(directory) -> str:
+    step = directory / checkpoints.step_name(4)
+    torch.manual_seed(0)
+    save_hf(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32)), step)
+    state = checkpoints.TrainerState(step=4, sequences=64, tokens=2048, world_size=2, zero_stage=1,
+                                     manifest_sha256="ab" * 32, data_order="feistel-v1", run_id="0123abcd", loss=5.5)
+    (step / checkpoints.STATE).write_text(json.dumps(state.__dict__))
+    return str(step)
+
+
+@pytest.mark.parametrize("field, value", [("step", -1), ("world_size", 0), ("zero_stage", 7), ("sequences", "64"),
+                                          ("manifest_sha256", "../x"), ("run_id", "../../etc"), ("loss", "nan")])
+def test_a_damaged_trainer_state_is_refused_naming_file_and_field(tmp_path, field, value):
+    url = checkpoint(tmp_path)
+    good = checkpoints.TrainerState.read(url)
+    assert good.step == 4 and good.world_size == 2 and good.loss == 5.5
+    path = os.path.join(url, checkpoints.STATE)
+    record = json.loads(open(path).read())
+    record[field] = value
+    open(path, "w").write(json.dumps(record))
+    with pytest.raises(CheckpointError, match=rf"{path}: {field}: must be"):
+        checkpoints.TrainerState.read(url)
+    open(path, "w").write("garbage{")
+    with pytest.raises(CheckpointError, match=rf"{path}: not a JSON trainer state"):
+        checkpoints.TrainerState.read(url)
+
+
+@pytest.mark.parametrize("edit, message", [({"n_head": 3}, r"n_embd \(16\) must be a multiple of n_head \(3\)"),
+                                           ({"n_layer": -2}, "n_layer must be a positive integer"),
+                                           ({"n_embd": [16]}, "n_embd must be a positive integer"),
+                                           ({"vocab_size": 60000}, "vocab_size 60000 exceeds the 50257 rows")])
+def test_a_config_json_that_cannot_describe_the_weights_is_refused_naming_it(tmp_path, edit, message):
+    url = checkpoint(tmp_path)
+    config = os.path.join(url, "config.json")
+    original = json.loads(open(config).read())
+    open(config, "w").write(json.dumps({**original, **edit}))
+    with pytest.raises(CheckpointError, match=message):
+        checkpoints.load(url)
