@@ -76,10 +76,9 @@ def main(out: Path) -> None:
     try:
         # 1. a local run directory on a cluster of two nodes
         stderr = io.StringIO()
-        with contextlib.redirect_stderr(stderr):
-            cfg = load_config("smoke", [*TINY, f"run.root={out / 'local-runs'}"]).with_absolute_paths()
-            result["local_root"] = {"code": pipeline.run(cfg, ["tokenize", "train"], set()),
-                                    "stderr": stderr.getvalue(), "created": (out / "local-runs").exists()}
+        with contextlib.redirect_stderr(stderr):  # the command as a user runs it: its shell reports the refusal
+            code = pipeline.main(["--config", "smoke", "--stages", "tokenize,train", *TINY, f"run.root={out / 'local-runs'}"])
+            result["local_root"] = {"code": code, "stderr": stderr.getvalue(), "created": (out / "local-runs").exists()}
 
         # 2. the pipeline on S3, a worker killed after the step-8 checkpoint
         cfg = load_config("smoke", [*TINY, f"run.root={ROOT}", "cluster.max_failures=2",
