@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg, selected: list[str], force: set[str]) -> int:
     # the heavy parts (Ray, MLflow, torch), once the arguments are parsed
-    from pipeline import stages
-    from pipeline.core import cluster, lineage, storage
+    from pipeline.core import lineage, runlock, storage
     from pipeline.core.redaction import redact
 
     started = time.time()
@@ -80,6 +79,15 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
     # storage and cluster that cannot work are refused before any work, with one line (a UserError)
     for url in dict.fromkeys((cfg.run_dir, cfg.data_dir, cfg.checkpoint_dir)):
         storage.check(url)
+    with runlock.hold(cfg.run_dir, cfg.run.lock_lease_s):  # one run at a time on a run directory
+        return _run(cfg, selected, force, started)
+
+
+def _run(cfg, selected: list[str], force: set[str], started: float) -> int:
+    from pipeline import stages
+    from pipeline.core import cluster, lineage
+    from pipeline.core.redaction import redact
+
     connecting = time.time()
     cluster.connect(cfg)
     ray_start = time.time() - connecting

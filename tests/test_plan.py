@@ -114,3 +114,20 @@ def test_plan_adds_up_for_the_presets():
     z3 = plan.plan(load_config("gpt2-1558m"))
     assert z3.rows["weights"] == 2 * z3.n_params / 8 and "activations (checkpointed)" in z3.rows
     assert z3.activations_checkpointed < z3.activations_plain / 5
+
+
+@pytest.mark.parametrize("name", ["smoke", "gpt2-124m", "gpt2-1558m"])
+def test_the_parameter_count_is_the_models_own(name):
+    cfg = load_config(name)
+    with torch.device("meta"):
+        model = GPT(gpt_config(cfg))
+    assert plan.n_params(cfg) == model.num_params()
+    assert plan.n_params(cfg, embeddings=False) == model.num_params(embeddings=False)
+
+
+def test_a_plan_for_any_depth_answers_without_building_the_model():
+    cfg = load_config("gpt2-124m", ["model.n_layer=100000"])
+    p = plan.plan(cfg)  # the 12-layer count plus 99,988 blocks of 7,087,872 parameters each
+    assert p.n_params == 124_475_904 + 99_988 * 7_087_872
+    proc = run_cli("train/run.py", "--config", "gpt2-124m", "model.n_layer=100000", "--plan", check=False, timeout=60)
+    assert proc.returncode == 2 and "more than the 79 GiB" in proc.stderr  # it does not fit, and says so at once

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.core import storage
+from pipeline.core import runlock, storage
 from pipeline.core.command import command
 from pipeline.core.config import CommandParser, help_config, load_config, preset_in_force
 from tokenization import job
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = cfg.with_absolute_paths()  # once, here: every stage takes it resolved
     storage.check(cfg.data_dir)
-    job.run(cfg, overwrite=args.overwrite)
+    with runlock.hold(cfg.data_dir, cfg.run.lock_lease_s):  # one job at a time on a dataset directory
+        job.run(cfg, overwrite=args.overwrite)
     return 0
 
 

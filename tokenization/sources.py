@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import fsspec
 
 from pipeline.core import storage
-from pipeline.core.command import UserError
+from pipeline.core.command import UserError, one_line
 from pipeline.core.config import DataConfig
 from tokenization import builtin
 
@@ -33,6 +36,7 @@ SKIP_REASONS = {
     "empty": "empty document",
     "nul_bytes": "NUL bytes in text",
     "too_large": "document over tokenization.max_doc_bytes",
+    "unreadable": "rest of a damaged file (truncated or corrupt compression)",
 }
 
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
@@ -101,7 +105,7 @@ def _expand(spec: str, fmt: str) -> tuple[list[InputFile], list[str]]:
         paths = sorted(fs.find(path))
         if not paths:
             raise CorpusError(f"input directory '{spec}' is empty")
-    elif fs.isfile(path):
+    elif storage.is_local(spec) and os.path.exists(path) or fs.isfile(path):
         paths, explicit = [path], True
     else:
         raise CorpusError(f"input '{spec}' does not exist")
@@ -109,6 +113,8 @@ def _expand(spec: str, fmt: str) -> tuple[list[InputFile], list[str]]:
     for p in paths:
         if fs.isdir(p):
             continue
+        if storage.is_local(spec) and not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO would hang the reader
+            raise CorpusError(f"input '{p}' is not a regular file (a FIFO, device or socket); give files only")
         url = p if storage.is_local(spec) else fs.unstrip_protocol(p)
         kind = _format_of(p, fmt)
         if kind is None:
@@ -227,8 +233,12 @@ def _splittable(f: InputFile, data: DataConfig) -> bool:
 def _parquet_units(i: int, f: InputFile, piece_bytes: int) -> list[tuple[Span, int]]:
     import pyarrow.parquet as pq
 
-    with fsspec.open(f.url, "rb") as fh:
-        meta = pq.ParquetFile(fh).metadata
+    try:
+        with fsspec.open(f.url, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+    except Exception as err:  # pyarrow's ArrowInvalid (a ValueError), OSError: not a Parquet file we can read
+        raise CorpusError(f"{f.url}: not a readable Parquet file ({type(err).__name__}: {one_line(err)}); "
+                          f"remove it from data.input or repair it") from None
     units, start, nbytes = [], 0, 0
     for rg in range(meta.num_row_groups):
         size = meta.row_group(rg).total_byte_size
@@ -273,13 +283,24 @@ class PieceReader:
             if f.format == "parquet":
                 yield from self._parquet(pos, f, span)
             elif f.format == "jsonl":
-                for k, line in enumerate(self._lines(pos, f, span)):
-                    yield self._json_line((pos, k), line)
+                yield from self._readable(pos, f, (self._json_line((pos, k), line)
+                                                   for k, line in enumerate(self._lines(pos, f, span))))
             elif self.data.text_unit == "line":
-                for k, line in enumerate(self._lines(pos, f, span)):
-                    yield self._decoded((pos, k), line.rstrip(b"\r\n"))
+                yield from self._readable(pos, f, (self._decoded((pos, k), line.rstrip(b"\r\n"))
+                                                   for k, line in enumerate(self._lines(pos, f, span))))
             else:
-                yield from self._text_file(pos, f)
+                yield from self._readable(pos, f, self._text_file(pos, f))
+
+    @staticmethod
+    def _readable(pos: int, f: InputFile, docs: Iterator[Doc]) -> Iterator[Doc]:
+        """docs, until the file cannot be read further (a truncated or corrupt .gz): then one skipped record
+        at the line where reading stopped, naming why; what was read before it stays."""
+        k = -1
+        try:
+            for k, doc in enumerate(docs):
+                yield doc
+        except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+            yield Doc((pos, k + 1), None, None, "unreadable", f"{type(err).__name__}: {err}")
 
     def locate(self, where: tuple[int, int]) -> str:
         pos, k = where
@@ -337,6 +358,8 @@ class PieceReader:
             record = json.loads(raw)
         except json.JSONDecodeError as err:
             return Doc(where, None, None, "malformed_json", str(err))
+        except RecursionError:
+            return Doc(where, None, None, "malformed_json", "nested too deeply")
         if not isinstance(record, dict):
             return Doc(where, None, None, "malformed_json", f"a JSON {type(record).__name__}, not an object")
         if self.data.text_field not in record or record[self.data.text_field] is None:

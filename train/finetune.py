@@ -35,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if help_config(args, cfg):
         return 0
     cfg = cfg.with_absolute_paths()  # once, here: every stage takes it resolved
+    from pipeline.core import runlock
     from train import finetuning  # torch, Ray, DeepSpeed, MLflow: imported once the arguments are parsed
 
-    result = finetuning.run(cfg, args.ckpt, resume=args.resume)
+    with runlock.hold(cfg.run_dir, cfg.run.lock_lease_s):  # one run at a time on a run directory
+        result = finetuning.run(cfg, args.ckpt, resume=args.resume)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     print(f"finetune: done at step {result.step}, loss {result.loss:.4f}; held out: {scores}; "
           f"checkpoint {result.checkpoint}")

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.core.command import UserError
 from pipeline.core.config import Config
-from pipeline.core.model.gpt2 import GPT
+from pipeline.core.model.gpt2 import Block
 from train.engine import flops_per_token, gpt_config, precision
 
 GIB = 2**30
@@ -137,9 +137,15 @@ def state_bytes(cfg: Config, n: int, world: int) -> dict[str, float]:
     return rows
 
 
-def n_params(cfg: Config) -> int:
+def n_params(cfg: Config, embeddings: bool = True) -> int:
+    """GPT.num_params of the configured model, from one block's count (shapes only), so a plan answers at
+    once for any depth (building 100,000 blocks, even on the meta device, takes minutes)."""
+    c = gpt_config(cfg)
     with torch.device("meta"):
-        return GPT(gpt_config(cfg)).num_params()
+        block = sum(p.numel() for p in Block(c).parameters())
+    wpe = c.block_size * c.n_embd
+    total = c.padded_vocab_size * c.n_embd + wpe + c.n_layer * block + 2 * c.n_embd  # tied head; final LayerNorm
+    return total if embeddings else total - wpe
 
 
 def plan(cfg: Config, gpu_memory_gib: float = GPU_MEMORY_GIB, mfu: float = ASSUMED_MFU,
@@ -151,9 +157,7 @@ def plan(cfg: Config, gpu_memory_gib: float = GPU_MEMORY_GIB, mfu: float = ASSUM
     rows["activations" + (" (checkpointed)" if cfg.deepspeed.activation_checkpointing else "")] = (
         ckpt if cfg.deepspeed.activation_checkpointing else plain)
     rows["loss head (chunked logits)"] = head_bytes(cfg)
-    with torch.device("meta"):
-        n_flops = GPT(gpt_config(cfg)).num_params(embeddings=False)
-    fpt = flops_per_token(gpt_config(cfg), cfg.batch.seq_len, n_flops)
+    fpt = flops_per_token(gpt_config(cfg), cfg.batch.seq_len, n_params(cfg, embeddings=False))
     return Plan(rows, plain, ckpt, gpu_memory_gib * GIB, n, cfg.batch.tokens_per_step, cfg.train.max_steps,
                 fpt, mfu * peak / fpt, world, usd_per_gpu_hour, cfg.cluster.use_gpu)
 

@@ -36,9 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for url in dict.fromkeys((cfg.data_dir, cfg.run_dir, cfg.checkpoint_dir)):
         storage.check(url)
+    from pipeline.core import runlock
     from train import launch  # torch, Ray, DeepSpeed: after the arguments are parsed
 
-    result = launch.run(cfg, resume=args.resume)
+    with runlock.hold(cfg.run_dir, cfg.run.lock_lease_s):  # one run at a time on a run directory
+        result = launch.run(cfg, resume=args.resume)
     print(f"train: done at step {result.step}, loss {result.loss:.4f}, {result.tokens:,} tokens; "
           f"checkpoint {result.checkpoint}")
     return 0

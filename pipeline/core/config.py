@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from pipeline.core import tracking
-from pipeline.core.command import UserError
+from pipeline.core.command import UserError, one_line
 from pipeline.core.redaction import redact
 from pipeline.core.storage import join
 
@@ -62,6 +62,13 @@ class RunConfig(_Section):
     """seeds the model's initialisation and the data order"""
     shared_fs: bool = False
     """a local run.root every node mounts (NFS): allowed on a multi-node Ray cluster"""
+    lock_lease_s: float = 120.0
+    """seconds an s3:// run directory's lock outlives a driver that died (it is renewed every quarter of it)"""
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        _require(self.lock_lease_s >= 2, "run.lock_lease_s", "must be at least 2 seconds")
+        return self
 
 
 class DataConfig(_Section):
@@ -656,8 +663,14 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+def parse_yaml(text: str, where: str = "YAML") -> Any:
+    """Safe YAML (no Python tags: nothing in a preset or an override can run code); an error names `where`."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at} ({getattr(err, 'problem', None) or one_line(err)})") from None
 
 
 # --config's help in every stage command (pipeline/run.py says its own default)
@@ -702,7 +715,8 @@ class CommandParser(argparse.ArgumentParser):
         if "--help-config" in args:
             for action in self._actions:
                 action.required = False
-        return super().parse_args(args, namespace)
+        # overrides may stand anywhere, also before options: `run.py train.lr=3e-4 --stages train`
+        return super().parse_intermixed_args(args, namespace)
 
 
 def help_config(args: argparse.Namespace, cfg: Config) -> bool:
@@ -734,7 +748,7 @@ def _load_raw(name: str, relative_to: Path | None = None, seen: tuple[Path, ...]
     path = _preset_path(name, relative_to).resolve()
     if path in seen:
         raise ConfigError(f"preset {path}: 'extends' forms a cycle")
-    raw = parse_yaml(path.read_text()) or {}
+    raw = parse_yaml(path.read_text(), f"preset {path}") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"preset {path}: top level must be a mapping")
     parent = raw.pop("extends", None)
@@ -755,7 +769,7 @@ def apply_override(raw: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override '{override}' is not of the form section.key=value")
     dotted, value = override.split("=", 1)
-    set_key(raw, dotted.strip(), parse_yaml(value) if value.strip() else None)
+    set_key(raw, dotted.strip(), parse_yaml(value, f"override '{override}'") if value.strip() else None)
 
 
 def set_key(raw: dict, dotted: str, value: Any) -> None:
