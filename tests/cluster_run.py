@@ -43,7 +43,7 @@ ROOT = "s3://runs/cluster"
 
 
 def losses(cfg) -> dict[int, list[float]]:
-    """Every training loss in the run directory's metrics.jsonl, by step (a step run again appears twice)."""
+    """Every training loss in the run directory's metrics.jsonl, by step (one record per step, also after a restart)."""
     out: dict[int, list[float]] = {}
     for line in storage.read_bytes(cfg.metrics_url).decode().splitlines():
         record = json.loads(line)

@@ -378,5 +378,5 @@ def test_a_rerun_after_killing_the_driver_resumes_from_the_checkpoint(tmp_path):
     resumed = re.search(r"resumed from \S+step_(\d{8}) at step (\d+)", again.stdout)
     assert resumed and int(resumed.group(1)) % 5 == 0 and 10 <= int(resumed.group(1)) <= killed_at
     steps = [r["step"] for r in read_jsonl(str(metrics)) if "train/loss" in r]
-    assert steps[:killed_at] == list(range(1, killed_at + 1)) and steps[-1] == 30
+    assert steps == list(range(1, 31))  # each step once: those redone after the resume replaced their records
     assert (tmp_path / "runs" / "smoke" / "eval" / "results.json").exists()

@@ -101,7 +101,7 @@ def train_worker(make_recipe: Callable[..., Recipe], payload: dict) -> dict:
     monitor = (_system_metrics(tracking, ctx.get_node_rank())
                if tracking and ctx.get_local_rank() == 0 and cfg.tracking.system_metrics else None)
     try:
-        with worker_metrics(recipe.run_dir, rank, tracking, recipe.schedule.max_steps) as (metrics, publish):
+        with worker_metrics(recipe.run_dir, rank, tracking, recipe.schedule.max_steps, state.step) as (metrics, publish):
             for url in _train(cfg, recipe, engine, state, metrics, rank, world, device, publish):
                 say(f"checkpoint {url}")
             extra = recipe.result(engine)

@@ -88,7 +88,7 @@ class Mirror:
 
     def __init__(self, pairs: dict[str, str], interval_s: float = 10.0):
         self.pairs, self.interval_s = pairs, interval_s  # {local path: URL}
-        self._sent: dict[str, int] = {}
+        self._sent: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) of what was copied
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -97,7 +97,7 @@ class Mirror:
         """Make each local file the URL's copy (absent when the URL is): what the run dir holds is the record."""
         for path, url in self.pairs.items():
             fetch(url, path)
-            self._sent[path] = os.path.getsize(path) if os.path.exists(path) else 0
+            self._sent[path] = _stamp(path)
         return self
 
     def start(self) -> Mirror:
@@ -115,18 +115,25 @@ class Mirror:
     def publish(self) -> None:
         with self._lock:
             for path, url in self.pairs.items():
-                size = os.path.getsize(path) if os.path.exists(path) else 0
-                if size != self._sent.get(path, 0):
+                stamp = _stamp(path)
+                if stamp != self._sent.get(path, (0, 0)):
                     with open(path, "rb") as f:
                         data = f.read()
                     storage.write_bytes(url, data)
-                    self._sent[path] = len(data)
+                    self._sent[path] = stamp
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         self.publish()
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    if not os.path.exists(path):
+        return 0, 0
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def fetch(url: str, path: str) -> None:
@@ -164,6 +171,56 @@ class Metrics:
 def for_rank(rank: int, make_sinks: Callable[[], list[Sink]]) -> Metrics:
     """Rank 0 logs to the sinks (made only there); other ranks log nowhere."""
     return Metrics(make_sinks() if rank == 0 else [])
+
+
+def read_cursor(path: str) -> tuple[int, int]:
+    """(bytes of the metrics file sent, lines after them to skip as already sent)."""
+    try:
+        with open(path) as f:
+            parts = [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return 0, 0
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+
+def write_cursor(path: str, offset: int, skip: int) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{offset} {skip}")
+    os.replace(tmp, path)
+
+
+def rewind(path: str, step: int, run_id: str | None) -> int:
+    """Drop the records of the steps after `step` from the metrics file: a run resumed from the checkpoint of
+    `step` redoes them, and each step keeps one record. Those MLflow already received stay there (MLflow cannot
+    delete a value): the cursor of run_id is moved back and told to skip as many redone lines, which repeat
+    them (a resume is exact). Returns the number of records dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = 0
+    while keep < len(lines) and lines[keep].endswith(b"\n") and json.loads(lines[keep])["step"] <= step:
+        keep += 1
+    if keep == len(lines):
+        return 0
+    kept = b"".join(lines[:keep])
+    if run_id:
+        cursor = cursor_path(path, run_id)
+        offset, skip = read_cursor(cursor)
+        if offset > len(kept):  # it sent some of the dropped records: skip their redone copies
+            sent, at = 0, len(kept)
+            for line in lines[keep:]:
+                at += len(line)
+                if at > offset:
+                    break
+                sent += 1
+            write_cursor(cursor, len(kept), sent + skip)
+    tmp = f"{path}.rewind"
+    with open(tmp, "wb") as f:
+        f.write(kept)
+    os.replace(tmp, path)
+    return len(lines) - keep
 
 
 def cursor_path(path: str, run_id: str) -> str:
@@ -258,11 +315,7 @@ class MlflowUploader:
             delay = min(delay * 2, 10.0)
 
     def _offset(self) -> int:
-        try:
-            with open(self.cursor_path) as f:
-                return int(f.read().strip() or 0)
-        except (OSError, ValueError):
-            return 0
+        return read_cursor(self.cursor_path)[0]
 
     def _pending(self) -> int:
         return max(0, os.path.getsize(self.path) - self._offset()) if os.path.exists(self.path) else 0
@@ -274,13 +327,14 @@ class MlflowUploader:
 
         if not os.path.exists(self.path):
             return True
-        offset = self._offset()
+        offset, skip = read_cursor(self.cursor_path)
         with open(self.path, "rb") as f:
             f.seek(offset)
             data = f.read()
         end = data.rfind(b"\n") + 1  # a line being written is sent next time
-        metrics = []
-        for line in data[:end].splitlines():
+        lines = data[:end].splitlines()
+        metrics, left_to_skip = [], max(0, skip - len(lines))
+        for line in lines[skip:]:  # the first `skip` are redone steps MLflow already has (see rewind)
             record = json.loads(line)
             ms = int(record.get("time", time.time()) * 1000)
             metrics += [Metric(k, float(v), ms, int(record["step"])) for k, v in record.items() if k not in ("step", "time")]
@@ -297,22 +351,25 @@ class MlflowUploader:
         if self._failing:
             self.log(f"tracking: MLflow at {redact(self.uri)} is back; sending the kept metrics")
         self._failing = False
-        tmp = f"{self.cursor_path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(str(offset + end))
-        os.replace(tmp, self.cursor_path)
+        write_cursor(self.cursor_path, offset + end, left_to_skip)
         return True
 
 
 @contextmanager
-def worker_metrics(run_dir: str, rank: int, tracking: dict | None, total_steps: int) -> Iterator[tuple[Metrics, Callable | None]]:
+def worker_metrics(run_dir: str, rank: int, tracking: dict | None, total_steps: int,
+                   start_step: int = 0) -> Iterator[tuple[Metrics, Callable | None]]:
     """A training worker's metrics: on rank 0 the console, metrics.jsonl (on this node, mirrored to a remote
     run dir) and MLflow (tracking: {"uri", "run_id"}, or None); other ranks log nowhere. Yields the
-    metrics and `publish` (copies the record to the run dir now; None when it is written there directly)."""
+    metrics and `publish` (copies the record to the run dir now; None when it is written there directly).
+    start_step: the step training continues from; the record's later steps are redone, so they go (rewind)."""
     run_id = tracking["run_id"] if tracking else None
     pairs = mirrored(run_dir, run_id) if rank == 0 else {}
-    mirror = Mirror(pairs).restore().start() if pairs else None
+    mirror = Mirror(pairs).restore() if pairs else None
     path = metrics_file(run_dir)
+    if rank == 0:
+        rewind(path, start_step, run_id)
+    if mirror is not None:
+        mirror.start()
     metrics = for_rank(rank, lambda: [Console(total_steps), JsonLines(path)])
     uploader = MlflowUploader(path, run_id, tracking["uri"]).start() if tracking and rank == 0 else None
     try:
