@@ -117,3 +117,32 @@ def test_overrides_may_come_before_the_options():
     parser.add_overrides()
     args = parser.parse_args(["train.lr=3e-4", "--stages", "train", "model.n_layer=2"])
     assert args.stages == "train" and args.overrides == ["train.lr=3e-4", "model.n_layer=2"]
+
+
+class _Planted:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/gpt2-pipeline-pwned",))
+
+
+def test_eval_refuses_a_pickle_and_damaged_weights_in_one_line(tmp_path, capsys):
+    import pickle
+    import shutil
+
+    import eval.run
+    from pipeline.core.model.gpt2 import GPT, GPTConfig, save_hf
+
+    good = tmp_path / "good"
+    save_hf(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16)), good)
+    pickled, truncated = tmp_path / "pickled", tmp_path / "truncated"
+    shutil.copytree(good, pickled)
+    (pickled / "model.safetensors").unlink()
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps({"transformer.wte.weight": _Planted()}))
+    shutil.copytree(good, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    base = ["--config", "smoke", "--no-val", "--hellaswag", "none", "--prompt", "Hi"]
+    for ckpt, name in ((pickled, "pytorch_model.bin"), (truncated, "model.safetensors")):
+        assert eval.run.main([*base, "--ckpt", str(ckpt)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{ckpt / name}: not readable weights" in err, err
+    assert not os.path.exists("/tmp/gpt2-pipeline-pwned")  # nothing was unpickled
