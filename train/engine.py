@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.core.config import Config
+from pipeline.core.config import Config, Schedule
 from pipeline.core.model.gpt2 import GPT, GPTConfig
 
 
@@ -87,7 +87,7 @@ def _grad_dtypes(cfg: Config) -> dict:
     return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
 
 
-def lr_at(step: int, cfg: Config, schedule=None) -> float:
+def lr_at(step: int, cfg: Config, schedule: Schedule | None = None) -> float:
     """Linear warm-up to the schedule's lr over warmup_steps, then cosine decay to train.min_lr_ratio * lr at
     max_steps. schedule: train.* (default) or finetune.* (lr, warmup_steps, max_steps)."""
     t, floor = schedule or cfg.train, cfg.train.min_lr_ratio
@@ -104,7 +104,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def optimizer(model: nn.Module, cfg: Config, schedule=None) -> torch.optim.Optimizer:
+def optimizer(model: nn.Module, cfg: Config, schedule: Schedule | None = None) -> torch.optim.Optimizer:
     """AdamW with train.betas and eps, the schedule's (train.* or finetune.*) lr and weight decay."""
     t, s = cfg.train, schedule or cfg.train
     groups = param_groups(model, s.weight_decay)
@@ -116,7 +116,7 @@ def optimizer(model: nn.Module, cfg: Config, schedule=None) -> torch.optim.Optim
 
 
 def initialize(cfg: Config, world_size: int, load_universal: bool = False, model: nn.Module | None = None,
-               batch: Batch | None = None, schedule=None):
+               batch: Batch | None = None, schedule: Schedule | None = None):
     """The DeepSpeed engine around `model`, by default a freshly initialised GPT (seeded by run.seed), for
     `batch` and `schedule` (default: pretraining's, batch.* and train.*).
     engine.gpt_params: the parameters without the position embedding (as FLOPs count them), counted

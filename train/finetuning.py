@@ -20,7 +20,7 @@ Face model, say) gets a parent run of its own. Inside the pipeline, the driver p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,7 +47,7 @@ class FinetuneResult:
     loss: float | None
     metrics: dict  # held-out scores of the final checkpoint
     examples: dict  # train / eval example counts, and how many were truncated
-    registered: dict | None = field(default=None)  # the registry version, when tracked
+    registered: dict | None = None  # the registry version, when tracked
 
 
 def checkpoint_dir(cfg: Config) -> str:

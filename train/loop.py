@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import torch
 
-from pipeline.core.config import Config
+from pipeline.core.config import Config, Schedule
 from pipeline.core.model import checkpoints
 from pipeline.core.model.checkpoints import CheckpointError, TrainerState
 from pipeline.core.tracking import worker_metrics
@@ -37,7 +37,7 @@ class Recipe:
     rank, world, device)` of train/pretraining.py or train/finetuning.py."""
 
     name: str  # "train" or "finetune": the console's prefix
-    schedule: object  # lr, warmup_steps, max_steps, weight_decay: cfg.train or cfg.finetune
+    schedule: Schedule  # lr, warmup_steps, max_steps, weight_decay: cfg.train or cfg.finetune
     batch: engines.Batch  # sequences per step, per micro-batch, their length
     run_dir: str  # metrics.jsonl (and Ray Train's records) go here
     checkpoint_dir: str
