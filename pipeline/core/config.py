@@ -99,6 +99,9 @@ class ModelConfig(_Section):
     vocab_size: int = 50257  # GPT-2's BPE vocabulary
     pad_vocab_to: int = 64  # embedding rows rounded up to a multiple of this (1: no padding)
     dropout: float = 0.0  # on attention, residual and embeddings (GPT-2 pretraining: 0)
+    # the training loss head: chunked (ours, pipeline/core/model/gpt2.py: any device) or liger (Liger-Kernel's
+    # fused linear cross-entropy in Triton: GPUs only, the liger-kernel package); the same loss and gradients
+    loss_impl: Literal["chunked", "liger"] = "chunked"
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -319,6 +322,9 @@ class Config(_Section):
         _require(not f.task or f.batch_size % (f.micro_batch_size * self.cluster.num_workers) == 0,
                  "finetune.batch_size", f"({f.batch_size}) must be a multiple of finetune.micro_batch_size x "
                  f"cluster.num_workers = {f.micro_batch_size} x {self.cluster.num_workers}")
+        _require(self.model.loss_impl != "liger" or self.cluster.use_gpu, "model.loss_impl",
+                 "liger (Liger-Kernel's fused linear cross-entropy, Triton kernels) runs on GPUs only; with "
+                 "cluster.use_gpu=false use model.loss_impl=chunked")
         b = self.batch
         for key in ("tokens_per_step", "micro_batch_size", "seq_len"):
             _require(getattr(b, key) > 0, f"batch.{key}", "must be positive")
