@@ -124,6 +124,9 @@ class TrainConfig(_Section):
     betas: list[float] = [0.9, 0.95]  # AdamW's (beta1, beta2)
     eps: float = 1e-8  # AdamW's epsilon
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables clipping
+    # steps between reads of the loss and gradient norm off the device (one wait for the GPU per interval):
+    # every step's metrics are still logged, in a batch at each interval and before each checkpoint
+    log_interval: int = 1
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -135,6 +138,7 @@ class TrainConfig(_Section):
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
                  "must be two numbers in [0, 1)")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _require(self.log_interval >= 1, "train.log_interval", "must be >= 1")
         return self
 
 

@@ -24,14 +24,14 @@ from __future__ import annotations
 import os
 import sys
 import sysconfig
-from importlib.machinery import BuiltinImporter, FrozenImporter
+from importlib.machinery import BuiltinImporter, FrozenImporter, PathFinder
 
 ALLOWED = frozenset({
     # the GPU machine's packages (import names)
     "torch", "torchgen", "functorch", "numpy", "tiktoken", "tiktoken_ext", "safetensors", "transformers",
     "pyarrow", "yaml", "_yaml", "fsspec", "einops", "msgpack", "ninja", "cpuinfo", "pynvml", "psutil", "triton",
     "pytest", "_pytest", "py",
-    # what those require (their install requirements)
+    # what those require (their install requirements; torch needs setuptools on Python 3.12)
     "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "setuptools", "pkg_resources",
     "_distutils_hack", "huggingface_hub", "tokenizers", "regex", "requests", "urllib3", "idna", "certifi",
     "charset_normalizer", "tqdm", "packaging", "hf_xet", "pluggy", "iniconfig", "pygments",
@@ -52,7 +52,10 @@ def allowed(top: str, spec) -> bool:
     if top in ALLOWED or top in sys.stdlib_module_names:
         return True
     where = os.path.realpath(spec.origin or next(iter(spec.submodule_search_locations or []), "") or "")
-    return where.startswith(_STDLIB_DIRS) and not any(s in where for s in _SITE)  # e.g. _sysconfigdata_*
+    for site in _SITE:  # a copy vendored inside an allowed package (setuptools/_vendor/jaraco) comes with it
+        if site in where:
+            return where.split(site, 1)[1].split(os.sep, 1)[0] in ALLOWED
+    return where.startswith(_STDLIB_DIRS)  # a private module of the standard library, e.g. _sysconfigdata_*
 
 
 class Absent:
@@ -67,6 +70,12 @@ class Absent:
         top = name.partition(".")[0]
         if spec is None or allowed(top, spec):
             return spec
+        if path is None and self.inner is PathFinder:  # an allowed package's vendored copy, further down sys.path
+            vendored = [p for p in sys.path if any(site in p and p.split(site, 1)[1].split(os.sep, 1)[0] in ALLOWED
+                                                   for site in _SITE)]
+            spec = PathFinder.find_spec(name, vendored)
+            if spec is not None and allowed(top, spec):
+                return spec
         sys.stderr.write(f"gpu-machine imports: refused {name} (installed here, not on the GPU machine)\n")
         return None
 
