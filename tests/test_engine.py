@@ -151,7 +151,6 @@ def test_compiled_engine_gives_the_eager_losses_and_gradients(process_group):
         assert torch.allclose(grads[name], g, atol=1e-6, rtol=1e-4), name
 
 
-@pytest.mark.slow
 def test_the_loop_reads_losses_every_log_interval_yet_logs_every_step_and_checkpoints_the_steps_loss(
         process_group, monkeypatch):
     """train.log_interval=3 reads the losses off the device every 3 steps (and before a checkpoint or an
