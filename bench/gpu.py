@@ -1,15 +1,22 @@
-"""GPU acceptance kit: our GPT-2 on one GPU, with only PyTorch and DeepSpeed (no Ray, no MLflow).
+"""GPU acceptance kit: our GPT-2 on one GPU, with only PyTorch, DeepSpeed and liger-kernel (no Ray, no
+MLflow; tests/test_gpu_kit.py runs it with nothing else importable).
 
-    python bench/gpu.py [--out results.json]        # on a GPU machine: GPT-2 124M, the checks below
+    python bench/gpu.py [--out results.json] [--measured mfu.json]   # on a GPU machine: GPT-2 124M, < 10 min
+    python bench/gpu.py --quick ...                 # the same questions in under 4 minutes
     python bench/gpu.py --smoke                     # a 2-layer model on the CPU, seconds: the kit itself runs
 
+In this order, so that the first minutes answer the main question:
 1. Correctness: the same weights give the same logits on the GPU as on the CPU (fp32 with TF32 off:
    tight; bf16 weights as training runs them: within bf16's precision).
-2. Throughput: GPT-2 124M, sequence 1024, bf16, ZeRO-1, one process (this one is the whole world),
-   through the trainer's own engine (train/engine.initialize) and step (train/engine.train_step), for
-   micro-batches 16, 32, 64, eager and compiled (deepspeed.compile). Each configuration runs in a fresh
-   subprocess so its peak memory is its own. Printed: tokens/s, MFU (989 TFLOP/s bf16 peak, H100 SXM),
-   peak allocated memory, and the plan's estimate (train/plan.py) beside it.
+2. Throughput, eager: GPT-2 124M, sequence 1024, bf16, ZeRO-1, one process (this one is the whole
+   world), through the trainer's own engine (train/engine.initialize) and step (train/engine.train_step),
+   micro-batches 16, 32, 64. Printed: tokens/s, MFU (989 TFLOP/s bf16 peak, H100 SXM), peak allocated
+   memory, and the plan's estimate (train/plan.py) beside it.
+3. The loss heads (model.loss_impl): ours (chunked) and Liger-Kernel's fused linear cross-entropy alone,
+   time, memory and agreement; then the step on Liger's head.
+4. Compiled (deepspeed.compile): the steps, the heads, the step on Liger's head.
+Each configuration runs in a fresh subprocess (its peak memory is its own) with its own time cap, inside
+the whole budget; the JSON is rewritten after each one.
 """
 
 from __future__ import annotations

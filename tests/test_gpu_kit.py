@@ -71,3 +71,19 @@ def test_every_configuration_has_its_own_cap_and_the_eager_sweep_comes_first():
     assert [j["micro_batch"] for j in kit["FULL"]["jobs"][:3]] == [16, 32, 64]
     # --quick fits 4 minutes: its budget, with the logits check and a process start inside it
     assert kit["QUICK"]["budget"] <= 220 and kit["QUICK"]["steps"] < kit["FULL"]["steps"]
+
+
+def test_a_configuration_that_hangs_is_stopped_at_its_cap_with_its_children():
+    import runpy
+    import sys
+    import time
+
+    import psutil
+
+    kit = runpy.run_path(str(REPO / "bench" / "gpu.py"), run_name="kit")
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    started = time.monotonic()
+    result, error = kit["_child"]([sys.executable, "-c", code], 2)
+    assert (result, error) == (None, "timeout") and time.monotonic() - started < 10
+    time.sleep(0.5)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "time.sleep(60)" in " ".join(p.info["cmdline"] or [])]
