@@ -70,11 +70,20 @@ def test_dotted_overrides_are_typed():
     ("tokenization.val_fraction=1.5", "tokenization.val_fraction: must be in [0, 1)"),
     ("model.n_layer.x=1", "model.n_layer.x: 'n_layer' is not a section"),
     ("train.lr", "is not of the form section.key=value"),
+    ("model.loss_impl=liger", "model.loss_impl: liger (Liger-Kernel's fused linear cross-entropy, Triton kernels) "
+                              "runs on GPUs only; with cluster.use_gpu=false use model.loss_impl=chunked"),
+    ("model.loss_impl=fused", "model.loss_impl: Input should be 'chunked' or 'liger'"),
 ])
 def test_bad_config_is_rejected_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config("smoke", [override])
     assert message in str(err.value)
+
+
+def test_the_gpu_only_loss_head_is_accepted_on_gpus_and_chunked_is_the_default():
+    assert load_config("smoke").model.loss_impl == load_config("gpt2-124m").model.loss_impl == "chunked"
+    assert load_config("gpt2-124m", ["model.loss_impl=liger"]).model.loss_impl == "liger"
+    assert load_config("smoke", ["model.loss_impl=liger", "cluster.use_gpu=true"]).model.loss_impl == "liger"
 
 
 def test_unknown_preset_lists_the_known_ones(tmp_path):

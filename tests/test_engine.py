@@ -149,3 +149,48 @@ def test_compiled_engine_gives_the_eager_losses_and_gradients(process_group):
     assert loss == pytest.approx(eager_loss, rel=1e-6) and following == pytest.approx(eager_next, rel=1e-5)
     for name, g in eager_grads.items():
         assert torch.allclose(grads[name], g, atol=1e-6, rtol=1e-4), name
+
+
+def test_the_loop_reads_losses_every_log_interval_yet_logs_every_step_and_checkpoints_the_steps_loss(
+        process_group, monkeypatch):
+    """train.log_interval=3 reads the losses off the device every 3 steps (and before a checkpoint or an
+    evaluation), yet logs each step's own loss and grad norm, the same as reading every step; a
+    checkpoint records the loss of its own step."""
+    from pipeline.core.model.checkpoints import TrainerState
+    from train import loop
+
+    class Recipe(loop.Recipe):
+        def batches(self, sequences, rank, world, micro):
+            return batches(self.cfg, sequences)[micro]
+
+        def evaluate(self, engine, step, last):
+            return {"val/loss": 1.0} if step == 4 else {}
+
+    class Metrics:
+        def __init__(self):
+            self.lines = []
+
+        def log(self, metrics, step):
+            self.lines.append((step, metrics))
+
+    def trained(interval: int):
+        cfg = tiny("train.max_steps=7", "checkpoint.interval=5", f"train.log_interval={interval}",
+                   "batch.tokens_per_step=256")
+        recipe = Recipe("train", cfg.train, engines.Batch.of(cfg), "", "", 5, "", "")
+        recipe.cfg = cfg
+        saved = []
+        monkeypatch.setattr(loop.checkpoint, "save", lambda engine, module, d, state, *a, **k: saved.append(
+            (state.step, state.loss)) or f"ckpt-{state.step}")
+        state, metrics = TrainerState(world_size=1, zero_stage=1, manifest_sha256=""), Metrics()
+        urls = list(loop._train(cfg, recipe, engines.initialize(cfg, 1), state, metrics, 0, 1, torch.device("cpu")))
+        return urls, saved, metrics.lines
+
+    urls, saved, lines = trained(1)
+    urls3, saved3, lines3 = trained(3)
+    assert urls == urls3 == ["ckpt-5", "ckpt-7"]
+    steps = [(s, "val/loss" in m) for s, m in lines3]
+    assert steps == [(1, False), (2, False), (3, False), (4, False), (4, True), (5, False), (6, False), (7, False)]
+    losses = {s: (m["train/loss"], m["train/grad_norm"]) for s, m in lines if "train/loss" in m}
+    assert losses == {s: (m["train/loss"], m["train/grad_norm"]) for s, m in lines3 if "train/loss" in m}
+    assert all(isinstance(v, float) for pair in losses.values() for v in pair)
+    assert saved == saved3 == [(5, losses[5][0]), (7, losses[7][0])]

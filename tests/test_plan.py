@@ -110,7 +110,8 @@ def test_plan_adds_up_for_the_presets():
     assert p.n_params == n
     assert p.rows["weights"] == 2 * n and p.rows["gradients"] == 6 * n  # bf16 + BF16_Optimizer's fp32
     assert p.rows["optimizer states (master + Adam)"] == 12 * n / 8
-    assert p.hours == pytest.approx(2**19 * 19073 / (0.45 * 989e12 / p.flops_per_token * 8) / 3600)
+    mfu = plan.mfu_in_force()[0]  # assumed 45% until bench/gpu_measured.json records a measured one
+    assert p.hours == pytest.approx(2**19 * 19073 / (mfu * 989e12 / p.flops_per_token * 8) / 3600)
     z3 = plan.plan(load_config("gpt2-1558m"))
     assert z3.rows["weights"] == 2 * z3.n_params / 8 and "activations (checkpointed)" in z3.rows
     assert z3.activations_checkpointed < z3.activations_plain / 5
@@ -131,3 +132,13 @@ def test_a_plan_for_any_depth_answers_without_building_the_model():
     assert p.n_params == 124_475_904 + 99_988 * 7_087_872
     proc = run_cli("train/run.py", "--config", "gpt2-124m", "model.n_layer=100000", "--plan", check=False, timeout=60)
     assert proc.returncode == 2 and "more than the 79 GiB" in proc.stderr  # it does not fit, and says so at once
+def test_the_plan_uses_a_measured_mfu_once_the_kit_records_one(tmp_path):
+    assert plan.mfu_in_force(tmp_path / "none.json") == (0.45, "assumed MFU 45%, not measured")
+    (tmp_path / "m.json").write_text('{"mfu": 0.3, "device": "NVIDIA H100 80GB HBM3", "date": "2026-12-07"}')
+    mfu, source = plan.mfu_in_force(tmp_path / "m.json")
+    assert mfu == 0.3 and "measured MFU 30.0% (NVIDIA H100 80GB HBM3, 2026-12-07" in source
+    p = plan.plan(load_config("gpt2-124m"), mfu=0.3)
+    assert p.tokens_per_s_per_gpu == pytest.approx(0.3 * 989e12 / p.flops_per_token)
+    assert "ESTIMATE (MFU 30.0% as given)" in p.report("x")
+    # 100% MFU of an H100 is about 1.16M tokens/s of GPT-2 124M at sequence 1024 (BENCHMARKS.md)
+    assert 989e12 / p.flops_per_token == pytest.approx(1.157e6, rel=0.01)

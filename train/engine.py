@@ -172,12 +172,13 @@ def local_process_group(use_gpu: bool) -> None:
 Targets = torch.Tensor | dict[str, torch.Tensor]  # next tokens (B, T), or labels per task head
 
 def train_step(engine, batches: Iterable[tuple[torch.Tensor, Targets]],
-               device: torch.device) -> tuple[torch.Tensor, float | None]:
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor | float | None]:
     """One optimizer step over this rank's micro-batches (CPU tensors: inputs (B, T) and targets, (B, T) for
     the LM or {head: labels} for task heads).
-    Returns the sum of the micro-batch losses (on the device: no host sync) and the gradient norm
-    (None where DeepSpeed reports none). The forward returns no logits with targets, so none are held
-    through backward."""
+    Returns the sum of the micro-batch losses and the gradient norm (None where DeepSpeed reports none),
+    both as they are, on the device where they are tensors: reading them (float()) waits for the step
+    to finish, which the caller does when it logs (train/loop.py, every train.log_interval steps). The
+    forward returns no logits with targets, so none are held through backward."""
     accum = engine.gradient_accumulation_steps()
     loss_sum = torch.zeros((), device=device)
     grad_norm = None
@@ -189,8 +190,9 @@ def train_step(engine, batches: Iterable[tuple[torch.Tensor, Targets]],
         engine.step()
         loss_sum += loss.detach().float()
     if grad_norm is None:
-        norm = engine.get_global_grad_norm()
-        grad_norm = None if norm is None else float(norm)
+        grad_norm = engine.get_global_grad_norm()
+    if isinstance(grad_norm, torch.Tensor):  # a copy: DeepSpeed may reuse its tensor in the next step
+        grad_norm = grad_norm.detach().float().clone()
     return loss_sum, grad_norm
 
 
@@ -217,9 +219,9 @@ def _to(t: Targets, device: torch.device) -> Targets:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _grad_norm(model: nn.Module) -> float:
+def _grad_norm(model: nn.Module) -> torch.Tensor | float:
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0
 
 
 # --- FLOPs and MFU ---------------------------------------------------------------------------------

@@ -121,6 +121,31 @@ def _train(cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, ra
     peak = engines.peak_flops(device)
     max_steps = recipe.schedule.max_steps
     started, steps_at_start = time.perf_counter(), state.step
+    pending: list[tuple[int, torch.Tensor, object, float, dict]] = []  # steps whose loss is still on the device
+
+    def read_pending() -> None:
+        """Log the pending steps: their losses and gradient norms are read off the device here, in one copy,
+        the one wait for the device in train.log_interval steps. state.loss becomes the last one's."""
+        t0 = time.perf_counter()
+        losses = torch.stack([p[1] for p in pending]).tolist()
+        norms = [p[2] for p in pending]
+        tensors = [i for i, n in enumerate(norms) if isinstance(n, torch.Tensor)]
+        for i, value in zip(tensors, torch.stack([norms[i] for i in tensors]).tolist() if tensors else []):
+            norms[i] = value
+        # the device's share of these steps' time is the host's time in them plus this wait
+        step_time = (sum(p[3] for p in pending) + time.perf_counter() - t0) / len(pending)
+        elapsed = time.perf_counter() - started
+        for (step, _, _, _, logged), loss_sum, norm in zip(pending, losses, norms):
+            state.loss = loss_sum / (accum * world)  # the global batch's mean loss
+            eta = elapsed / (pending[-1][0] - steps_at_start) * (max_steps - step)
+            per_step = {"train/loss": state.loss, "train/grad_norm": norm, "train/step_time_s": step_time,
+                        "train/eta_s": eta, **logged}
+            if recipe.tokens_per_step:
+                per_step.update({"train/tokens_per_s": recipe.tokens_per_step / step_time,
+                                 "train/mfu": engines.mfu(engine, cfg, step_time, peak, world)})
+            metrics.log(per_step, step)
+        pending.clear()
+
     while state.step < max_steps:
         t0 = time.perf_counter()
         torch.manual_seed(step_seed(cfg.run.seed, state.step, rank))
@@ -128,25 +153,26 @@ def _train(cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, ra
         engines.set_lr(engine, lr)
         batches = (recipe.batches(state.sequences, rank, world, micro) for micro in range(accum))
         loss_sum, grad_norm = engines.train_step(engine, batches, device)
-        dist.all_reduce(loss_sum)
-        state.loss = loss_sum.item() / (accum * world)  # the global batch's mean loss
+        dist.all_reduce(loss_sum)  # queued on the device: no wait here
         state.step += 1
         state.sequences += recipe.batch.sequences
         state.tokens += recipe.tokens_per_step or 0
-        step_time = time.perf_counter() - t0
-        eta = (time.perf_counter() - started) / (state.step - steps_at_start) * (max_steps - state.step)
-        per_step = {"train/loss": state.loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                    "train/step_time_s": step_time, "train/memory_gb": _memory_gb(device), "train/eta_s": eta}
+        logged = {"train/lr": lr, "train/memory_gb": _memory_gb(device)}
         if recipe.tokens_per_step:
-            per_step.update({"train/tokens_per_s": recipe.tokens_per_step / step_time, "train/tokens_seen": state.tokens,
-                             "train/mfu": engines.mfu(engine, cfg, step_time, peak, world)})
-        metrics.log({**per_step, **recipe.step_metrics(state)}, state.step)
+            logged["train/tokens_seen"] = state.tokens
+        pending.append((state.step, loss_sum, grad_norm, time.perf_counter() - t0,
+                        {**logged, **recipe.step_metrics(state)}))
 
         last = state.step == max_steps
+        checkpoint_due = state.step % recipe.checkpoint_interval == 0 or last
+        if checkpoint_due or state.step % cfg.train.log_interval == 0:  # a checkpoint records state.loss
+            read_pending()
         scores = recipe.evaluate(engine, state.step, last)
         if scores:
+            if pending:  # this step's metrics before its evaluation's
+                read_pending()
             metrics.log(scores, state.step)
-        if state.step % recipe.checkpoint_interval == 0 or last:
+        if checkpoint_due:
             yield checkpoint.save(engine, engine.module, recipe.checkpoint_dir, state, cfg.checkpoint.keep_last,
                                   before_commit=publish_metrics)  # the metrics up to it are in the run dir first
 

@@ -11,13 +11,18 @@ the MLP's 4C input and GELU output, ...) plus fp32 LayerNorm and attention stati
 the CUDA context and the caching allocator's fragmentation (1-3 GB on a GPU), DeepSpeed's bucket
 buffers where ZeRO-2/3 use them (shown separately).
 
-Time and cost are estimates until measured: tokens/s per GPU = MFU x peak FLOP/s / FLOPs per token,
-with the MFU assumed (45%: the project's H100 target; BENCHMARKS.md says what has been measured).
+Time and cost are estimates: tokens/s per GPU = MFU x peak FLOP/s / FLOPs per token, with the MFU
+measured by the GPU kit when one has been recorded (bench/gpu_measured.json: bench/gpu.py --measured
+writes it, for GPT-2 124M at its preset's micro-batch on one H100), else assumed (45%: the project's
+H100 target). Larger models reach a higher MFU than 124M, so for them a measured 124M figure is low.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,11 +32,21 @@ from pipeline.core.model.gpt2 import Block
 from train.engine import flops_per_token, gpt_config, precision
 
 GIB = 2**30
-ASSUMED_MFU = 0.45  # an assumption (no GPU figure measured yet: BENCHMARKS.md)
+ASSUMED_MFU = 0.45  # an assumption, used until the kit records a measured figure (MEASURED_MFU_FILE)
+MEASURED_MFU_FILE = Path(__file__).resolve().parents[1] / "bench" / "gpu_measured.json"
 H100_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM
 USD_PER_GPU_HOUR = 3.0  # an example price, as in infra/README.md
 GPU_MEMORY_GIB = 79.0  # what an H100 80GB reports to PyTorch
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce/all-gather bucket, in elements
+
+
+def mfu_in_force(path: Path = MEASURED_MFU_FILE) -> tuple[float, str]:
+    """The MFU the plan uses and where it comes from: the kit's measured figure if recorded, else assumed."""
+    try:
+        m = json.loads(path.read_text())
+        return float(m["mfu"]), f"measured MFU {m['mfu']:.1%} ({m['device']}, {m['date']}, {path.name})"
+    except FileNotFoundError:
+        return ASSUMED_MFU, f"assumed MFU {ASSUMED_MFU:.0%}, not measured"
 
 
 class PlanError(UserError, ValueError):
@@ -51,7 +66,8 @@ class Plan:
     tokens_per_s_per_gpu: float  # estimate
     gpus: int
     usd_per_gpu_hour: float
-    on_gpu: bool = True  # cluster.use_gpu: a CPU run's limit is the host's memory, not checked here
+    on_gpu: bool = True
+    mfu_source: str = ""  # where the MFU behind tokens_per_s_per_gpu comes from  # cluster.use_gpu: a CPU run's limit is the host's memory, not checked here
 
     @property
     def total(self) -> float:
@@ -78,7 +94,7 @@ class Plan:
                   "  not counted: CUDA context and allocator fragmentation (1-3 GiB)",
                   f"run: {self.tokens_per_step:,} tokens/step x {self.steps:,} steps = "
                   f"{self.tokens_per_step * self.steps / 1e9:.2f}B tokens; {self.flops_per_token / 1e9:.2f} GFLOP/token",
-                  f"  ESTIMATE (assumed MFU, not measured): {self.tokens_per_s_per_gpu:,.0f} tokens/s per GPU, "
+                  f"  ESTIMATE ({self.mfu_source}): {self.tokens_per_s_per_gpu:,.0f} tokens/s per GPU, "
                   f"{self.hours:.1f} h on {self.gpus} GPU(s), {self.hours * self.gpus:.0f} GPU-hours, "
                   f"${self.hours * self.gpus * self.usd_per_gpu_hour:,.0f} at ${self.usd_per_gpu_hour:.2f}/GPU-hour"]
         return "\n".join(lines)
@@ -99,13 +115,17 @@ def activation_bytes(cfg: Config, checkpointing: bool) -> float:
 def head_bytes(cfg: Config) -> float:
     """The chunked loss (pipeline/core/model/gpt2.py LMHead): the gradients it keeps for backward (hidden states in
     the model's dtype, the weight's in fp32) and, at its peak, one chunk of fp32 logits with the
-    low-precision copies around it."""
+    low-precision copies around it. Liger's (model.loss_impl=liger) keeps the same gradients; its chunk is
+    smaller and in the model's dtype (an estimate from its chunking rule: the kit measures it)."""
     m, b = cfg.model, cfg.batch
     e = 2 if precision(cfg) == "bf16" else 4
     n = b.micro_batch_size * b.seq_len
     vocab = gpt_config(cfg).padded_vocab_size
-    rows = min(n, 4096)  # LMHead.chunk_rows
     kept = n * m.n_embd * (e + e + 8) + vocab * m.n_embd * 4  # ln_f input + stats, grad of x, grad of W
+    if m.loss_impl == "liger":  # its chunk: about n x C logits in all, in the model's dtype (rows a power of 2)
+        rows = min(n, 2 ** math.ceil(math.log2(math.ceil(n / math.ceil(m.vocab_size / m.n_embd)))))
+        return kept + rows * m.vocab_size * e + n * 4
+    rows = min(n, 4096)  # LMHead.chunk_rows
     chunk = rows * vocab * (4 + (e if e != 4 else 0)) + vocab * m.n_embd * e  # fp32 logits + a bf16 copy, W grad part
     return kept + chunk
 
@@ -148,18 +168,20 @@ def n_params(cfg: Config, embeddings: bool = True) -> int:
     return total if embeddings else total - wpe
 
 
-def plan(cfg: Config, gpu_memory_gib: float = GPU_MEMORY_GIB, mfu: float = ASSUMED_MFU,
+def plan(cfg: Config, gpu_memory_gib: float = GPU_MEMORY_GIB, mfu: float | None = None,
          peak: float = H100_PEAK, usd_per_gpu_hour: float = USD_PER_GPU_HOUR) -> Plan:
+    """mfu: None for the one in force (mfu_in_force: measured if recorded, else assumed)."""
+    mfu, source = mfu_in_force() if mfu is None else (mfu, f"MFU {mfu:.1%} as given")
     world = cfg.cluster.num_workers
     n = n_params(cfg)
     plain, ckpt = activation_bytes(cfg, False), activation_bytes(cfg, True)
     rows = state_bytes(cfg, n, world)
     rows["activations" + (" (checkpointed)" if cfg.deepspeed.activation_checkpointing else "")] = (
         ckpt if cfg.deepspeed.activation_checkpointing else plain)
-    rows["loss head (chunked logits)"] = head_bytes(cfg)
+    rows[f"loss head ({cfg.model.loss_impl})"] = head_bytes(cfg)
     fpt = flops_per_token(gpt_config(cfg), cfg.batch.seq_len, n_params(cfg, embeddings=False))
     return Plan(rows, plain, ckpt, gpu_memory_gib * GIB, n, cfg.batch.tokens_per_step, cfg.train.max_steps,
-                fpt, mfu * peak / fpt, world, usd_per_gpu_hour, cfg.cluster.use_gpu)
+                fpt, mfu * peak / fpt, world, usd_per_gpu_hour, cfg.cluster.use_gpu, source)
 
 
 def check(cfg: Config, name: str, **kwargs) -> Plan:

@@ -140,6 +140,9 @@ class ModelConfig(_Section):
     """embedding rows rounded up to a multiple of this (1: no padding)"""
     dropout: float = 0.0
     """on attention, residual and embeddings (GPT-2 pretraining: 0)"""
+    loss_impl: Literal["chunked", "liger"] = "chunked"
+    """the training loss head: chunked (ours, pipeline/core/model/gpt2.py: any device) or liger (Liger-Kernel's
+    fused linear cross-entropy in Triton: GPUs only, the liger-kernel package); the same loss and gradients"""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -203,6 +206,9 @@ class TrainConfig(Schedule):
     """AdamW's epsilon"""
     grad_clip: float = 1.0
     """global gradient-norm clip; 0 disables clipping"""
+    log_interval: int = 1
+    """steps between reads of the loss and gradient norm off the device (one wait for the GPU per interval):
+    every step's metrics are still logged, in a batch at each interval and before each checkpoint"""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -210,6 +216,7 @@ class TrainConfig(Schedule):
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
                  "must be two numbers in [0, 1)")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _require(self.log_interval >= 1, "train.log_interval", "must be >= 1")
         return self
 
 
@@ -466,6 +473,9 @@ class Config(_Section):
         _require(not f.task or f.batch_size % (f.micro_batch_size * self.cluster.num_workers) == 0,
                  "finetune.batch_size", f"({f.batch_size}) must be a multiple of finetune.micro_batch_size x "
                  f"cluster.num_workers = {f.micro_batch_size} x {self.cluster.num_workers}")
+        _require(self.model.loss_impl != "liger" or self.cluster.use_gpu, "model.loss_impl",
+                 "liger (Liger-Kernel's fused linear cross-entropy, Triton kernels) runs on GPUs only; with "
+                 "cluster.use_gpu=false use model.loss_impl=chunked")
         b = self.batch
         for key in ("tokens_per_step", "micro_batch_size", "seq_len"):
             _require(getattr(b, key) > 0, f"batch.{key}", "must be positive")

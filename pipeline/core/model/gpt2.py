@@ -31,6 +31,7 @@ class GPTConfig:
     vocab_size: int = 50257
     pad_vocab_to: int = 64  # 1: no padding
     dropout: float = 0.0
+    loss_impl: str = "chunked"  # the training loss head: "chunked" (ChunkedCrossEntropy) or "liger" (GPUs only)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -158,19 +159,33 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None)
 
 
+def liger_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The same mean loss through Liger-Kernel's fused linear cross-entropy (Triton: GPUs only), for
+    model.loss_impl=liger. It too chunks the rows and computes the gradients in the forward pass; its
+    chunk is smaller (about N x C logits in all) and its logits stay in the model's dtype (the softmax
+    is taken in fp32 inside its kernel). `weight` is the unpadded vocabulary's rows; the weight's
+    gradient is accumulated in fp32, as ours is. Imported here, so that only this variant needs it."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(x, weight, targets, ignore_index=-1, accum_dtype=torch.float32)
+
+
 class LMHead(nn.Module):
     """The output layer: logits, or the loss computed chunk by chunk without the logits of the batch.
-    A module of its own (not a bare use of the embedding) so that ZeRO-3 gathers its weight around it."""
+    A module of its own (not a bare use of the embedding) so that ZeRO-3 gathers its weight around it.
+    config.loss_impl picks the loss: ours (ChunkedCrossEntropy) or Liger-Kernel's (liger_cross_entropy)."""
 
     def __init__(self, config: GPTConfig, chunk_rows: int = 4096):
         super().__init__()
-        self.vocab_size, self.chunk_rows = config.vocab_size, chunk_rows
+        self.vocab_size, self.chunk_rows, self.loss_impl = config.vocab_size, chunk_rows, config.loss_impl
         self.weight = nn.Parameter(torch.empty(config.padded_vocab_size, config.n_embd))  # tied by GPT
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is not None:  # x (B, T, C), targets (B, T) -> mean loss
-            return ChunkedCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1),
-                                             self.vocab_size, self.chunk_rows)
+            x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+            if self.loss_impl == "liger":  # the padding rows are left out: they are never predicted
+                return liger_cross_entropy(x, self.weight[:self.vocab_size], targets)
+            return ChunkedCrossEntropy.apply(x, self.weight, targets, self.vocab_size, self.chunk_rows)
         logits = F.linear(x, self.weight)  # (B, T, V)
         if logits.size(-1) > self.vocab_size:
             logits[..., self.vocab_size:] = float("-inf")  # padding rows are never predicted
