@@ -118,34 +118,8 @@ def _train(cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, ra
     import torch.distributed as dist
 
     accum = engine.gradient_accumulation_steps()
-    peak = engines.peak_flops(device)
     max_steps = recipe.schedule.max_steps
-    started, steps_at_start = time.perf_counter(), state.step
-    pending: list[tuple[int, torch.Tensor, object, float, dict]] = []  # steps whose loss is still on the device
-
-    def read_pending() -> None:
-        """Log the pending steps: their losses and gradient norms are read off the device here, in one copy,
-        the one wait for the device in train.log_interval steps. state.loss becomes the last one's."""
-        t0 = time.perf_counter()
-        losses = torch.stack([p[1] for p in pending]).tolist()
-        norms = [p[2] for p in pending]
-        tensors = [i for i, n in enumerate(norms) if isinstance(n, torch.Tensor)]
-        for i, value in zip(tensors, torch.stack([norms[i] for i in tensors]).tolist() if tensors else []):
-            norms[i] = value
-        # the device's share of these steps' time is the host's time in them plus this wait
-        step_time = (sum(p[3] for p in pending) + time.perf_counter() - t0) / len(pending)
-        elapsed = time.perf_counter() - started
-        for (step, _, _, _, logged), loss_sum, norm in zip(pending, losses, norms):
-            state.loss = loss_sum / (accum * world)  # the global batch's mean loss
-            eta = elapsed / (pending[-1][0] - steps_at_start) * (max_steps - step)
-            per_step = {"train/loss": state.loss, "train/grad_norm": norm, "train/step_time_s": step_time,
-                        "train/eta_s": eta, **logged}
-            if recipe.tokens_per_step:
-                per_step.update({"train/tokens_per_s": recipe.tokens_per_step / step_time,
-                                 "train/mfu": engines.mfu(engine, cfg, step_time, peak, world)})
-            metrics.log(per_step, step)
-        pending.clear()
-
+    log = _StepLog(cfg, recipe, engine, state, metrics, accum * world, device)
     while state.step < max_steps:
         t0 = time.perf_counter()
         torch.manual_seed(step_seed(cfg.run.seed, state.step, rank))
@@ -157,24 +131,63 @@ def _train(cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, ra
         state.step += 1
         state.sequences += recipe.batch.sequences
         state.tokens += recipe.tokens_per_step or 0
-        logged = {"train/lr": lr, "train/memory_gb": _memory_gb(device)}
+        logged = {"train/lr": lr, "train/memory_gb": _memory_gb(device), **recipe.step_metrics(state)}
         if recipe.tokens_per_step:
             logged["train/tokens_seen"] = state.tokens
-        pending.append((state.step, loss_sum, grad_norm, time.perf_counter() - t0,
-                        {**logged, **recipe.step_metrics(state)}))
+        log.add(loss_sum, grad_norm, time.perf_counter() - t0, logged)
 
         last = state.step == max_steps
         checkpoint_due = state.step % recipe.checkpoint_interval == 0 or last
         if checkpoint_due or state.step % cfg.train.log_interval == 0:  # a checkpoint records state.loss
-            read_pending()
+            log.flush()
         scores = recipe.evaluate(engine, state.step, last)
         if scores:
-            if pending:  # this step's metrics before its evaluation's
-                read_pending()
+            log.flush()  # this step's metrics before its evaluation's
             metrics.log(scores, state.step)
         if checkpoint_due:
             yield checkpoint.save(engine, engine.module, recipe.checkpoint_dir, state, cfg.checkpoint.keep_last,
                                   before_commit=publish_metrics)  # the metrics up to it are in the run dir first
+
+
+class _StepLog:
+    """Steps whose loss and gradient norm are still on the device: `flush` reads them off in one copy (the one
+    wait for the device in train.log_interval steps), logs every step and sets state.loss to the last one's."""
+
+    def __init__(self, cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, replicas: int,
+                 device: torch.device):
+        self.cfg, self.recipe, self.engine, self.state, self.metrics = cfg, recipe, engine, state, metrics
+        self.replicas = replicas  # micro-batches summed into a step's loss: accumulation steps x workers
+        self.world = replicas // engine.gradient_accumulation_steps()
+        self.peak = engines.peak_flops(device)
+        self.started, self.steps_at_start = time.perf_counter(), state.step
+        self.pending: list[tuple[int, torch.Tensor, object, float, dict]] = []
+
+    def add(self, loss_sum: torch.Tensor, grad_norm, host_seconds: float, logged: dict) -> None:
+        self.pending.append((self.state.step, loss_sum, grad_norm, host_seconds, logged))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        t0 = time.perf_counter()
+        losses = torch.stack([p[1] for p in self.pending]).tolist()
+        norms = [p[2] for p in self.pending]
+        on_device = [i for i, n in enumerate(norms) if isinstance(n, torch.Tensor)]
+        for i, value in zip(on_device, torch.stack([norms[i] for i in on_device]).tolist() if on_device else []):
+            norms[i] = value
+        # the device's share of these steps' time is the host's time in them plus this wait
+        step_time = (sum(p[3] for p in self.pending) + time.perf_counter() - t0) / len(self.pending)
+        elapsed, max_steps = time.perf_counter() - self.started, self.recipe.schedule.max_steps
+        tokens = self.recipe.tokens_per_step
+        for (step, _, _, _, logged), loss_sum, norm in zip(self.pending, losses, norms):
+            self.state.loss = loss_sum / self.replicas  # the global batch's mean loss
+            eta = elapsed / (self.pending[-1][0] - self.steps_at_start) * (max_steps - step)
+            per_step = {"train/loss": self.state.loss, "train/grad_norm": norm, "train/step_time_s": step_time,
+                        "train/eta_s": eta, **logged}
+            if tokens:
+                per_step.update({"train/tokens_per_s": tokens / step_time,
+                                 "train/mfu": engines.mfu(self.engine, self.cfg, step_time, self.peak, self.world)})
+            self.metrics.log(per_step, step)
+        self.pending.clear()
 
 
 def _engine(cfg: Config, recipe: Recipe, rank: int, world: int, run_id: str | None, say):
