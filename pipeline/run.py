@@ -80,11 +80,13 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
     # storage and cluster that cannot work are refused before any work, with one line (a UserError)
     for url in dict.fromkeys((cfg.run_dir, cfg.data_dir, cfg.checkpoint_dir)):
         storage.check(url)
+    # and so is a tracking server that answers and refuses us (login, permission, Host name): TrackingRefused;
+    # one that cannot be reached is only warned about, and training goes on
+    uri = lineage.tracking_uri(cfg.tracking.uri, output_base())
+    track = lineage.Lineage(uri, cfg.tracking.experiment, cfg.run_dir) if cfg.tracking.enabled else None
     connecting = time.time()
     cluster.connect(cfg)
     ray_start = time.time() - connecting
-    uri = lineage.tracking_uri(cfg.tracking.uri, output_base())
-    track = lineage.Lineage(uri, cfg.tracking.experiment, cfg.run_dir) if cfg.tracking.enabled else None
     import ray
 
     tags = {"git_commit": lineage.git_commit(), "ray_cluster_resources": ray.cluster_resources(),
