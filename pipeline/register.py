@@ -28,7 +28,10 @@ def _verify(cfg: Config, result: StageResult, tracking: Tracking | None) -> bool
 
 def _run(cfg: Config, force: bool, tracking: Tracking | None, upstream: Upstream) -> StageResult:
     if not tracking:
-        print("register: tracking is off or unreachable; nothing registered", flush=True)
+        if cfg.tracking.enabled:  # asked to register and could not: a failed stage, not a quiet success
+            raise StageError("register: tracking is on but the MLflow server could not be reached; nothing was "
+                             "registered; run the same command again when it is back (the other stages are kept)")
+        print("register: tracking is off (tracking.enabled=false); nothing registered", flush=True)
         return StageResult()
     checkpoint, score = _recorded(upstream, "train").output, _recorded(upstream, "eval").metrics.get(SCORE)
     version = registry.register(tracking.lineage, tracking.run_id, checkpoint, cfg.tracking.registered_model,

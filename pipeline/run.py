@@ -88,11 +88,13 @@ def _run(cfg, selected: list[str], force: set[str], started: float) -> int:
     from pipeline.core import cluster, lineage
     from pipeline.core.redaction import redact
 
+    # a tracking server that answers and refuses us (login, permission, Host name) stops the run here, before
+    # Ray starts (TrackingRefused); one that cannot be reached is only warned about, and training goes on
+    uri = lineage.tracking_uri(cfg.tracking.uri, output_base())
+    track = lineage.Lineage(uri, cfg.tracking.experiment, cfg.run_dir) if cfg.tracking.enabled else None
     connecting = time.time()
     cluster.connect(cfg)
     ray_start = time.time() - connecting
-    uri = lineage.tracking_uri(cfg.tracking.uri, output_base())
-    track = lineage.Lineage(uri, cfg.tracking.experiment, cfg.run_dir) if cfg.tracking.enabled else None
     import ray
 
     tags = {"git_commit": lineage.git_commit(), "ray_cluster_resources": ray.cluster_resources(),

@@ -1,8 +1,11 @@
 """The registered model's code, logged as an MLflow "model from code" (nothing is pickled).
 
-    mlflow.pyfunc.load_model("models:/gpt2-pipeline@best").predict(["Hello, I'm a language model,"])
+    pipeline.core.registry.load_model("models:/gpt2-pipeline@best").predict(["Hello, I'm a language model,"])
 
-MLflow runs this file when it loads the model; the rest of the pipeline never imports it.
+Load it with pipeline.core.registry.load_model, which checks every file of the version (this one included)
+against the sha256 the registry recorded before MLflow runs any of them; plain mlflow.pyfunc.load_model
+runs this file unchecked, and load_context then checks the weights and config only. MLflow runs this file
+when it loads the model; the rest of the pipeline never imports it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ class GPT2Generator(PythonModel):
 
     def load_context(self, context) -> None:
         from pipeline.core.model.gpt2 import load_hf
+        from pipeline.core.registry import verify_loaded
 
+        verify_loaded(context.artifacts["checkpoint"])  # weights and config as registered, or refuse
         self.model = load_hf(context.artifacts["checkpoint"]).eval()
 
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:

@@ -278,7 +278,46 @@ class Postgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def test_the_mlflow_server_from_plain_commands_on_postgres_takes_a_pipeline_run_stored_on_s3(tmp_path, s3_server):
+def _manifest_tracking_hosts() -> set[str]:
+    """The Host names our manifests send to the MLflow server (MLFLOW_TRACKING_URI in infra/ray, infra/k8s)."""
+    from urllib.parse import urlsplit
+
+    found = set()
+    for path in [*INFRA.glob("ray/*.yaml"), *INFRA.glob("k8s/*.yaml")]:
+        found |= {urlsplit(u).netloc for u in re.findall(r"MLFLOW_TRACKING_URI\W+(?:value:\s*)?(https?://\S+)",
+                                                           path.read_text())}
+    return found
+
+
+def test_the_manifests_take_mlflow_credentials_from_a_secret_never_a_literal():
+    hosts = _manifest_tracking_hosts()
+    assert {"mlflow.internal:5000", "mlflow.mlflow.svc.cluster.local:5000"} <= hosts
+    for path, doc in manifests("RayCluster", "RayJob"):
+        for name, pod in _pod_specs(doc):
+            env = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
+            for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                assert "value" not in env[var] and env[var]["valueFrom"]["secretKeyRef"]["key"] == var, (path, name)
+    for name in ("aws.yaml", "gcp.yaml"):  # the launcher's containers read them from the env file, not the YAML
+        args = _docker_args(_launcher(name)["docker"]["run_options"])
+        env = [args[i + 1] for i, a in enumerate(args) if a == "--env"]
+        assert "--env-file" in args and not any(e.startswith("MLFLOW_TRACKING_PASSWORD") for e in env)
+        assert "MLFLOW_TRACKING_PASSWORD" in (INFRA / "ray" / name).read_text()  # the env file's header says so
+    serve = (INFRA / "mlflow" / "serve.sh").read_text()
+    assert "--app-name basic-auth" in serve and "--allowed-hosts" in serve
+    assert all(host.split(":")[0] in serve for host in hosts)
+    compose = yaml.safe_load((INFRA / "mlflow" / "compose.yaml").read_text())["services"]["mlflow"]
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD" in compose["environment"] and "serve.sh" in " ".join(compose["entrypoint"])
+
+
+def test_the_mlflow_server_from_plain_commands_on_postgres_takes_a_pipeline_run_stored_on_s3(tmp_path, s3_server,
+                                                                                            monkeypatch):
+    """serve.sh for real: logins required (anonymous artifact uploads and registry calls refused), our manifests'
+    Host names allowed, the pipeline with credentials tracked and registered, wrong credentials refused at the
+    start, and a registered model whose files were changed in the artifact store refused by our loaders."""
+    import requests
+
+    from pipeline.core import registry
+
     bindir = _postgres_bin()
     if bindir is None:
         pytest.skip("no PostgreSQL server binaries (.ci/run installs Debian's postgresql)")
@@ -286,6 +325,7 @@ def test_the_mlflow_server_from_plain_commands_on_postgres_takes_a_pipeline_run_
     bin_path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
     port = free_port()
     server = None
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     try:
         # the runbook's two commands: create the database, then serve
         pg_env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(pg.port), "PGUSER": "postgres",
@@ -294,19 +334,60 @@ def test_the_mlflow_server_from_plain_commands_on_postgres_takes_a_pipeline_run_
             created = subprocess.run(["bash", str(INFRA / "mlflow" / "create-database.sh")], env=pg_env,
                                      capture_output=True, text=True)
             assert created.returncode == 0, created.stdout + created.stderr
-        server_env = {**os.environ, "PATH": bin_path, "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port),
+        artifacts = tmp_path / "artifacts"
+        server_env = {**clean, "PATH": bin_path, "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port),
                       "MLFLOW_WORKERS": "1", "MLFLOW_DB_URI": f"postgresql://mlflow:secret@127.0.0.1:{pg.port}/mlflow",
-                      "MLFLOW_ARTIFACTS": str(tmp_path / "artifacts")}
+                      "MLFLOW_ARTIFACTS": str(artifacts), "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-pw-123",
+                      "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key"}
         server = subprocess.Popen(["bash", str(INFRA / "mlflow" / "serve.sh")], env=server_env, start_new_session=True,
                                   stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
         uri = f"http://127.0.0.1:{port}"
-
         wait_for(lambda: answers(f"{uri}/health", server, tmp_path / "server.log"), 180, "the MLflow server")
-        # the smoke preset, its run directory on S3, tracked by the server
-        env = {**os.environ, **s3_server, "MLFLOW_TRACKING_URI": uri}
+
+        # no login, no entry: an artifact upload (what replaced served_model.py) and registry reads and writes
+        put = requests.put(f"{uri}/api/2.0/mlflow-artifacts/artifacts/1/x/artifacts/served_model.py", data=b"evil")
+        assert put.status_code in (401, 403), put.text
+        assert not list(artifacts.rglob("served_model.py")) if artifacts.exists() else True
+        for method, path in [("GET", "/api/2.0/mlflow/registered-models/search"),
+                             ("POST", "/api/2.0/mlflow/registered-models/create"),
+                             ("GET", "/api/2.0/mlflow/experiments/search?max_results=1")]:
+            answer = requests.request(method, f"{uri}{path}", json={"name": "planted"} if method == "POST" else None)
+            assert answer.status_code in (401, 403), (method, path, answer.status_code)
+        # the pipeline's own user, made by the admin (infra/README.md, section 0)
+        admin = ("admin", "admin-pw-123")
+        made = requests.post(f"{uri}/api/2.0/mlflow/users/create", auth=admin,
+                             json={"username": "pipeline", "password": "pipeline-pw-456"})
+        assert made.status_code == 200, made.text
+        login = ("pipeline", "pipeline-pw-456")
+        # the Host names our manifests use are allowed, with a login; any other name is not
+        for host in sorted(_manifest_tracking_hosts()):
+            answer = requests.get(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", auth=login,
+                                  headers={"Host": host})
+            assert answer.status_code == 200, (host, answer.status_code, answer.text)
+            created = requests.post(f"{uri}/api/2.0/mlflow/experiments/create", auth=login, headers={"Host": host},
+                                    json={"name": f"via {host}"})
+            assert created.status_code == 200, (host, created.text)
+        assert requests.get(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", auth=login,
+                            headers={"Host": "mlflow.elsewhere.example:5000"}).status_code == 403
+
+        # wrong credentials: refused at the start, one line, exit 2, no work done
+        refused = run_tree([sys.executable, str(REPO / "pipeline" / "run.py"), *TINY, f"run.root={tmp_path / 'refused'}"],
+                           300, cwd=tmp_path, env={**clean, **s3_server, "MLFLOW_TRACKING_URI": uri,
+                                                   "MLFLOW_TRACKING_USERNAME": "pipeline",
+                                                   "MLFLOW_TRACKING_PASSWORD": "wrong"})
+        assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+        (line,) = refused.stderr.strip().splitlines()
+        assert line.startswith("error: ") and uri in line and "HTTP 401" in line and "wrong" not in line
+        assert not (tmp_path / "refused").exists()
+
+        # the smoke preset, its run directory on S3, tracked by the server with the pipeline's login
+        env = {**clean, **s3_server, "MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "pipeline",
+               "MLFLOW_TRACKING_PASSWORD": "pipeline-pw-456"}
         proc = run_tree([sys.executable, str(REPO / "pipeline" / "run.py"), *TINY, "train.max_steps=10",
                          "run.root=s3://runs/pipeline"], 900, cwd=tmp_path, env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pipeline-pw-456")
         client = MlflowClient(tracking_uri=uri)
         runs = runs_by_stage(client)
         assert runs["pipeline"].info.status == "FINISHED"
@@ -315,11 +396,47 @@ def test_the_mlflow_server_from_plain_commands_on_postgres_takes_a_pipeline_run_
         assert sorted(loss_history(client, runs["train"].info.run_id)) == list(range(1, 11))
         manifest = client.download_artifacts(runs["tokenize"].info.run_id, "manifest.json", str(tmp_path))
         assert Path(manifest).stat().st_size > 0  # served through the server's artifact proxy
-        assert client.get_model_version_by_alias("gpt2-pipeline", "best").run_id == runs["register"].info.run_id
+        best = client.get_model_version_by_alias("gpt2-pipeline", "best")
+        assert best.run_id == runs["register"].info.run_id
         # and it all sits in PostgreSQL
         count = pg.run("psql", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "mlflow", "-d", "mlflow", "-tAc",
                        "SELECT count(*) FROM runs")
         assert int(count.stdout.strip()) == 5
+
+        # the version records every file's sha256; our loader checks them, then loads
+        recorded = registry.recorded_hashes(best, "best")
+        assert {"MLmodel", "served_model.py", "artifacts/checkpoint/model.safetensors",
+                "artifacts/checkpoint/config.json", "code/pipeline/core/model/gpt2.py"} <= set(recorded)
+        (completion,) = registry.load_model("models:/gpt2-pipeline@best", uri).predict(["Hello"])
+        assert isinstance(completion, str) and completion
+        # change a file in the artifact store on disk: refused at load, naming the file, before its code runs
+        on_disk = {rel: next(p for p in artifacts.rglob(Path(rel).name) if p.as_posix().endswith(rel))
+                   for rel in ("served_model.py", "artifacts/checkpoint/model.safetensors")}
+        planted = tmp_path / "planted"
+        original = on_disk["served_model.py"].read_bytes()
+        on_disk["served_model.py"].write_bytes(original + f"\nopen({str(planted)!r}, 'w').close()\n".encode())
+        with pytest.raises(registry.ModelIntegrityError, match=r"served_model\.py has changed"):
+            registry.load_model("models:/gpt2-pipeline@best", uri)
+        assert not planted.exists()  # the planted code never ran
+        on_disk["served_model.py"].write_bytes(original)
+        weights = on_disk["artifacts/checkpoint/model.safetensors"]
+        original = weights.read_bytes()
+        weights.write_bytes(original[:-4] + bytes(b ^ 0xFF for b in original[-4:]))
+        with pytest.raises(registry.ModelIntegrityError, match=r"artifacts/checkpoint/model\.safetensors has changed"):
+            registry.load_model("models:/gpt2-pipeline@best", uri)
+        # the pyfunc's own load_context refuses it too when loaded the plain way
+        import mlflow
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(Exception, match=r"model\.safetensors has changed"):
+            mlflow.pyfunc.load_model("models:/gpt2-pipeline@best")
+        # and so does a fine-tune starting from it
+        from pipeline.core.model.checkpoints import CheckpointError
+        from train import start_model
+
+        cfg = load_config("smoke", [f"tracking.uri={uri}"])
+        with pytest.raises(CheckpointError, match=r"model\.safetensors has changed"):
+            start_model._registered("models:/gpt2-pipeline@best", cfg)
     finally:
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)

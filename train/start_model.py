@@ -57,21 +57,15 @@ def write(cfg: Config, spec: str, init: str, log=print) -> dict:
 
 
 def _registered(spec: str, cfg: Config) -> dict:
-    """A registered model's weights, downloaded, and the run that registered them."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    """A registered model's weights, downloaded and checked file by file against the sha256 its registry
+    version recorded (pipeline/core/registry.py), and the run that registered them."""
+    from pipeline.core.registry import ModelIntegrityError, download_verified
 
     uri = tracking_uri(cfg.tracking.uri, output_base())
-    client = MlflowClient(tracking_uri=uri)
-    name_ref = spec[len("models:/"):]
     try:
-        if "@" in name_ref:
-            version = client.get_model_version_by_alias(*name_ref.split("@", 1))
-        else:
-            version = client.get_model_version(*name_ref.rsplit("/", 1))
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
-                                                   dst_path=tempfile.mkdtemp(prefix="gpt2-registered-"),
-                                                   tracking_uri=uri)
+        path, version = download_verified(spec, uri)
+    except ModelIntegrityError as err:  # a tampered or unrecorded version: refused, naming the file
+        raise CheckpointError(str(err)) from err
     except Exception as err:  # MlflowException, a bad name, the server down: the user needs the spec named
         raise CheckpointError(f"{spec}: cannot read this registered model from {redact(uri)} ({type(err).__name__}: {err})") from err
     weights = os.path.join(path, "artifacts", "checkpoint")

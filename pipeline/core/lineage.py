@@ -1,9 +1,13 @@
 """The MLflow record of a pipeline run: one parent run, one child run per stage, the registered model.
 
 Runs are found again by their tags, so submitting the same run name again continues the same parent
-and child runs. The tracking server is never allowed to stop the pipeline: every call is retried a
+and child runs. A tracking server that cannot be reached never stops the pipeline: every call is retried a
 few times with back-off and then skipped with a warning (training metrics travel separately, from a
-local file, see pipeline/core/tracking.MlflowUploader). Credentials in the tracking URI never reach a log line.
+local file, see pipeline/core/tracking.MlflowUploader). A server that answers and refuses us (HTTP 401: no
+or wrong login; 403: no permission, or a Host name it does not allow) is a configuration error, reported
+before any work starts (`check_server`, a UserError): it would refuse every call of the run.
+Credentials in the tracking URI never reach a log line; the login comes from MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), MLflow's own client variables.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.core.command import UserError
 from pipeline.core.redaction import redact
 
 T = TypeVar("T")
@@ -31,6 +36,47 @@ def tracking_uri(configured: str | None, base: str | None = None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + os.path.join(base or os.getcwd(), uri[len("sqlite:///"):])
     return uri
+
+
+class TrackingRefused(UserError):
+    """The configured tracking server answered and refused us: a login, permission or Host-name problem."""
+
+
+def check_server(uri: str, timeout: float = 15.0) -> None:
+    """Raise TrackingRefused when the http(s) tracking server at uri answers 401 or 403 to a read with the
+    client's credentials (MLflow's: MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN); return when it lets us
+    in, and also when it cannot be reached at all (refused connection, timeout, unknown name): Lineage's
+    retries and warning handle that, and training goes on."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from urllib.parse import urlsplit
+
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+    try:
+        response = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", max_retries=0,
+                                timeout=timeout, params={"max_results": 1})
+    except Exception:  # no answer: not a refusal
+        return
+    if response.status_code not in (401, 403):
+        return
+    body = " ".join(response.text.split())[:200]
+    server = redact(uri)
+    if response.status_code == 401:
+        who = f"user '{creds.username}'" if creds.username else "no login"
+        fix = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (infra/README.md, section 0)" if not
+               creds.username else "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        raise TrackingRefused(f"the MLflow server at {server} refused us: HTTP 401 with {who} ({body}); {fix}")
+    if "host" in body.lower():
+        host = urlsplit(uri).netloc.rsplit("@", 1)[-1]
+        raise TrackingRefused(f"the MLflow server at {server} refused us: HTTP 403 ({body}): it does not allow the "
+                              f"Host name '{host}'; add it to the server's --allowed-hosts "
+                              "(MLFLOW_SERVER_ALLOWED_HOSTS for infra/mlflow/serve.sh) or use a name it allows")
+    who = f"user '{creds.username}'" if creds.username else "no login"
+    raise TrackingRefused(f"the MLflow server at {server} refused us: HTTP 403 with {who} ({body}); "
+                          "ask its admin for permission, or set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
 
 
 def ui_command(uri: str) -> str:
@@ -66,10 +112,13 @@ def package_versions() -> dict[str, str]:
 
 
 class Lineage:
-    """Parent and stage runs in one experiment; every method is safe to call with the server down."""
+    """Parent and stage runs in one experiment; every method is safe to call with the server down. A server
+    that refuses us is refused here, at the start (TrackingRefused, see check_server)."""
 
     def __init__(self, uri: str, experiment: str, run_dir: str, attempts: int = 4, log=print):
         from mlflow.tracking import MlflowClient
+
+        check_server(uri)
 
         self.uri, self.run_dir, self.attempts, self.log = uri, run_dir, attempts, log
         self.seconds = 0.0  # spent in tracking calls, retries included: the pipeline's MLflow overhead
