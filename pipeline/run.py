@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg, selected: list[str], force: set[str]) -> int:
     # the heavy parts (Ray, MLflow, torch), once the arguments are parsed
-    from pipeline.core import lineage, runlock, storage
+    from pipeline.core import cluster, lineage, runlock, storage
     from pipeline.core.redaction import redact
 
     started = time.time()
@@ -76,32 +76,32 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
               f"relative outputs go to {output_base()} "
               f"(${HOME_ENV} sets it): run directory {cfg.run_dir}, MLflow "
               f"{redact(lineage.tracking_uri(cfg.tracking.uri, output_base()))}", flush=True)
-    # storage and cluster that cannot work are refused before any work, with one line (a UserError)
+    # storage, tracking and cluster that cannot work are refused before any work, with one line (a UserError):
+    # a tracking server that answers and refuses us (login, permission, Host name) raises TrackingRefused; one
+    # that cannot be reached is only warned about, and training goes on
     for url in dict.fromkeys((cfg.run_dir, cfg.data_dir, cfg.checkpoint_dir)):
         storage.check(url)
-    with runlock.hold(cfg.run_dir, cfg.run.lock_lease_s):  # one run at a time on a run directory
-        return _run(cfg, selected, force, started)
-
-
-def _run(cfg, selected: list[str], force: set[str], started: float) -> int:
-    from pipeline import stages
-    from pipeline.core import cluster, lineage
-    from pipeline.core.redaction import redact
-
-    # a tracking server that answers and refuses us (login, permission, Host name) stops the run here, before
-    # Ray starts (TrackingRefused); one that cannot be reached is only warned about, and training goes on
     uri = lineage.tracking_uri(cfg.tracking.uri, output_base())
     track = lineage.Lineage(uri, cfg.tracking.experiment, cfg.run_dir) if cfg.tracking.enabled else None
     connecting = time.time()
-    cluster.connect(cfg)
+    cluster.connect(cfg)  # also refuses a run dir the nodes do not share
     ray_start = time.time() - connecting
+    with runlock.hold(cfg.run_dir, cfg.run.lock_lease_s):  # one run at a time on a run directory
+        return _run(cfg, selected, force, started, track, ray_start)
+
+
+def _run(cfg, selected: list[str], force: set[str], started: float, track, ray_start: float) -> int:
     import ray
+
+    from pipeline import stages
+    from pipeline.core import lineage
+    from pipeline.core.redaction import redact
 
     tags = {"git_commit": lineage.git_commit(), "ray_cluster_resources": ray.cluster_resources(),
             "run_dir": redact(cfg.run_dir), **{f"version.{k}": v for k, v in lineage.package_versions().items()}}
     parent = track.start_parent(cfg.run.name, cfg.flat(), tags) if track else None
     print(f"pipeline: run '{cfg.run.name}' in {cfg.run_dir}; stages {', '.join(selected)}; tracking "
-          f"{redact(uri) if track and track.available else 'off'}", flush=True)
+          f"{redact(track.uri) if track and track.available else 'off'}", flush=True)
     ctx = stages.Context(cfg, track)
     try:
         for name in selected:

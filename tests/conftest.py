@@ -44,6 +44,7 @@ def s3_server():
     boto3/s3fs at it. `reset_auth` switches moto's IAM checks on (0) or off (None) for permission tests."""
     moto_server = pytest.importorskip("moto.server")
     import boto3
+    import s3fs
 
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
@@ -52,8 +53,12 @@ def s3_server():
            "AWS_DEFAULT_REGION": "us-east-1"}
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="test",
                  aws_secret_access_key="test").create_bucket(Bucket="runs")
+    # s3fs caches one filesystem per set of arguments, with the endpoint it found in the environment when made:
+    # an earlier module's (stopped) server must not answer for this one
+    s3fs.S3FileSystem.clear_instance_cache()
     yield env
     server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def run_tree(argv: list[str], timeout: float, **popen) -> subprocess.CompletedProcess:

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = cfg.with_absolute_paths()  # once, here: every stage takes it resolved
     storage.check(cfg.data_dir)
-    with runlock.hold(cfg.data_dir, cfg.run.lock_lease_s):  # one job at a time on a dataset directory
+    # one job at a time on a dataset directory; the lock sits beside it, so the dataset holds only its own files
+    with runlock.hold(cfg.data_dir, cfg.run.lock_lease_s, lock=cfg.data_dir.rstrip("/") + ".lock"):
         job.run(cfg, overwrite=args.overwrite)
     return 0
 

@@ -47,14 +47,16 @@ def _describe(holder: dict) -> str:
 
 
 @contextlib.contextmanager
-def hold(run_dir: str, lease_s: float = 120.0, log=print) -> Iterator[None]:
+def hold(run_dir: str, lease_s: float = 120.0, log=print, lock: str | None = None) -> Iterator[None]:
     """Hold run_dir for the duration of the block, or raise RunDirBusy naming the holder. lease_s: how long
-    an object-storage lock outlives a holder that stopped renewing it (died)."""
+    an object-storage lock outlives a holder that stopped renewing it (died). lock: the lock's URL, by default
+    run.lock inside run_dir (a dataset directory, whose files are the product, keeps it beside itself)."""
+    lock = lock or join(run_dir, NAME)
     if storage.is_local(run_dir):
-        with _local(run_dir):
+        with _local(run_dir, lock):
             yield
     elif run_dir.startswith("s3://"):
-        with _S3Lease(run_dir, lease_s, log):
+        with _S3Lease(run_dir, lock, lease_s, log):
             yield
     else:
         log(f"run: {run_dir} is not locked ({run_dir.split('://')[0]}:// has no conditional writes here): "
@@ -63,8 +65,8 @@ def hold(run_dir: str, lease_s: float = 120.0, log=print) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _local(run_dir: str) -> Iterator[None]:
-    path = storage.filesystem(join(run_dir, NAME))[1]
+def _local(run_dir: str, lock: str) -> Iterator[None]:
+    path = storage.filesystem(lock)[1]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -85,11 +87,11 @@ def _local(run_dir: str) -> Iterator[None]:
 
 
 class _S3Lease:
-    def __init__(self, run_dir: str, lease_s: float, log):
+    def __init__(self, run_dir: str, lock: str, lease_s: float, log):
         import boto3
 
         self.run_dir, self.lease_s, self.log = run_dir, lease_s, log
-        bucket_key = join(run_dir, NAME)[len("s3://"):]
+        bucket_key = lock[len("s3://"):]
         self.bucket, self.key = bucket_key.split("/", 1)
         self.s3 = boto3.client("s3")  # endpoint and credentials as s3fs finds them (environment, profile)
         self.me = _holder(lease_s)
