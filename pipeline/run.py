@@ -81,11 +81,11 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
     # that cannot be reached is only warned about, and training goes on
     for url in dict.fromkeys((cfg.run_dir, cfg.data_dir, cfg.checkpoint_dir)):
         storage.check(url)
+    uri = lineage.tracking_uri(cfg.tracking.uri, output_base())
+    track = lineage.Lineage(uri, cfg.tracking.experiment, cfg.run_dir) if cfg.tracking.enabled else None
     connecting = time.time()
     cluster.connect(cfg)  # also refuses a run dir the nodes do not share
     ray_start = time.time() - connecting
-    uri = lineage.tracking_uri(cfg.tracking.uri, output_base())
-    track = lineage.Lineage(uri, cfg.tracking.experiment, cfg.run_dir) if cfg.tracking.enabled else None
     with runlock.hold(cfg.run_dir, cfg.run.lock_lease_s):  # one run at a time on a run directory
         return _run(cfg, selected, force, started, track, ray_start)
 

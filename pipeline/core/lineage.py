@@ -13,6 +13,7 @@ MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), MLflow's own client variabl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -118,6 +119,8 @@ class Lineage:
     def __init__(self, uri: str, experiment: str, run_dir: str, attempts: int = 4, log=print):
         from mlflow.tracking import MlflowClient
 
+        # a new SQLite store announces its table set-up at INFO on stderr: not a line the user needs
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         check_server(uri)
 
         self.uri, self.run_dir, self.attempts, self.log = uri, run_dir, attempts, log
