@@ -96,7 +96,8 @@ def wait_for_lock(proc: subprocess.Popen, present, timeout: float = 240) -> None
 def test_a_second_driver_is_refused_while_the_first_runs_and_takes_over_after_it_is_killed(where, tmp_path, s3_env):
     from pipeline.core import storage
 
-    root, lease = (str(tmp_path / "runs"), 120) if where == "local" else (f"s3://runs/two-drivers-{os.getpid()}", 4)
+    # the lease outlasts a driver's start-up (it takes the lock after starting Ray), so a dead holder's still holds
+    root, lease = (str(tmp_path / "runs"), 120) if where == "local" else (f"s3://runs/two-drivers-{os.getpid()}", 30)
     overrides = [f"run.root={root}", f"run.lock_lease_s={lease}"]
     lock = storage.join(root, "smoke", runlock.NAME)
     first = subprocess.Popen([sys.executable, *pipeline_argv(*overrides)], cwd=REPO, stdout=subprocess.DEVNULL,

@@ -23,6 +23,9 @@ def connect(cfg: Config | None = None, paths: tuple[str, ...] | None = None) -> 
             # Ray starts workers at nice 15 by default, so its own idle daemons preempt the training
             # workers; on a machine that exists to train, they run at normal priority (see BENCHMARKS.md).
             os.environ.setdefault("RAY_worker_niceness", "0")
+        # Ray 2.60 turns token authentication on for a new local cluster and says so on stderr at every start:
+        # not a line our users need (a refusal must stay one line)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level="WARNING")
         _quiet_ray_data()
     if cfg is not None:
