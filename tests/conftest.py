@@ -28,6 +28,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_restored():
+    """The driver sets MLflow's process-wide tracking URI; a test that runs a stage in-process must not
+    leave it pointing at its own (deleted) store for the next test."""
+    yield
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils
+
+        utils._tracking_uri = None
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray (2 CPUs) shared by the in-process tests; CLI tests start their own."""
