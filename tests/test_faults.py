@@ -1,0 +1,25 @@
+"""The fault-injection aid's spec: what it reads, what it refuses, and that a fault fires once per run dir."""
+
+import pytest
+
+from train import faults
+
+
+def test_the_spec_reads_kinds_steps_ranks_and_every():
+    assert faults.parse("nan@12, hang@20:rank=1,oom@5:every") == [
+        faults.Fault("nan", 12), faults.Fault("hang", 20, 1), faults.Fault("oom", 5, None, True)]
+    assert faults.parse("") == []
+    for bad in ("nan", "nan@x", "melt@3", "nan@3:rank=a"):
+        with pytest.raises(faults.FaultSpecError, match="GPT2_PIPELINE_FAULTS"):
+            faults.parse(bad)
+
+
+def test_a_fault_fires_on_its_rank_once_per_run_dir_unless_every(tmp_path, monkeypatch):
+    monkeypatch.delenv(faults.ENV, raising=False)
+    assert not faults.Injector(0, str(tmp_path))  # unset: nothing
+    spec = "hang@3:rank=1,nan@4:every"
+    rank0, rank1 = faults.Injector(0, str(tmp_path), spec), faults.Injector(1, str(tmp_path), spec)
+    assert not rank0.at(3, "hang") and not rank1.at(2, "hang") and not rank1.at(3, "nan")
+    assert rank1.at(3, "hang")
+    assert not faults.Injector(1, str(tmp_path), spec).at(3, "hang")  # a restarted worker meets it no more
+    assert [rank0.at(4, "nan") for _ in range(3)] == [True] * 3
