@@ -152,12 +152,14 @@ def test_compiled_engine_gives_the_eager_losses_and_gradients(process_group):
 
 
 def test_the_loop_reads_losses_every_log_interval_yet_logs_every_step_and_checkpoints_the_steps_loss(
-        process_group, monkeypatch):
+        process_group, monkeypatch, tmp_path):
     """train.log_interval=3 reads the losses off the device every 3 steps (and before a checkpoint or an
     evaluation), yet logs each step's own loss and grad norm, the same as reading every step; a
     checkpoint records the loss of its own step."""
     from pipeline.core.model.checkpoints import TrainerState
     from train import loop
+    from train.diagnostics import Diagnostics
+    from train.faults import Injector
 
     class Recipe(loop.Recipe):
         def batches(self, sequences, rank, world, micro):
@@ -182,7 +184,10 @@ def test_the_loop_reads_losses_every_log_interval_yet_logs_every_step_and_checkp
         monkeypatch.setattr(loop.checkpoint, "save", lambda engine, module, d, state, *a, **k: saved.append(
             (state.step, state.loss)) or f"ckpt-{state.step}")
         state, metrics = TrainerState(world_size=1, zero_stage=1, manifest_sha256=""), Metrics()
-        urls = list(loop._train(cfg, recipe, engines.initialize(cfg, 1), state, metrics, 0, 1, torch.device("cpu")))
+        diagnostics = Diagnostics(cfg, recipe, 0, torch.device("cpu"), None, Injector(0, str(tmp_path), ""))
+        with diagnostics.guard():
+            urls = list(loop._train(cfg, recipe, engines.initialize(cfg, 1), state, metrics, 0, 1,
+                                    torch.device("cpu"), diagnostics))
         return urls, saved, metrics.lines
 
     urls, saved, lines = trained(1)

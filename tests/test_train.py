@@ -27,7 +27,7 @@ from pipeline.core.model import checkpoints
 from pipeline.core.model.gpt2 import GPT, GPTConfig
 from pipeline.core.tracking import read_jsonl
 from tokenization import shards
-from train import launch
+from train import faults, launch
 from train.data import ORDER, SequenceOrder, ShardLoader, WindowPermutation
 from train.engine import deepspeed_config, flops_per_token, lr_at, peak_flops
 
@@ -127,6 +127,27 @@ def test_a_killed_worker_is_restarted_and_the_run_repeats_identical_losses(unint
     assert sorted(got) == list(range(1, 17))
     # the steps redone after the restart replaced their first record: one per step, equal bitwise (fp32 on CPU)
     assert all(values == expected[step] for step, values in got.items()), (got, expected)
+    a, b = final_weights(uninterrupted), final_weights(cfg)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_leaves_every_ranks_stacks_and_the_restarted_group_ends_like_an_uninterrupted_run(
+        uninterrupted, tmp_path, builtin_dataset, monkeypatch, capsys):
+    cfg = tiny_config(tmp_path, builtin_dataset, "train.max_steps=16", "deepspeed.zero_stage=2",
+                      "cluster.max_failures=1", "train.step_timeout_s=20")
+    monkeypatch.setenv(faults.ENV, "hang@15:rank=1")  # rank 1 never starts step 15; rank 0 waits in its collective
+    launch.run(cfg)
+    folder = os.path.join(cfg.run_dir, "diagnostics")
+    assert f"train: diagnostics in {folder}/: hang-step00000015-rank0.txt, hang-step00000015-rank1.txt" in (
+        capsys.readouterr().out)
+    stacks = {rank: open(os.path.join(folder, f"hang-step00000015-rank{rank}.txt")).read() for rank in (0, 1)}
+    for rank, text in stacks.items():
+        assert f"rank {rank} " in text and "at step 15 (last completed: 14)" in text and "in _train" in text
+    assert "in hang" in stacks[1] and "in train_step" in stacks[0]  # rank 0 got as far as the step's collectives
+
+    expected, got = losses(uninterrupted.run_dir), losses(cfg.run_dir)
+    assert sorted(got) == list(range(1, 17)) and all(values == expected[step] for step, values in got.items())
     a, b = final_weights(uninterrupted), final_weights(cfg)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

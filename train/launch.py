@@ -20,7 +20,7 @@ from pipeline.core.model import checkpoints
 from pipeline.core.model.checkpoints import CheckpointError, TrainerState
 from pipeline.core.storage import join
 from tokenization.shards import load_manifest
-from train import checkpoint
+from train import checkpoint, diagnostics, faults, watchdog
 from train.data import check_order
 
 
@@ -95,20 +95,34 @@ def fit(cfg: Config, make_recipe: Callable, payload: dict, name: str, run_dir: s
     trainer = TorchTrainer(
         functools.partial(_worker, make_recipe),
         train_loop_config=payload,
-        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
+        # the collectives' timeout outlasts the hang watchdog's (train/watchdog.py), which reports where each rank was
+        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo", timeout_s=watchdog.collective_timeout_s(cfg)),
         scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=c.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name, storage_path=os.path.abspath(ray_dir) if storage.is_local(ray_dir) else ray_dir,
-            failure_config=ray.train.FailureConfig(max_failures=c.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
+            worker_runtime_env={"env_vars": _worker_env(cfg, run_dir)}),
     )
+    before = diagnostics.begin(run_dir)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
+        diagnostics.report(run_dir, before, name)  # an out-of-memory error ends the run with its own message
         raise TrainingFailed(f"{name} failed (after {c.max_failures} automatic restarts); it resumes from "
                              f"its last checkpoint with --resume. Cause: {err}") from err
+    diagnostics.report(run_dir, before, name)
     return result.return_value
+
+
+def _worker_env(cfg: Config, run_dir: str) -> dict[str, str]:
+    """Environment the workers need before their process group starts (NCCL's flight recorder), and the
+    fault-injection testing aid's spec, which reaches workers of a cluster started before it was set."""
+    env = watchdog.flight_recorder_env(run_dir) if cfg.cluster.use_gpu else {}
+    if os.environ.get(faults.ENV):
+        env[faults.ENV] = os.environ[faults.ENV]
+    return env
 
 
 def _hellaswag(cfg: Config) -> list | None:

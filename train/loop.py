@@ -29,6 +29,8 @@ from pipeline.core.tracking import worker_metrics
 from train import checkpoint
 from train import engine as engines
 from train.data import check_order
+from train.diagnostics import Diagnostics
+from train.faults import Injector
 
 
 @dataclass
@@ -92,35 +94,43 @@ def train_worker(make_recipe: Callable[..., Recipe], payload: dict) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     recipe = make_recipe(cfg, payload, rank, world, device)
     tracking = payload.get("tracking")
+    diagnostics = Diagnostics(cfg, recipe, rank, device, tracking, Injector(rank, recipe.run_dir))
+    if diagnostics.stopped():  # an earlier attempt ran out of memory: the driver reports it
+        return {}
     nodes = _nodes(world)
     say = _speaker(rank, recipe.name)
     say(f"{world} worker(s) on {nodes} node(s), {'nccl' if cfg.cluster.use_gpu else 'gloo'}, "
         f"ZeRO-{cfg.deepspeed.zero_stage}, {engines.precision(cfg)}")
-    engine, state = _engine(cfg, recipe, rank, world, tracking["run_id"] if tracking else None, say)
-    # one monitor per node (its first local worker), each under system/node_N/: NVML sees all the node's GPUs
-    monitor = (_system_metrics(tracking, ctx.get_node_rank())
-               if tracking and ctx.get_local_rank() == 0 and cfg.tracking.system_metrics else None)
-    try:
-        with worker_metrics(recipe.run_dir, rank, tracking, recipe.schedule.max_steps, state.step) as (metrics, publish):
-            for url in _train(cfg, recipe, engine, state, metrics, rank, world, device, publish):
-                say(f"checkpoint {url}")
-            extra = recipe.result(engine)
-    finally:
-        if monitor is not None:
-            monitor.finish()
+    with diagnostics.guard():
+        engine, state = _engine(cfg, recipe, rank, world, tracking["run_id"] if tracking else None, say)
+        # one monitor per node (its first local worker), each under system/node_N/: NVML sees all the node's GPUs
+        monitor = (_system_metrics(tracking, ctx.get_node_rank())
+                   if tracking and ctx.get_local_rank() == 0 and cfg.tracking.system_metrics else None)
+        try:
+            with worker_metrics(recipe.run_dir, rank, tracking, recipe.schedule.max_steps,
+                                state.step) as (metrics, publish):
+                for url in _train(cfg, recipe, engine, state, metrics, rank, world, device, diagnostics, publish):
+                    say(f"checkpoint {url}")
+                extra = recipe.result(engine)
+        finally:
+            if monitor is not None:
+                monitor.finish()
     return {"checkpoint": checkpoints.latest(recipe.checkpoint_dir), "step": state.step, "loss": state.loss,
             "tokens": state.tokens, "nodes": nodes, **extra}
 
 
 def _train(cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, rank: int, world: int,
-           device: torch.device, publish_metrics=None) -> Iterator[str]:
-    """The steps from state.step to the schedule's end; yields each committed checkpoint's URL."""
+           device: torch.device, diagnostics: Diagnostics, publish_metrics=None) -> Iterator[str]:
+    """The steps from state.step to the schedule's end; yields each committed checkpoint's URL. diagnostics:
+    the hang watchdog, profiler and fault injection around each step (train/diagnostics.py)."""
     import torch.distributed as dist
 
     accum = engine.gradient_accumulation_steps()
     max_steps = recipe.schedule.max_steps
     log = _StepLog(cfg, recipe, engine, state, metrics, accum * world, device)
+    diagnostics.started(state.step)
     while state.step < max_steps:
+        diagnostics.before_step(state.step + 1)
         t0 = time.perf_counter()
         torch.manual_seed(step_seed(cfg.run.seed, state.step, rank))
         lr = engines.lr_at(state.step, cfg, recipe.schedule)
@@ -140,13 +150,18 @@ def _train(cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, ra
         checkpoint_due = state.step % recipe.checkpoint_interval == 0 or last
         if checkpoint_due or state.step % cfg.train.log_interval == 0:  # a checkpoint records state.loss
             log.flush()
-        scores = recipe.evaluate(engine, state.step, last)
+        with diagnostics.phase("an evaluation"):
+            scores = recipe.evaluate(engine, state.step, last)
         if scores:
             log.flush()  # this step's metrics before its evaluation's
             metrics.log(scores, state.step)
         if checkpoint_due:
-            yield checkpoint.save(engine, engine.module, recipe.checkpoint_dir, state, cfg.checkpoint.keep_last,
-                                  before_commit=publish_metrics)  # the metrics up to it are in the run dir first
+            with diagnostics.phase("a checkpoint save"):  # the metrics up to it are in the run dir first
+                url = checkpoint.save(engine, engine.module, recipe.checkpoint_dir, state, cfg.checkpoint.keep_last,
+                                      before_commit=publish_metrics)
+            yield url
+        diagnostics.after_step(state.step)
+    diagnostics.finished()
 
 
 class _StepLog:

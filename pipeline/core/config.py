@@ -46,6 +46,14 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def profile_range(text: str) -> tuple[int, int] | None:
+    """(A, B) of a train.profile_steps value "A-B" (1 <= A <= B), or None when it is not one."""
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        return None
+    return int(match[1]), int(match[2])
+
+
 class _Section(BaseModel):
     # strict: a YAML string is never coerced into a number or a bool behind the user's back.
     # use_attribute_docstrings: the string under each field is its description (Model.model_fields[name].description),
@@ -209,6 +217,20 @@ class TrainConfig(Schedule):
     log_interval: int = 1
     """steps between reads of the loss and gradient norm off the device (one wait for the GPU per interval):
     every step's metrics are still logged, in a batch at each interval and before each checkpoint"""
+    step_timeout_s: float | None = None
+    """hang watchdog: seconds without a completed step after which every rank writes its Python stacks (and on
+    GPUs NCCL's flight recorder) to <run dir>/diagnostics/ and the worker group fails, so Ray Train restarts it
+    from the last checkpoint; null: derived, 20x the measured step time (x log_interval), at least 300 s"""
+    phase_timeout_s: float = 1800.0
+    """the hang watchdog's allowance for the first steps after a (re)start (compilation, data caching), an
+    evaluation and a checkpoint save; the process group's collective timeout is this plus 300 s, so the
+    watchdog, not the collective, reports a hang"""
+    memory_snapshot: bool = False
+    """GPU runs: record CUDA allocations and, on an out-of-memory error, write PyTorch's memory snapshot
+    (pytorch.org/memory_viz) to <run dir>/diagnostics/"""
+    profile_steps: str | None = None
+    """A-B: profile steps A to B (1-based, as logged) with torch.profiler; each rank writes a Chrome/Perfetto
+    trace to <run dir>/diagnostics/ and rank 0's is logged to MLflow"""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -217,6 +239,11 @@ class TrainConfig(Schedule):
                  "must be two numbers in [0, 1)")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _require(self.log_interval >= 1, "train.log_interval", "must be >= 1")
+        _require(self.step_timeout_s is None or self.step_timeout_s > 0, "train.step_timeout_s",
+                 "must be positive (or null: derived from the measured step time)")
+        _require(self.phase_timeout_s > 0, "train.phase_timeout_s", "must be positive")
+        _require(self.profile_steps is None or profile_range(self.profile_steps) is not None, "train.profile_steps",
+                 f"({self.profile_steps!r}) must be A-B with 1 <= A <= B, e.g. 10-12")
         return self
 
 
@@ -476,6 +503,8 @@ class Config(_Section):
         _require(self.model.loss_impl != "liger" or self.cluster.use_gpu, "model.loss_impl",
                  "liger (Liger-Kernel's fused linear cross-entropy, Triton kernels) runs on GPUs only; with "
                  "cluster.use_gpu=false use model.loss_impl=chunked")
+        _require(not self.train.memory_snapshot or self.cluster.use_gpu, "train.memory_snapshot",
+                 "records CUDA allocations: GPU runs only (cluster.use_gpu=true)")
         b = self.batch
         for key in ("tokens_per_step", "micro_batch_size", "seq_len"):
             _require(getattr(b, key) > 0, f"batch.{key}", "must be positive")
