@@ -142,3 +142,19 @@ def test_profiled_steps_leave_a_trace_per_rank_and_rank_0s_in_mlflow_then_an_oom
     # the restarted group did no work: the record ends at the step-4 checkpoint
     steps = [json.loads(line)["step"] for line in open(cfg.metrics_file)]
     assert max(steps) == 4
+
+
+def test_gpu_workers_get_the_flight_recorders_environment_and_upload_what_nccls_timeout_dumped(tmp_path, monkeypatch):
+    env = watchdog.flight_recorder_env("s3://runs/big/run")
+    assert int(env["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0 and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    prefix = env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"]
+    assert env["TORCH_FR_DUMP_TEMP_FILE"] == prefix and "runs_big_run" in prefix  # a folder per run directory
+    prefix = str(tmp_path / "nccl" / "run" / "rank_")
+    monkeypatch.setenv("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", prefix)
+    folder = str(tmp_path / "diagnostics")
+    assert watchdog.upload_nccl_dumps(folder) == [] and os.path.isdir(os.path.dirname(prefix))  # made for NCCL
+    with open(prefix + "1", "wb") as f:  # what an NCCL timeout in an earlier worker left on this node
+        f.write(b"trace of rank 1")
+    assert watchdog.upload_nccl_dumps(folder) == [os.path.join(folder, "nccl-timeout-rank_1.pickle")]
+    assert storage.read_bytes(os.path.join(folder, "nccl-timeout-rank_1.pickle")) == b"trace of rank 1"
+    assert not os.path.exists(prefix + "1")
