@@ -144,6 +144,7 @@ def test_a_hung_rank_leaves_every_ranks_stacks_and_the_restarted_group_ends_like
     stacks = {rank: open(os.path.join(folder, f"hang-step00000015-rank{rank}.txt")).read() for rank in (0, 1)}
     for rank, text in stacks.items():
         assert f"rank {rank} " in text and "at step 15 (last completed: 14)" in text and "in _train" in text
+        assert "collective timeout: 2100 s" in text  # train.phase_timeout_s + 300, not Ray's default of 1800
     assert "in hang" in stacks[1] and "in train_step" in stacks[0]  # rank 0 got as far as the step's collectives
 
     expected, got = losses(uninterrupted.run_dir), losses(cfg.run_dir)

@@ -149,7 +149,7 @@ class Diagnostics:
         self.cfg, self.recipe, self.rank, self.device, self.tracking = cfg, recipe, rank, device, tracking
         self.injector, self.step = injector, 0
         self.dir = directory(recipe.run_dir)
-        self.watchdog = watchdogs.Watchdog(cfg, rank, self.dir)
+        self.watchdog = watchdogs.Watchdog(cfg, rank, self.dir, recipe.name)
         steps = cfg.train.profile_steps
         self.profile = _Profile(profile_range(steps), device) if steps else None
         self.snapshots = cfg.train.memory_snapshot and device.type == "cuda"

@@ -87,6 +87,18 @@ def upload_nccl_dumps(diagnostics: str) -> list[str]:
     return urls
 
 
+def _collective_timeout() -> str:
+    """The process group's collective timeout as this rank's backend has it (launch.py sets it), for the report."""
+    import torch
+    import torch.distributed as dist
+
+    try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return f"{dist.group.WORLD._get_backend(device).options._timeout.total_seconds():.0f} s"
+    except Exception:  # no process group, or a backend that does not say
+        return "unknown"
+
+
 def _flight_recorder() -> bytes | None:
     """NCCL's flight recorder now (PyTorch's pickle, which we write and never read), or None without NCCL."""
     import torch
@@ -104,12 +116,13 @@ class Watchdog:
     """Started once the engine is built; `beat` after every completed step; `phase` around evaluation and
     checkpointing. `on_fire` (tests) replaces the exit."""
 
-    def __init__(self, cfg: Config, rank: int, diagnostics: str, clock: Callable[[], float] = time.monotonic,
-                 poll_s: float = 1.0, grace_s: float = GRACE_S, on_fire: Callable[[int], None] = os._exit):
+    def __init__(self, cfg: Config, rank: int, diagnostics: str, name: str = "train",
+                 clock: Callable[[], float] = time.monotonic, poll_s: float = 1.0, grace_s: float = GRACE_S,
+                 on_fire: Callable[[int], None] = os._exit):
         t = cfg.train
         self.configured, self.phase_s, self.log_interval = t.step_timeout_s, t.phase_timeout_s, t.log_interval
         self.rank, self.diagnostics, self.clock, self.poll_s, self.on_fire = rank, diagnostics, clock, poll_s, on_fire
-        self.grace_s = grace_s
+        self.grace_s, self.name = grace_s, name  # name: the console's prefix (train, finetune)
         self.intervals: deque[float] = deque(maxlen=WINDOW)
         self.step = self.first = 0
         self.last = self.deadline = self.excluded = 0.0  # excluded: time in phases since the last step
@@ -175,7 +188,8 @@ class Watchdog:
             with open(path, "w") as f:  # faulthandler writes to a file descriptor: a real file first
                 f.write(f"hang watchdog: rank {self.rank} (pid {os.getpid()} on {socket.gethostname()}) completed no "
                         f"step in {self.armed_s:.0f} s, waiting on {self.doing} at step {step} (last completed: "
-                        f"{self.step}); the Python stacks of every thread:\n\n")
+                        f"{self.step}); the process group's collective timeout: {_collective_timeout()}; the Python "
+                        f"stacks of every thread:\n\n")
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
             with open(path, "rb") as f:
@@ -184,7 +198,7 @@ class Watchdog:
         if trace is not None:
             storage.write_bytes(storage.join(self.diagnostics, f"nccl-trace-step{step:08d}-rank{self.rank}.pickle"),
                                 trace)
-        sys.stderr.write(f"train: rank {self.rank} completed no step in {self.armed_s:.0f} s (step {step}, "
+        sys.stderr.write(f"{self.name}: rank {self.rank} completed no step in {self.armed_s:.0f} s (step {step}, "
                          f"{self.doing}): stacks in {url}; ending this worker so that Ray Train restarts the group "
                          f"from the last checkpoint\n")
         sys.stderr.flush()
