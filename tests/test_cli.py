@@ -174,13 +174,14 @@ def test_every_user_fixable_error_is_a_user_error():
     from tokenization.shards import ShardError
     from tokenization.sources import CorpusError
     from tokenization.tokenizer import TokenizerUnavailable
+    from train.diagnostics import OutOfMemory
     from train.launch import TrainingFailed
     from train.plan import PlanError
     from train.tasks import TaskError
 
     value_errors = (ConfigError, ShardError, CorpusError, CheckpointError, HeadMismatch, TaskError, PlanError,
                     HellaSwagError, GenerationError)
-    runtime_errors = (StorageError, TokenizerUnavailable, TrainingFailed, StageError)
+    runtime_errors = (StorageError, TokenizerUnavailable, TrainingFailed, StageError, OutOfMemory)
     for cls in value_errors + runtime_errors:
         assert issubclass(cls, UserError), cls
     assert all(issubclass(c, ValueError) for c in value_errors)  # callers still catch these as before
