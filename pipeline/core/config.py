@@ -220,7 +220,8 @@ class TrainConfig(Schedule):
     step_timeout_s: float | None = None
     """hang watchdog: seconds without a completed step after which every rank writes its Python stacks (and on
     GPUs NCCL's flight recorder) to <run dir>/diagnostics/ and the worker group fails, so Ray Train restarts it
-    from the last checkpoint; null: derived, 20x the measured step time (x log_interval), at least 300 s"""
+    from the last checkpoint; null: derived, 20x the measured step time (x log_interval), at least 300 s and at
+    most phase_timeout_s"""
     phase_timeout_s: float = 1800.0
     """the hang watchdog's allowance for the first steps after a (re)start (compilation, data caching), an
     evaluation and a checkpoint save; the process group's collective timeout is this plus 300 s, so the
