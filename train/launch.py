@@ -20,7 +20,7 @@ from pipeline.core.model import checkpoints
 from pipeline.core.model.checkpoints import CheckpointError, TrainerState
 from pipeline.core.storage import join
 from tokenization.shards import load_manifest
-from train import checkpoint
+from train import checkpoint, faults
 from train.data import check_order
 
 
@@ -83,7 +83,8 @@ def fit(cfg: Config, make_recipe: Callable, payload: dict, name: str, run_dir: s
     # what the workers write must be on storage every node sees; what they read was checked by the caller
     # (the shards by run(); a fine-tune's task data is read by the driver alone)
     cluster.connect(cfg, (run_dir, checkpoint_dir))
-    payload = {**payload, **{k: None if v is None else ray.put(v) for k, v in (shared or {}).items()}}
+    payload = {**payload, **{k: None if v is None else ray.put(v) for k, v in (shared or {}).items()},
+               "faults": os.environ.get(faults.ENV)}  # the driver's test faults reach workers on every node
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
     existing = checkpoints.latest(checkpoint_dir)
