@@ -195,8 +195,9 @@ class Schedule(_Section):
     def _check_schedule(self) -> Schedule:
         s = self.section
         # an AdamW step moves each weight by about lr: above 1 (or not finite) every weight is noise after a step
-        _require(math.isfinite(self.lr) and 0 < self.lr <= 1, f"{s}.lr",
-                 f"({self.lr}) must be a finite number in (0, 1]: larger learning rates only produce NaN")
+        _require(math.isfinite(self.lr) and self.lr <= 1, f"{s}.lr",
+                 f"({self.lr}) must be finite and at most 1: larger learning rates only produce NaN")
+        _require(self.lr > 0, f"{s}.lr", "must be positive")
         _require(self.max_bad_steps >= 0, f"{s}.max_bad_steps", "must be >= 0")
         self.skipped_ranges()  # refuses a malformed or out-of-range skip_steps
         _require(self.max_steps > 0, f"{s}.max_steps", "must be positive")
