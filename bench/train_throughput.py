@@ -1,12 +1,19 @@
 """Tokens/s of the full training stack against a plain PyTorch loop, side by side in one run.
 
     python bench/train_throughput.py [--steps 30] [--warmup 5] [--cpus 2]
+    python bench/train_throughput.py --guards [--steps 200]
 
 Full stack: Ray Train's TorchTrainer, one worker, DeepSpeed (ZeRO stage from the config), our loader,
 metrics and LR schedule; its per-step times come from the run's metrics.jsonl. Plain loop: the same
 GPT, batch, data and AdamW in this process with as many threads as the worker has CPUs (--cpus, the
 worker's cluster.cpus_per_worker). Both exclude start-up and the first --warmup steps.
 Target: full stack / plain >= 0.95.
+
+--guards: the cost of the bad-step guard (train/engine.train_step: the loss summed over ranks before the last
+backward pass, the last loss scaled by 1 or NaN) on the step. One DeepSpeed engine in this process takes
+steps alternately through train_step and through the bare DeepSpeed calls of the same step (forward,
+backward, step, then the loss sum's all-reduce, as the loop did before the guard), so both see the same
+machine state; the ratio of the medians is the guard's cost. Target: guarded / bare >= 0.99.
 """
 
 from __future__ import annotations
@@ -62,6 +69,40 @@ def plain_loop(cfg, steps: int) -> list[float]:
     return times
 
 
+def guard_cost(cfg, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds per step through train_step (guarded) and through the bare DeepSpeed calls, alternately."""
+    import torch.distributed as dist
+
+    from train import engine as engines
+
+    torch.set_num_threads(int(cfg.cluster.cpus_per_worker))
+    engines.local_process_group(use_gpu=False)
+    engine = engines.initialize(cfg, world_size=1)
+    loader = ShardLoader(cfg.data_dir, cfg.batch.seq_len, cfg.run.seed)
+    per_step, micro, cpu = cfg.batch.tokens_per_step // cfg.batch.seq_len, cfg.batch.micro_batch_size, torch.device("cpu")
+
+    def bare(batches) -> torch.Tensor:
+        loss_sum = torch.zeros(())
+        for x, y in batches:
+            loss = engine(x, y)[1]
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+        dist.all_reduce(loss_sum)
+        return loss_sum
+
+    times: dict[str, list[float]] = {"guarded": [], "bare": []}
+    for step in range(2 * steps):
+        kind = "guarded" if step % 2 == 0 else "bare"
+        batches = [loader.sequences(step * per_step + i, micro) for i in range(0, per_step, micro)]
+        engines.set_lr(engine, lr_at(step, cfg))
+        t0 = time.perf_counter()
+        loss = engines.train_step(engine, batches, cpu)[0] if kind == "guarded" else bare(batches)
+        loss.item()
+        times[kind].append(time.perf_counter() - t0)
+    return times["guarded"], times["bare"]
+
+
 def full_stack(cfg) -> list[float]:
     launch.run(cfg)
     return [r["train/step_time_s"] for r in read_jsonl(cfg.metrics_file) if "train/step_time_s" in r]
@@ -72,8 +113,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--cpus", type=int, default=2, help="the worker's CPUs = the plain loop's threads")
+    parser.add_argument("--guards", action="store_true", help="measure the bad-step guard's cost instead")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.guards:
+        with tempfile.TemporaryDirectory() as tmp:
+            cluster.connect()  # the tokenization job's Ray
+            cfg = load_config("smoke", OVERRIDES + [f"cluster.cpus_per_worker={args.cpus}"], {"run.root": tmp})
+            cfg = cfg.with_absolute_paths()
+            job.run(cfg, log=lambda *_: None)
+            guarded, bare = (statistics.median(t[args.warmup:]) for t in guard_cost(cfg, args.steps))
+            ray.shutdown()
+        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads; model: {' '.join(OVERRIDES[:3])}, ZeRO-{cfg.deepspeed.zero_stage}, fp32")
+        print(f"step with the bad-step guard: {guarded * 1000:.1f} ms, without: {bare * 1000:.1f} ms (medians of "
+              f"{args.steps - args.warmup} each, alternating); guarded / bare throughput: {bare / guarded:.4f} "
+              f"(target >= 0.99)")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         cluster.connect()  # the Ray a user's run gets
         overrides = OVERRIDES + [f"train.max_steps={args.steps}", f"cluster.cpus_per_worker={args.cpus}"]

@@ -301,6 +301,33 @@ def test_a_killed_fine_tune_resumes_and_repeats_identical_losses(uninterrupted_f
 
 
 @pytest.mark.slow
+def test_a_fine_tune_leaves_a_nan_step_out_exactly_as_a_skipped_one(pretrained, kind_task, tmp_path, monkeypatch):
+    import math
+
+    from safetensors.torch import load_file
+
+    from pipeline.core.model import checkpoints
+    from pipeline.core.tracking import metrics_file, read_jsonl
+    from train import faults, finetuning
+
+    def fine_tune(name: str, *overrides: str) -> tuple[dict[int, dict], dict[str, torch.Tensor]]:
+        cfg = fine_tune_config(tmp_path / name, "finetune.max_steps=6", "finetune.checkpoint_interval=6", *overrides,
+                               task=kind_task).with_absolute_paths()
+        finetuning.run(cfg, pretrained["checkpoint"])
+        steps = {r["step"]: r for r in read_jsonl(metrics_file(cfg.finetune_dir))
+                 if "train/loss" in r or "train/skipped_step" in r}  # not the evaluation's records
+        return steps, load_file(f"{checkpoints.latest(finetuning.checkpoint_dir(cfg))}/model.safetensors")
+
+    skipped, skipped_weights = fine_tune("skip", "finetune.skip_steps=3-3")
+    monkeypatch.setenv(faults.ENV, "nan@3")
+    bad, bad_weights = fine_tune("nan")
+    assert skipped[3]["train/skipped_step"] == 1 and math.isnan(bad[3]["train/loss"]) and bad[3]["train/bad_step"] == 1
+    assert {s: r["train/loss"] for s, r in bad.items() if s != 3} == {s: r["train/loss"] for s, r in skipped.items()
+                                                                    if s != 3}
+    assert all(torch.equal(bad_weights[k], skipped_weights[k]) for k in skipped_weights)
+
+
+@pytest.mark.slow
 def test_heads_that_do_not_match_the_checkpoint_are_refused_and_models_uris_are_read(uninterrupted_fine_tune, pretrained, tmp_path):
     from conftest import run_cli
     from transformers import GPT2ForSequenceClassification

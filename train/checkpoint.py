@@ -31,6 +31,7 @@ from pipeline.core.model.checkpoints import (
     TrainerState,
     committed,
     is_step_name,
+    last_finite,
     step_name,
 )
 from pipeline.core.model.gpt2 import save_hf
@@ -117,7 +118,10 @@ class _staged:
 
 def _prune(directory: str, keep_last: int) -> None:
     names = committed(directory)
+    finite = last_finite(directory)  # kept whatever keep_last says: the one a run of bad steps goes back to
     for name in names[:-keep_last]:
+        if join(directory, name) == finite:
+            continue
         storage.remove(join(directory, name), recursive=True)
     newest = names[-1]
     for name in storage.listdir(directory):  # uncommitted leftovers of crashed saves

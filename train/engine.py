@@ -66,7 +66,8 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False,
         # Explicit: DeepSpeed's default for this changed in 0.19.3; 0 means no clipping.
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision(cfg) == "bf16"},
+        # check_grad_overflow: a bf16 step whose gradients are not finite is discarded (see train_step)
+        "bf16": {"enabled": precision(cfg) == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": False},
         **_grad_dtypes(cfg),
         "zero_allow_untested_optimizer": True,
@@ -171,29 +172,59 @@ def local_process_group(use_gpu: bool) -> None:
 # --- the training step --------------------------------------------------------------------------------
 Targets = torch.Tensor | dict[str, torch.Tensor]  # next tokens (B, T), or labels per task head
 
-def train_step(engine, batches: Iterable[tuple[torch.Tensor, Targets]],
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor | float | None]:
+def train_step(engine, batches: Iterable[tuple[torch.Tensor, Targets]], device: torch.device,
+               inject_nan: bool = False) -> tuple[torch.Tensor, torch.Tensor | float | None]:
     """One optimizer step over this rank's micro-batches (CPU tensors: inputs (B, T) and targets, (B, T) for
-    the LM or {head: labels} for task heads).
-    Returns the sum of the micro-batch losses and the gradient norm (None where DeepSpeed reports none),
-    both as they are, on the device where they are tensors: reading them (float()) waits for the step
+    the LM or {head: labels} for task heads), unless it is bad.
+    Returns the sum of the micro-batch losses over all ranks and the gradient norm (None where DeepSpeed reports
+    none), both as they are, on the device where they are tensors: reading them (float()) waits for the step
     to finish, which the caller does when it logs (train/loop.py, every train.log_interval steps). The
-    forward returns no logits with targets, so none are held through backward."""
+    forward returns no logits with targets, so none are held through backward.
+
+    A bad step, one whose loss is not finite on some rank, is not applied on any rank. The losses are summed
+    over the ranks before the last backward pass, so every rank sees the same sum; where it is not finite, each
+    rank scales its last loss by NaN (1 otherwise: the same bits), all gradients turn NaN, and the optimizer
+    discards the step on its own overflow check (DeepSpeed's ZeRO 1-3 and bf16 optimizers skip a step whose
+    gradient norm is not finite, and clear their buffers) -- all queued on the device, without a wait. A
+    non-finite gradient norm with a finite loss is discarded the same way. ZeRO-0 in fp32 steps torch's AdamW,
+    which has no such check: there the gradient norm is read (a wait) and a non-finite one leaves AdamW out of
+    the step. inject_nan: make this rank's loss NaN (fault injection, train/faults.py)."""
+    import torch.distributed as dist
+
     accum = engine.gradient_accumulation_steps()
     loss_sum = torch.zeros((), device=device)
     grad_norm = None
     for micro, (x, y) in enumerate(on_device(batches, device)):
         loss = engine(x, y)[1]
+        if inject_nan and micro == 0:
+            loss = loss * float("nan")
+        loss_sum += loss.detach().float()
+        if micro == accum - 1:
+            dist.all_reduce(loss_sum)  # queued on the device: no wait here
+            loss = loss * torch.where(torch.isfinite(loss_sum), 1.0, float("nan")).to(loss.dtype)
         engine.backward(loss)
         if micro == accum - 1 and engine.zero_optimization_stage() == 0:
             grad_norm = _grad_norm(engine.module)  # ZeRO-0 does not report it; gradients are reduced now
-        engine.step()
-        loss_sum += loss.detach().float()
+        if grad_norm is not None and not hasattr(engine.optimizer, "overflow") and not math.isfinite(grad_norm):
+            _step_without_update(engine)
+        else:
+            engine.step()
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     if isinstance(grad_norm, torch.Tensor):  # a copy: DeepSpeed may reuse its tensor in the next step
         grad_norm = grad_norm.detach().float().clone()
     return loss_sum, grad_norm
+
+
+def _step_without_update(engine) -> None:
+    """engine.step() with the optimizer's update left out, for an optimizer without DeepSpeed's overflow check
+    (torch's AdamW under ZeRO-0): the engine still counts the step and clears the gradients."""
+    optimizer = engine.optimizer
+    optimizer.step = lambda *args, **kwargs: None  # on this instance, for this call only
+    try:
+        engine.step()
+    finally:
+        del optimizer.step
 
 
 def on_device(batches: Iterable[tuple[Targets, ...]], device: torch.device) -> Iterator[tuple[Targets, ...]]:

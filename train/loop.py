@@ -7,10 +7,20 @@ the schedule's max_steps, evaluating and checkpointing on the way. What differs 
 step's batches are drawn, what "evaluate" means, the schedule and batch shape, where checkpoints and
 metrics go. Everything that decides a step's result (data position, learning rate, dropout seed) is a
 function of the step number, which is why a restart from a checkpoint repeats the same losses bit for bit.
+
+Bad steps: a step whose loss or gradient norm is not finite is not applied, on any rank (train/engine.py's
+train_step); it is logged with the data it drew (train/bad_step, train/bad_sequence: the first of the global
+sequences it drew; it drew the schedule's batch of them). After the schedule's max_bad_steps of them in a row
+the workers load the last checkpoint before them and skip those steps' data from then on. Skipped steps
+(skip_steps, and those of such a rollback, recorded in every later checkpoint) are not taken: their data is
+passed over, their numbers and the learning rates after them stay, so a run that skips step 12 takes the same
+steps 13, 14, ... as a run whose step 12 was bad.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import os
 import sys
 import time
@@ -94,6 +104,7 @@ def train_worker(make_recipe: Callable[..., Recipe], payload: dict) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     recipe = make_recipe(cfg, payload, rank, world, device)
     tracking = payload.get("tracking")
+    # GPT2_PIPELINE_FAULTS, a testing aid (train/launch.fit hands the driver's to the workers): nothing when unset
     diagnostics = Diagnostics(cfg, recipe, rank, device, tracking, Injector(rank, recipe.run_dir))
     if diagnostics.stopped():  # an earlier attempt ran out of memory: the driver reports it
         return {}
@@ -107,11 +118,8 @@ def train_worker(make_recipe: Callable[..., Recipe], payload: dict) -> dict:
         monitor = (_system_metrics(tracking, ctx.get_node_rank())
                    if tracking and ctx.get_local_rank() == 0 and cfg.tracking.system_metrics else None)
         try:
-            with worker_metrics(recipe.run_dir, rank, tracking, recipe.schedule.max_steps,
-                                state.step) as (metrics, publish):
-                for url in _train(cfg, recipe, engine, state, metrics, rank, world, device, diagnostics, publish):
-                    say(f"checkpoint {url}")
-                extra = recipe.result(engine)
+            state, extra = _train_going_back(cfg, recipe, engine, state, tracking, rank, world, device, diagnostics,
+                                             say)
         finally:
             if monitor is not None:
                 monitor.finish()
@@ -119,32 +127,65 @@ def train_worker(make_recipe: Callable[..., Recipe], payload: dict) -> dict:
             "tokens": state.tokens, "nodes": nodes, **extra}
 
 
-def _train(cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, rank: int, world: int,
-           device: torch.device, diagnostics: Diagnostics, publish_metrics=None) -> Iterator[str]:
-    """The steps from state.step to the schedule's end; yields each committed checkpoint's URL. diagnostics:
-    the hang watchdog, profiler and fault injection around each step (train/diagnostics.py)."""
-    import torch.distributed as dist
+def _train_going_back(cfg: Config, recipe: Recipe, engine, state: TrainerState, tracking: dict | None, rank: int,
+                      world: int, device: torch.device, diagnostics: Diagnostics,
+                      say) -> tuple[TrainerState, dict]:
+    """_train to the schedule's end, going back to the last good checkpoint after a streak of bad steps;
+    the final state and the recipe's result."""
+    went_back = False
+    while True:
+        try:  # the metrics record is reopened after going back: it drops the steps that are redone (rewind)
+            with worker_metrics(recipe.run_dir, rank, tracking, recipe.schedule.max_steps, state.step) as (
+                    metrics, publish):
+                for url in _train(cfg, recipe, engine, state, metrics, rank, world, device, diagnostics, publish,
+                                  say):
+                    say(f"checkpoint {url}")
+                return state, recipe.result(engine)
+        except BadSteps as bad:
+            if went_back and not bad.after_good:
+                raise CheckpointError(
+                    f"{recipe.name}: steps {bad.first}-{bad.last} were bad too, with no good step since going "
+                    f"back: the checkpoint's state, not the data, looks broken; resume from an earlier "
+                    f"checkpoint, or skip a longer stretch ({recipe.schedule.section}.skip_steps)") from None
+            with diagnostics.phase("going back to a checkpoint"):
+                state = _go_back(recipe, engine, state, bad, rank, world, say)
+            went_back = True
 
+
+def _train(cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, rank: int, world: int,
+           device: torch.device, diagnostics: Diagnostics, publish_metrics=None,
+           say: Callable[[str], None] = lambda _: None) -> Iterator[str]:
+    """The steps from state.step to the schedule's end; yields each committed checkpoint's URL. diagnostics:
+    the hang watchdog, profiler and fault injection around each step (train/diagnostics.py). Raises
+    BadSteps after the schedule's max_bad_steps bad steps in a row."""
     accum = engine.gradient_accumulation_steps()
     max_steps = recipe.schedule.max_steps
-    log = _StepLog(cfg, recipe, engine, state, metrics, accum * world, device)
+    state.skip_steps = merged_ranges(state.skip_steps + [list(r) for r in recipe.schedule.skipped_ranges()])
+    skipped = 0
+    log = _StepLog(cfg, recipe, engine, state, metrics, accum * world, device, say)
     diagnostics.started(state.step)
     while state.step < max_steps:
         diagnostics.before_step(state.step + 1)
         t0 = time.perf_counter()
-        torch.manual_seed(step_seed(cfg.run.seed, state.step, rank))
-        lr = engines.lr_at(state.step, cfg, recipe.schedule)
-        engines.set_lr(engine, lr)
-        batches = (recipe.batches(state.sequences, rank, world, micro) for micro in range(accum))
-        loss_sum, grad_norm = engines.train_step(engine, batches, device)
-        dist.all_reduce(loss_sum)  # queued on the device: no wait here
-        state.step += 1
-        state.sequences += recipe.batch.sequences
-        state.tokens += recipe.tokens_per_step or 0
-        logged = {"train/lr": lr, "train/memory_gb": _memory_gb(device), **recipe.step_metrics(state)}
-        if recipe.tokens_per_step:
-            logged["train/tokens_seen"] = state.tokens
-        log.add(loss_sum, grad_norm, time.perf_counter() - t0, logged)
+        step, first = state.step + 1, state.sequences  # the step about to be taken (as logged), its data position
+        if in_ranges(state.skip_steps, step):
+            state.step, state.sequences = step, first + recipe.batch.sequences
+            log.flush()  # the steps before it are logged first
+            metrics.log({"train/skipped_step": 1, "train/skipped_sequence": first}, step)
+            skipped += 1
+        else:
+            torch.manual_seed(step_seed(cfg.run.seed, state.step, rank))
+            lr = engines.lr_at(state.step, cfg, recipe.schedule)
+            engines.set_lr(engine, lr)
+            batches = (recipe.batches(first, rank, world, micro) for micro in range(accum))
+            loss_sum, grad_norm = engines.train_step(engine, batches, device,
+                                                     inject_nan=diagnostics.injector.at(step, "nan"))
+            state.step, state.sequences = step, first + recipe.batch.sequences
+            state.tokens += recipe.tokens_per_step or 0
+            logged = {"train/lr": lr, "train/memory_gb": _memory_gb(device), **recipe.step_metrics(state)}
+            if recipe.tokens_per_step:
+                logged["train/tokens_seen"] = state.tokens
+            log.add(loss_sum, grad_norm, time.perf_counter() - t0, logged, first)
 
         last = state.step == max_steps
         checkpoint_due = state.step % recipe.checkpoint_interval == 0 or last
@@ -162,6 +203,55 @@ def _train(cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, ra
             yield url
         diagnostics.after_step(state.step)
     diagnostics.finished()
+    if skipped or log.bad:
+        say(f"{skipped} step(s) skipped ({skipped * recipe.batch.sequences} sequences not trained on), "
+            f"{log.bad} bad step(s) not applied")
+
+
+def merged_ranges(ranges: list[list[int]]) -> list[list[int]]:
+    """[first, last] step ranges, sorted, overlapping and adjacent ones joined."""
+    out: list[list[int]] = []
+    for first, last in sorted(ranges):
+        if out and first <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], last)
+        else:
+            out.append([first, last])
+    return out
+
+
+def in_ranges(ranges: list[list[int]], step: int) -> bool:
+    """Whether step lies in one of the merged ranges."""
+    i = bisect.bisect_right(ranges, [step, float("inf")]) - 1
+    return i >= 0 and ranges[i][0] <= step <= ranges[i][1]
+
+
+class BadSteps(Exception):
+    """The schedule's max_bad_steps bad steps in a row: steps first..last. after_good: whether a good step was
+    taken since the steps began (or went back)."""
+
+    def __init__(self, first: int, last: int, after_good: bool):
+        super().__init__(f"steps {first}-{last} were bad")
+        self.first, self.last, self.after_good = first, last, after_good
+
+
+def _go_back(recipe: Recipe, engine, state: TrainerState, bad: BadSteps, rank: int, world: int, say) -> TrainerState:
+    """Load the last checkpoint before the bad steps into the engine (collective); the state to continue from,
+    which skips their data."""
+    import torch.distributed as dist
+
+    chosen = [checkpoints.last_finite(recipe.checkpoint_dir, before=bad.first) if rank == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)  # every rank loads the one rank 0 found
+    url, skip = chosen[0], f"{recipe.schedule.section}.skip_steps={bad.first}-{bad.last}"
+    saved = TrainerState.read(url) if url else None
+    if saved is None or saved.world_size != world:
+        raise CheckpointError(
+            f"{recipe.name}: steps {bad.first}-{bad.last} were bad ({recipe.schedule.section}.max_bad_steps="
+            f"{recipe.schedule.max_bad_steps} in a row) and {recipe.checkpoint_dir} holds no checkpoint of "
+            f"{world} worker(s) before them to go back to; skip their data by hand: {skip}")
+    checkpoint.load(engine, url, saved, world)
+    say(f"steps {bad.first}-{bad.last} were bad: back to {url}; their data is skipped from now on ({skip})")
+    return TrainerState(**{**saved.__dict__, "run_id": saved.run_id or state.run_id,
+                           "skip_steps": merged_ranges(saved.skip_steps + state.skip_steps + [[bad.first, bad.last]])})
 
 
 class _StepLog:
@@ -169,16 +259,19 @@ class _StepLog:
     wait for the device in train.log_interval steps), logs every step and sets state.loss to the last one's."""
 
     def __init__(self, cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, replicas: int,
-                 device: torch.device):
+                 device: torch.device, say: Callable[[str], None]):
         self.cfg, self.recipe, self.engine, self.state, self.metrics = cfg, recipe, engine, state, metrics
+        self.say = say
+        self.bad, self.in_a_row, self.after_good = 0, 0, False  # bad steps; of them, the last ones in a row
+        self.first_bad = 0  # the first step of those in a row
         self.replicas = replicas  # micro-batches summed into a step's loss: accumulation steps x workers
         self.world = replicas // engine.gradient_accumulation_steps()
         self.peak = engines.peak_flops(device)
         self.started, self.steps_at_start = time.perf_counter(), state.step
-        self.pending: list[tuple[int, torch.Tensor, object, float, dict]] = []
+        self.pending: list[tuple[int, torch.Tensor, object, float, dict, int]] = []
 
-    def add(self, loss_sum: torch.Tensor, grad_norm, host_seconds: float, logged: dict) -> None:
-        self.pending.append((self.state.step, loss_sum, grad_norm, host_seconds, logged))
+    def add(self, loss_sum: torch.Tensor, grad_norm, host_seconds: float, logged: dict, first_sequence: int) -> None:
+        self.pending.append((self.state.step, loss_sum, grad_norm, host_seconds, logged, first_sequence))
 
     def flush(self) -> None:
         if not self.pending:
@@ -193,7 +286,7 @@ class _StepLog:
         step_time = (sum(p[3] for p in self.pending) + time.perf_counter() - t0) / len(self.pending)
         elapsed, max_steps = time.perf_counter() - self.started, self.recipe.schedule.max_steps
         tokens = self.recipe.tokens_per_step
-        for (step, _, _, _, logged), loss_sum, norm in zip(self.pending, losses, norms):
+        for (step, _, _, _, logged, first), loss_sum, norm in zip(self.pending, losses, norms):
             self.state.loss = loss_sum / self.replicas  # the global batch's mean loss
             eta = elapsed / (self.pending[-1][0] - self.steps_at_start) * (max_steps - step)
             per_step = {"train/loss": self.state.loss, "train/grad_norm": norm, "train/step_time_s": step_time,
@@ -201,8 +294,19 @@ class _StepLog:
             if tokens:
                 per_step.update({"train/tokens_per_s": tokens / step_time,
                                  "train/mfu": engines.mfu(self.engine, self.cfg, step_time, self.peak, self.world)})
+            if math.isfinite(loss_sum) and (norm is None or math.isfinite(norm)):
+                self.in_a_row, self.after_good = 0, True
+            else:  # not applied (train/engine.py's train_step)
+                self.bad, self.in_a_row = self.bad + 1, self.in_a_row + 1
+                self.first_bad = step if self.in_a_row == 1 else self.first_bad
+                per_step.update({"train/bad_step": 1, "train/bad_sequence": first})
+                self.say(f"step {step} is bad (loss {self.state.loss}, gradient norm {norm}): not applied; it drew "
+                         f"sequences {first}-{first + self.recipe.batch.sequences - 1}")
             self.metrics.log(per_step, step)
         self.pending.clear()
+        limit = self.recipe.schedule.max_bad_steps
+        if limit and self.in_a_row >= limit:  # the last step logged is the last bad one
+            raise BadSteps(self.first_bad, step, self.after_good)
 
 
 def _engine(cfg: Config, recipe: Recipe, rank: int, world: int, run_id: str | None, say):

@@ -131,10 +131,12 @@ class Watchdog:
         self._thread: threading.Thread | None = None
 
     def start(self, step: int) -> Watchdog:
+        """Watch from `step` on; again after the loop went back to a checkpoint: re-armed, same thread."""
         self.step = self.first = step
         self._arm(self.phase_s, "the first steps after a start")
-        self._thread = threading.Thread(target=self._loop, name="hang-watchdog", daemon=True)
-        self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="hang-watchdog", daemon=True)
+            self._thread.start()
         return self
 
     def stop(self) -> None:

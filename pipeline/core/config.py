@@ -15,6 +15,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -179,6 +180,15 @@ class Schedule(_Section):
     examples)"""
     weight_decay: float = 0.1
     """AdamW decay on 2-D weights only (not biases or LayerNorm)"""
+    skip_steps: str = ""
+    """steps whose data is skipped, e.g. "1200-1250,3000-3010" (ranges of steps as logged, from 1, both ends
+    included): those steps are not taken (no forward pass, no update) and their data is passed over; the steps
+    after them keep their numbers, learning rates and data, exactly as if a bad step had not been applied there
+    (Megatron-DeepSpeed's --train-range-to-skip)"""
+    max_bad_steps: int = 5
+    """a step whose loss or gradient norm is not finite on any rank is not applied, on every rank; after this many
+    such steps in a row the run goes back to its last checkpoint before them and skips their data, a skip every
+    later resume makes too (0: never go back, only leave bad steps out)"""
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -192,12 +202,36 @@ class Schedule(_Section):
     @model_validator(mode="after")
     def _check_schedule(self) -> Schedule:
         s = self.section
+        # an AdamW step moves each weight by about lr: above 1 (or not finite) every weight is noise after a step
+        _require(math.isfinite(self.lr) and self.lr <= 1, f"{s}.lr",
+                 f"({self.lr}) must be finite and at most 1: larger learning rates only produce NaN")
         _require(self.lr > 0, f"{s}.lr", "must be positive")
+        _require(self.max_bad_steps >= 0, f"{s}.max_bad_steps", "must be >= 0")
+        self.skipped_ranges()  # refuses a malformed or out-of-range skip_steps
         _require(self.max_steps > 0, f"{s}.max_steps", "must be positive")
         _require(0 <= self.warmup_steps <= self.max_steps, f"{s}.warmup_steps",
                  f"({self.warmup_steps}) must be between 0 and {s}.max_steps ({self.max_steps})")
-        _require(self.weight_decay >= 0, f"{s}.weight_decay", "must be >= 0")
+        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"{s}.weight_decay",
+                 "must be a finite number >= 0")
         return self
+
+    def skipped_ranges(self) -> list[tuple[int, int]]:
+        """skip_steps as (first, last) step ranges, both included; ConfigError naming the key when unreadable."""
+        key, out = f"{self.section}.skip_steps", []
+        for part in filter(None, (p.strip() for p in self.skip_steps.split(","))):
+            match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+            _require(match is not None, key, f"cannot read {part!r}; expected ranges of steps like 120-130,400-400")
+            first, last = int(match[1]), int(match[2] or match[1])
+            _require(1 <= first <= last <= self.max_steps, key,
+                     f"{part!r}: a range must run from a step >= 1 to one not before it and not past "
+                     f"{self.section}.max_steps ({self.max_steps})")
+            out.append((first, last))
+        return out
+
+    @field_validator("skip_steps", mode="before")
+    @classmethod
+    def _one_step_is_a_range(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class TrainConfig(Schedule):
@@ -238,7 +272,8 @@ class TrainConfig(Schedule):
         _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
                  "must be two numbers in [0, 1)")
-        _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _require(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "train.grad_clip", "must be a finite number >= 0")
+        _require(math.isfinite(self.eps) and self.eps > 0, "train.eps", "must be a finite positive number")
         _require(self.log_interval >= 1, "train.log_interval", "must be >= 1")
         _require(self.step_timeout_s is None or self.step_timeout_s > 0, "train.step_timeout_s",
                  "must be positive (or null: derived from the measured step time)")

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -62,6 +63,9 @@ class TrainerState:
     data_order: str = ""  # train/data.py's ORDER; "" in checkpoints written before it was recorded
     run_id: str | None = None  # the tracking (MLflow) run
     loss: float | None = None  # training loss of the last step
+    # steps whose data the run skips ([first, last], both included, merged, in order): the schedule's skip_steps
+    # and those left behind by going back from a run of bad steps (train/loop.py); every resume skips them too
+    skip_steps: list[list[int]] = field(default_factory=list)
 
     @classmethod
     def read(cls, url: str) -> TrainerState:
@@ -96,6 +100,9 @@ _STATE_FIELDS = (
     ("run_id", lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-zA-Z_-]{1,64}", v) is not None),
      "an MLflow run id or null"),
     ("loss", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number or null"),
+    ("skip_steps", lambda v: isinstance(v, list) and len(v) <= 100_000 and all(
+        isinstance(r, list) and len(r) == 2 and all(_count(n) for n in r) and 1 <= r[0] <= r[1] for r in v),
+     "a list of [first, last] step ranges (1 <= first <= last)"),
 )
 
 
@@ -135,6 +142,21 @@ def latest(directory: str) -> str | None:
     (kept for people and tools): a crash between a commit and the pointer update loses nothing."""
     names = committed(directory)
     return join(directory, names[-1]) if names else None
+
+
+def last_finite(directory: str, before: int | None = None) -> str | None:
+    """URL of the newest committed checkpoint whose recorded loss is finite (or not yet known), among those of
+    steps before `before` when given: where a run goes back to from bad steps, and what pruning keeps. A
+    checkpoint whose trainer state does not read is passed over."""
+    for name in reversed(committed(directory)):
+        url = join(directory, name)
+        try:
+            state = TrainerState.read(url)
+        except CheckpointError:
+            continue
+        if (before is None or state.step < before) and (state.loss is None or math.isfinite(state.loss)):
+            return url
+    return None
 
 
 def finished(directory: str, max_steps: int) -> str | None:
