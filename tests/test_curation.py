@@ -243,6 +243,21 @@ def test_changed_curation_settings_are_named_and_a_resumed_run_redoes_only_what_
                                     + m["curation"]["exact_duplicates"]["documents"])
 
 
+def test_an_eval_set_that_cannot_be_read_is_recorded_as_unchecked_with_count_and_stops_drop(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no copy cached by the eval stage
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    said = []
+    index, why = job._eval_index(load_config("smoke", ["eval.hellaswag=official"]), said.append)
+    assert index is None and "cannot read the HellaSwag items (official)" in why and len(said) == 1
+    with pytest.raises(CorpusError, match=r"^tokenization.decontaminate=drop: cannot read the HellaSwag items"):
+        job._eval_index(load_config("smoke", ["eval.hellaswag=official", "tokenization.decontaminate=drop"]), print)
+    with pytest.raises(CorpusError, match="not a HellaSwag item"):  # a file that is not HellaSwag: named, always
+        job._eval_index(load_config("smoke", [f"eval.hellaswag={write_jsonl(tmp_path / 'x.jsonl', [{'a': 1}])}"]), print)
+
+
 @pytest.mark.slow
 def test_register_keeps_best_off_a_contaminated_model_unless_allowed(tmp_path):
     from mlflow import MlflowClient

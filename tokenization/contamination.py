@@ -18,16 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import storage
-from pipeline.core.command import UserError
 from tokenization import ngrams
+from tokenization.sources import CorpusError
 
 SMOKE = Path(__file__).resolve().parents[1] / "eval" / "data" / "hellaswag_smoke.jsonl"
 # where the official validation set comes from, and where the eval stage keeps its verified copy
 HUB_REPO, HUB_REVISION, HUB_FILE = "Rowan/hellaswag", "refs/convert/parquet", "default/validation/0000.parquet"
-
-
-class ContaminationError(UserError, ValueError):
-    pass
 
 
 def official_cache(cache_dir: str | None = None) -> Path:
@@ -64,14 +60,14 @@ def _texts(path: str) -> tuple[list[list[str]], str]:
                 try:
                     rows.append((f"{path}:{n}", json.loads(line)))
                 except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                    raise ContaminationError(f"{path}:{n}: not a JSON object ({err})") from None
+                    raise CorpusError(f"{path}:{n}: not a JSON object ({err})") from None
     items = []
     for where, row in rows:
         try:
             context = row["ctx"] if row.get("ctx") else row["ctx_a"] + " " + row["ctx_b"]
             items.append([re.sub(r"\[.*?\]", " ", f"{context} {ending}") for ending in row["endings"]])
         except (KeyError, TypeError, AttributeError) as err:
-            raise ContaminationError(f"{where}: not a HellaSwag item ({type(err).__name__}: {err})") from None
+            raise CorpusError(f"{where}: not a HellaSwag item ({type(err).__name__}: {err})") from None
     return items, hashlib.sha256(data).hexdigest()
 
 

@@ -27,7 +27,7 @@ from pipeline.core.config import Config
 from pipeline.core.progress import Progress, format_duration, human
 from pipeline.core.storage import join
 from tokenization import contamination, dedup, ngrams, quality, shards, sources, tokenizer
-from tokenization.contamination import ContaminationError, EvalIndex
+from tokenization.contamination import EvalIndex
 from tokenization.shards import MANIFEST, MANIFEST_VERSION, ShardError
 from tokenization.sources import CorpusError, Piece, Source
 
@@ -173,7 +173,7 @@ def _eval_index(cfg: Config, log) -> tuple[EvalIndex | None, str | None]:
         return None, "no eval set (eval.hellaswag is unset)"
     try:
         return EvalIndex(spec, tok.decontaminate_ngram), None
-    except ContaminationError:
+    except CorpusError:  # the file is there but is not HellaSwag: named, in every mode
         raise
     except Exception as err:  # the Hub offline, a missing file: one line, named
         why = f"cannot read the HellaSwag items ({spec}): {type(err).__name__}: {one_line(err)}"
