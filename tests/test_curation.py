@@ -11,14 +11,17 @@ import re
 import numpy as np
 import pytest
 import tiktoken
+import torch
 from conftest import tree_bytes, write_jsonl
 
-from eval import hellaswag
+from eval import hellaswag, suite
 from eval.contamination import SHARE, clean_metrics
 from pipeline.core.config import QualityConfig, load_config
+from pipeline.core.model.gpt2 import GPT, GPTConfig, save_hf
 from tokenization import job, ngrams, quality, shards, tokenizer
 from tokenization.contamination import SMOKE
 from tokenization.sources import CorpusError
+from tokenization.stage import curation_metrics
 
 ENC = tiktoken.get_encoding("gpt2")
 
@@ -176,6 +179,9 @@ def test_contamination_is_counted_or_dropped_and_quality_failures_counted_with_t
     assert c["checked"] and c["sha256"] and c["items"] == len(items)
     assert (c["train_documents"], c["items_touched"], c["dropped"]) == (3, [3, 7], False)
     assert c["train_tokens"] == sum(len(ENC.encode_ordinary(texts[d])) + 1 for d in planted)
+    assert curation_metrics(counted["curation"]) == {  # what the tokenize stage logs to MLflow
+        "tokenize/exact_duplicates": 0, "tokenize/quality_too_few_words": 1,
+        "tokenize/contaminated_documents": 3, "tokenize/contaminated_items": 2}
     q = counted["curation"]["quality"]
     assert q["failed"] == {"too_few_words": 1}
     assert q["examples"] == [{"where": f"{corpus}:{len(texts)}", "rule": "too_few_words"}]
@@ -198,6 +204,15 @@ def test_contamination_is_counted_or_dropped_and_quality_failures_counted_with_t
                                                          == labels).mean()
     other = clean_metrics(config([corpus], tmp_path / "count"), items, scores, {**info, "sha256": "0" * 64})
     assert other[0] == {} and not other[1]["checked"]  # checked against other items: no clean score claimed
+    # and the eval stage reports both, on a (tiny, random) model
+    torch.manual_seed(0)
+    save_hf(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128)), tmp_path / "model")
+    printed = []
+    cfg = load_config("smoke", ["eval.max_new_tokens=0"], {"tokenization.output": str(tmp_path / "count")})
+    results = suite.run(cfg, str(tmp_path / "model"), data=False, device="cpu", log=printed.append)
+    assert results["metrics"][SHARE] == 2 / len(items) and results["metrics"]["hellaswag_clean/items"] == len(clean)
+    assert results["hellaswag"]["contamination"]["items_contaminated"] == [3, 7]
+    assert any("hellaswag acc_norm [clean]" in line and "12.5% contaminated" in line for line in printed)
 
     job.run(config([corpus], tmp_path / "drop", "tokenization.decontaminate=drop"), log=lambda *_: None)
     kept = set(train_documents(tmp_path / "drop"))
