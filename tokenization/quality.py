@@ -20,7 +20,7 @@ STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 _BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "–", "-", "*", "·")
 # a whitespace-delimited word with no letter (non-ASCII characters count as letters, bar punctuation)
 _LETTERLESS_WORD = re.compile(r"(?<!\S)[^\sA-Za-z\u00c0-\u1fff\u2070-\U0010ffff]+(?!\S)")
-_PUNCTUATION = ".,;:!?\"'()[]"
+_STOP_WORD_HASHES = ngrams.word_hashes(" ".join(sorted(STOP_WORDS)))[0]
 
 
 def _is_bullet(line: str) -> bool:
@@ -70,7 +70,7 @@ def failed_rule(text: str, q: QualityConfig, hashes: np.ndarray, lengths: np.nda
         return "ellipsis_lines"
     if (n - len(_LETTERLESS_WORD.findall(text))) / n < q.min_alpha_words:
         return "alpha_words"
-    if len(STOP_WORDS & {w.strip(_PUNCTUATION) for w in set(text.lower().split())}) < q.min_stop_words:
+    if np.isin(_STOP_WORD_HASHES, hashes).sum() < q.min_stop_words:  # distinct stop words present
         return "stop_words"
     if lines and (len(lines) - len(set(lines))) / len(lines) > q.max_duplicate_lines:
         return "duplicate_lines"
@@ -107,7 +107,6 @@ def _repeated_ngram_chars(hashes: np.ndarray, lengths: np.ndarray, n: int) -> in
         return 0
     repeat = np.ones(len(grams), dtype=bool)
     repeat[np.unique(grams, return_index=True)[1]] = False
-    cover = np.zeros(len(hashes) + 1, dtype=np.int64)  # +1 where a repeated n-gram starts, -1 past its end
-    np.add.at(cover, np.flatnonzero(repeat), 1)
-    np.add.at(cover, np.flatnonzero(repeat) + n, -1)
+    starts = np.flatnonzero(repeat)  # +1 where a repeated n-gram starts, -1 past its end
+    cover = np.bincount(starts, minlength=len(hashes) + 1) - np.bincount(starts + n, minlength=len(hashes) + 1)
     return int(lengths[np.cumsum(cover[:-1]) > 0].sum())
