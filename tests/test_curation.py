@@ -88,6 +88,7 @@ def test_exact_and_near_duplicates_found_across_the_corpus_identically_on_one_or
     root.mkdir()
     for part in range(3):  # the duplicates of a document often sit in another file, another piece
         write_jsonl(root / f"part-{part}.jsonl", [{"text": t} for t in texts[part::3]])
+    write_jsonl(root / "part-3.jsonl", [b"{not json"] * 5000)  # pieces of which no document is kept
     order = [i for part in range(3) for i in range(part, len(texts), 3)]  # the input's global order
     position = {doc: k for k, doc in enumerate(order)}
 
@@ -120,6 +121,7 @@ def test_exact_and_near_duplicates_found_across_the_corpus_identically_on_one_or
             assert min((a, b), key=position.get) in present
     assert curation["near_duplicates"]["documents"] == len(texts) - len(exact) - len(present)
     assert result.manifest["totals"]["train"]["documents"] == len(present)
+    assert result.manifest["skipped"] == {"malformed_json": 5000}
 
 
 def failed_rule(text: str, q: QualityConfig) -> str | None:

@@ -250,7 +250,7 @@ class PieceTokenizer:
             pos += len(a) + 1
         doc_hash = np.frombuffer(b"".join(hashes), dtype="<u8")
         doc_key = np.frombuffer(b"".join(keys), dtype="<u8").reshape(len(keys), 2)
-        doc_bands = np.array(bands, dtype="<u8").reshape(len(bands), tok.near_dedup_bands if bands else 0)
+        doc_bands = np.array(bands, dtype="<u8").reshape(len(bands), tok.near_dedup_bands if self.signer else 0)
         index_bytes = io.BytesIO()
         np.savez(index_bytes, doc_tokens=lengths, doc_hash=doc_hash, doc_key=doc_key, doc_bands=doc_bands)
         marker = {"piece": index, "fingerprint": fingerprint, "documents": len(arrays),
