@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from pipeline.core.command import UserError
+from tokenization.contamination import HUB_FILE, HUB_REPO, HUB_REVISION, official_cache
 
 # hellaswag_val.jsonl as released (sha256 from the `datasets` library's record of the original file)
 OFFICIAL_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
 OFFICIAL_ITEMS = 10042
-HUB_REPO, HUB_REVISION, HUB_FILE = "Rowan/hellaswag", "refs/convert/parquet", "default/validation/0000.parquet"
 _FIELDS = ("ind", "activity_label", "ctx_a", "ctx_b", "ctx", "split", "split_type", "label", "endings", "source_id")
 PROTOCOLS = ("harness", "completion")
 # The metrics this module produces (metrics()): the names every reader (the driver's report, the registry's
@@ -132,7 +132,7 @@ def download(cache_dir: str | None = None) -> Path:
     """The official validation set as the original JSONL, fetched once from the Hub's Parquet copy
     (the original GitHub files are no longer served) and accepted only if it reproduces the
     released file byte for byte (OFFICIAL_SHA256)."""
-    cache = Path(cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-pipeline")
+    cache = official_cache(cache_dir)
     target = cache / "hellaswag_val.jsonl"
     if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == OFFICIAL_SHA256:
         return target

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from eval import generate, hellaswag, val_loss
+from eval import contamination, generate, hellaswag, val_loss
 from pipeline.core import storage
 from pipeline.core.config import Config
 from pipeline.core.model import checkpoints
@@ -47,12 +47,15 @@ def run(cfg: Config, ckpt: str, output: str | None = None, *, data: bool = True,
         scores = (score_on_workers(ckpt, items, workers, device) if workers > 1 else
                   hellaswag.score(model, enc.encode_ordinary, items, device, model.config.block_size))
         found = hellaswag.metrics(items, scores)
+        clean, contamination_info = contamination.clean_metrics(cfg, items, scores, data_info)
+        found.update(clean)
         results["hellaswag"] = {"data": data_info, "protocols": {
             "harness": "lm-evaluation-harness hellaswag, 0-shot: acc = argmax summed log-likelihood, "
                        "acc_norm = argmax log-likelihood / ending length in characters",
             "completion": "build-nanogpt completion style: raw ctx, acc = argmin summed loss, "
                           "acc_norm = argmin mean per-token loss"},
-            "tokens_scored": {p: int(s["tokens"].sum()) for p, s in scores.items()}}
+            "tokens_scored": {p: int(s["tokens"].sum()) for p, s in scores.items()},
+            "contamination": contamination_info}
         results["metrics"].update(found)
         timing["hellaswag_s"] = time.perf_counter() - t0
         timing["hellaswag_items_per_s"] = len(items) / timing["hellaswag_s"]
@@ -119,6 +122,11 @@ def table(results: dict, log=print) -> None:
                 key = f"hellaswag/{protocol}/{metric}"
                 if key in m:
                     rows.append((f"hellaswag {metric} [{protocol}]", f"{m[key]:.4f}", f"{label}; {d['items']:,} items, {what}"))
+        clean = results["hellaswag"].get("contamination", {})
+        if "hellaswag_clean/harness/acc_norm" in m:
+            rows.append(("hellaswag acc_norm [clean]", f"{m['hellaswag_clean/harness/acc_norm']:.4f}",
+                         f"harness; the {clean['items_clean']:,} items no training document overlaps "
+                         f"({m[contamination.SHARE]:.1%} contaminated)"))
     c = results["checkpoint"]
     log(f"eval: {c['spec']} ({c['layout']}{', step ' + str(c['step']) if c.get('step') is not None else ''})")
     width = max((len(r[0]) for r in rows), default=0)

@@ -26,6 +26,9 @@ def _offline_vocab() -> None:
 _offline_vocab()
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# CI has no internet: a Hub lookup (the official HellaSwag set that tokenization's contamination check
+# would fetch) fails at once instead of retrying for half a minute
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)

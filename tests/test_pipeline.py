@@ -219,6 +219,10 @@ def test_the_embedded_default_records_the_whole_lineage_in_mlflow(embedded):
     assert {"val/loss", "hellaswag/harness/acc", "hellaswag/harness/acc_norm", "hellaswag/completion/acc",
             "hellaswag/completion/acc_norm"} <= set(evaluation)
     assert parent.data.metrics["val/loss"] == evaluation["val/loss"]
+    # the built-in corpus shares no 13-gram with the smoke items: HellaSwag's clean subset is all of it
+    assert manifest["curation"]["contamination"]["checked"] and evaluation["hellaswag/contaminated_share"] == 0
+    assert evaluation["hellaswag_clean/harness/acc_norm"] == evaluation["hellaswag/harness/acc_norm"]
+    assert runs["tokenize"].data.metrics["tokenize/exact_duplicates"] == manifest["curation"]["exact_duplicates"]["documents"]
     # artifacts: config, DeepSpeed config, manifest, eval results, samples, the model
     artifacts = {stage: {a.path for a in client.list_artifacts(runs[stage].info.run_id)} for stage in runs}
     assert {"config.yaml", "deepspeed_config.json"} <= artifacts["train"]

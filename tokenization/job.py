@@ -22,16 +22,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core import cluster, storage
+from pipeline.core.command import one_line
 from pipeline.core.config import Config
 from pipeline.core.progress import Progress, format_duration, human
 from pipeline.core.storage import join
-from tokenization import shards, sources, tokenizer
+from tokenization import contamination, dedup, ngrams, quality, shards, sources, tokenizer
+from tokenization.contamination import EvalIndex
 from tokenization.shards import MANIFEST, MANIFEST_VERSION, ShardError
 from tokenization.sources import CorpusError, Piece, Source
 
 WORK = "_work"
 EXAMPLES_PER_REASON = 3
-_PIECE_FORMAT = 1  # bump when what a piece holds changes, so old work is not reused
+_PIECE_FORMAT = 2  # bump when what a piece holds changes, so old work is not reused
 # Settings that only decide how the work is spread; they never change a byte of the output.
 _RESOURCE_KEYS = ("output", "num_workers", "piece_bytes")
 
@@ -58,6 +60,7 @@ def run(cfg: Config, *, overwrite: bool = False, log=print) -> TokenizeResult:
     source = sources.resolve(cfg.data)  # a missing input fails here, before any Ray work
     tok_info = tokenizer.info()
     fingerprint = _dataset_fingerprint(cfg, source, tok_info)
+    index, unchecked = _eval_index(cfg, log)
     manifest_url = join(out, MANIFEST)
 
     if storage.exists(manifest_url):
@@ -70,20 +73,24 @@ def run(cfg: Config, *, overwrite: bool = False, log=print) -> TokenizeResult:
         if existing.get("fingerprint") == fingerprint and not _missing_shards(out, existing):
             log(f"tokenize: {out} is complete and matches this input and config; nothing to do")
             return TokenizeResult(out, existing, True, time.perf_counter() - start, 0, 0, 0)
+        changed = _changed_settings(existing.get("config", {}), _output_config(cfg))
         if existing.get("fingerprint") != fingerprint and not overwrite:
             raise CorpusError(f"{out} holds a dataset from another input or config (fingerprint "
-                              f"{existing.get('fingerprint', '?')[:12]}, now {fingerprint[:12]}); "
-                              f"choose another output or overwrite it")
+                              f"{existing.get('fingerprint', '?')[:12]}, now {fingerprint[:12]}"
+                              f"{'; changed: ' + changed if changed else ''}); choose another output or overwrite it")
+        if changed:
+            log(f"tokenize: {out} is redone for changed settings: {changed}")
         storage.remove(manifest_url)  # the shards are rewritten below; the manifest comes last
 
     pieces = sources.plan(source, cfg.data, cfg.tokenization.piece_bytes)
     cluster.connect(cfg, (out,))
-    results, reused = _tokenize_pieces(cfg, source, pieces, out)
+    results, reused = _tokenize_pieces(cfg, source, pieces, out, index)
     _check_results(results, cfg)
-    plan = _plan_shards(cfg, results, out)
+    plan, curation = _plan_shards(cfg, results, out)
+    curation["contamination"] = _contamination_record(cfg, index, unchecked, curation["contamination"])
     shard_infos, shards_reused = _write_shards(plan, out)
 
-    manifest = _manifest(cfg, source, tok_info, fingerprint, results, shard_infos)
+    manifest = _manifest(cfg, source, tok_info, fingerprint, results, shard_infos, curation)
     storage.write_json(manifest_url, manifest)
     _remove_stale(out, manifest)
     seconds = time.perf_counter() - start
@@ -113,20 +120,67 @@ def _output_config(cfg: Config) -> dict:
     return {"data": cfg.data.model_dump(), "tokenization": tok}
 
 
+def _changed_settings(before: dict, now: dict) -> str:
+    """'section.key (old -> new)' for each output setting that differs, e.g. a re-run with dedup off."""
+    flat = lambda d: {f"{section}.{k}": v for section, values in d.items() for k, v in values.items()}  # noqa: E731
+    old, new = flat(before), flat(now)
+    return ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k))
+
+
 def _dataset_fingerprint(cfg: Config, source: Source, tok_info: dict) -> str:
     blob = {"source": source.fingerprint, "config": _output_config(cfg), "tokenizer": tok_info,
-            "format": [MANIFEST_VERSION, _PIECE_FORMAT]}
+            "format": [MANIFEST_VERSION, _PIECE_FORMAT], "eval": _eval_identity(cfg)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _piece_fingerprint(cfg: Config, source: Source, piece: Piece) -> str:
+def _piece_fingerprint(cfg: Config, source: Source, piece: Piece, index: EvalIndex | None) -> str:
     files = [source.files[s.file] for s in piece.spans if s.file >= 0]
     blob = {"spans": [[s.file, s.start, s.end] for s in piece.spans],
             "files": [[f.url, f.size, f.key] for f in files],
             "builtin": source.fingerprint if source.kind == "builtin" else None,
             "data": cfg.data.model_dump(), "max_doc_bytes": cfg.tokenization.max_doc_bytes,
-            "tokenizer": cfg.tokenization.tokenizer, "format": _PIECE_FORMAT}
+            "tokenizer": cfg.tokenization.tokenizer, "format": _PIECE_FORMAT, **_piece_curation(cfg, index)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _piece_curation(cfg: Config, index: EvalIndex | None) -> dict:
+    """The curation settings a piece's own output depends on (the corpus-wide choices come later, in the
+    plan): changing any other one (dedup, decontaminate drop/count) reuses every piece."""
+    tok = cfg.tokenization
+    return {"quality": tok.quality.model_dump() if tok.quality.enabled else None,
+            "near_dedup": [tok.near_dedup_ngram, tok.near_dedup_bands, tok.near_dedup_rows] if tok.near_dedup else None,
+            "eval": [index.sha256, index.n] if index else None}
+
+
+def _eval_identity(cfg: Config) -> dict | None:
+    """What the contamination check reads, for the dataset's fingerprint (official: the one released file)."""
+    tok, spec = cfg.tokenization, cfg.eval.hellaswag
+    if tok.decontaminate == "off" or not spec:
+        return None
+    path = str(contamination.SMOKE) if spec == "smoke" else spec
+    digest = None if spec == "official" else hashlib.sha256(storage.read_bytes(path)).hexdigest()
+    return {"spec": spec, "sha256": digest, "ngram": tok.decontaminate_ngram}
+
+
+def _eval_index(cfg: Config, log) -> tuple[EvalIndex | None, str | None]:
+    """The eval items' n-gram index, or (None, why not). With `drop`, an eval set that cannot be read stops
+    the job; with `count` the manifest says it was not checked."""
+    tok, spec = cfg.tokenization, cfg.eval.hellaswag
+    if tok.decontaminate == "off":
+        return None, "tokenization.decontaminate=off"
+    if not spec:
+        return None, "no eval set (eval.hellaswag is unset)"
+    try:
+        return EvalIndex(spec, tok.decontaminate_ngram), None
+    except CorpusError:  # the file is there but is not HellaSwag: named, in every mode
+        raise
+    except Exception as err:  # the Hub offline, a missing file: one line, named
+        why = f"cannot read the HellaSwag items ({spec}): {type(err).__name__}: {one_line(err)}"
+        if tok.decontaminate == "drop":
+            raise CorpusError(f"tokenization.decontaminate=drop: {why}") from None
+        log(f"tokenize: contamination not checked: {why}")
+        return None, why
 
 
 # --- 1. pieces --------------------------------------------------------------------------------------
@@ -139,9 +193,11 @@ def _piece_urls(out: str, index: int) -> tuple[str, str, str]:
 class PieceTokenizer:
     """A Ray Data actor: one GPT-2 encoder, many pieces."""
 
-    def __init__(self, cfg: Config, source: Source, pieces: list[Piece], out: str):
-        self.cfg, self.source, self.pieces, self.out = cfg, source, pieces, out
+    def __init__(self, cfg: Config, source: Source, pieces: list[Piece], out: str, index: EvalIndex | None):
+        self.cfg, self.source, self.pieces, self.out, self.index = cfg, source, pieces, out, index
         self.encoder = tokenizer.encoding()
+        tok = cfg.tokenization
+        self.signer = dedup.Signer(tok.near_dedup_ngram, tok.near_dedup_bands, tok.near_dedup_rows) if tok.near_dedup else None
 
     def __call__(self, batch: dict) -> dict:
         results = [self.piece(int(i)) for i in batch["piece"]]
@@ -149,22 +205,39 @@ class PieceTokenizer:
 
     def piece(self, index: int) -> dict:
         piece = self.pieces[index]
-        fingerprint = _piece_fingerprint(self.cfg, self.source, piece)
+        fingerprint = _piece_fingerprint(self.cfg, self.source, piece, self.index)
         bin_url, npz_url, marker_url = _piece_urls(self.out, index)
         kept = _kept_piece(marker_url, bin_url, npz_url, fingerprint)
         if kept is not None:
             return {**kept, "reused": True}
 
-        reader = sources.PieceReader(self.source, piece, self.cfg.data, self.cfg.tokenization.max_doc_bytes)
+        tok = self.cfg.tokenization
+        reader = sources.PieceReader(self.source, piece, self.cfg.data, tok.max_doc_bytes)
         arrays, hashes, skipped, examples = [], [], Counter(), []
+        keys, bands, filtered, filtered_examples, contaminated = [], [], Counter(), [], []
         for doc in reader:
             if doc.reason is not None:
                 skipped[doc.reason] += 1
                 if skipped[doc.reason] <= EXAMPLES_PER_REASON:
                     examples.append({"where": reader.locate(doc.where), "reason": doc.reason, "detail": doc.detail})
-                if self.cfg.tokenization.strict:
+                if tok.strict:
                     return {"piece": index, "error": _describe(examples[0])}
                 continue
+            if self.signer or self.index or tok.quality.enabled:
+                words, word_lengths = ngrams.word_hashes(doc.text)
+            rule = quality.failed_rule(doc.text, tok.quality, words, word_lengths) if tok.quality.enabled else None
+            if rule is not None:
+                filtered[rule] += 1
+                if filtered[rule] <= EXAMPLES_PER_REASON:
+                    filtered_examples.append({"where": reader.locate(doc.where), "rule": rule})
+                continue
+            key = dedup.exact_key(doc.text)
+            if self.signer:
+                bands.append(self.signer.band_keys(words, key))
+            touched = self.index.touched(words) if self.index else []
+            if touched:
+                contaminated.append([len(arrays), touched])
+            keys.append(key)
             arrays.append(self.encoder.encode_to_numpy(doc.text, disallowed_special=()))
             hashes.append(hashlib.blake2b(doc.utf8, digest_size=8).digest())
 
@@ -176,10 +249,13 @@ class PieceTokenizer:
             tokens[pos + 1:pos + 1 + len(a)] = a
             pos += len(a) + 1
         doc_hash = np.frombuffer(b"".join(hashes), dtype="<u8")
+        doc_key = np.frombuffer(b"".join(keys), dtype="<u8").reshape(len(keys), 2)
+        doc_bands = np.array(bands, dtype="<u8").reshape(len(bands), tok.near_dedup_bands if self.signer else 0)
         index_bytes = io.BytesIO()
-        np.savez(index_bytes, doc_tokens=lengths, doc_hash=doc_hash)
+        np.savez(index_bytes, doc_tokens=lengths, doc_hash=doc_hash, doc_key=doc_key, doc_bands=doc_bands)
         marker = {"piece": index, "fingerprint": fingerprint, "documents": len(arrays),
                   "tokens": len(tokens), "skipped": dict(skipped), "examples": examples,
+                  "filtered": dict(filtered), "filtered_examples": filtered_examples, "contaminated": contaminated,
                   "tokens_sha256": shards.write_shard(bin_url, [tokens], len(tokens)),
                   "index_sha256": hashlib.sha256(index_bytes.getvalue()).hexdigest()}
         storage.write_bytes(npz_url, index_bytes.getvalue())
@@ -204,7 +280,8 @@ def _describe(example: dict) -> str:
     return f"{example['where']}: {sources.SKIP_REASONS[example['reason']]} ({example['detail']})"
 
 
-def _tokenize_pieces(cfg: Config, source: Source, pieces: list[Piece], out: str) -> tuple[list[dict], int]:
+def _tokenize_pieces(cfg: Config, source: Source, pieces: list[Piece], out: str,
+                     index: EvalIndex | None) -> tuple[list[dict], int]:
     import ray
     import ray.data
 
@@ -213,7 +290,8 @@ def _tokenize_pieces(cfg: Config, source: Source, pieces: list[Piece], out: str)
     ds = ray.data.from_items([{"piece": p.index} for p in pieces], override_num_blocks=len(pieces))
     ds = ds.map_batches(PieceTokenizer, batch_size=1, num_cpus=1,
                         compute=ray.data.ActorPoolStrategy(size=workers),
-                        fn_constructor_kwargs={"cfg": cfg, "source": source, "pieces": pieces, "out": out})
+                        fn_constructor_kwargs={"cfg": cfg, "source": source, "pieces": pieces, "out": out,
+                                               "index": index})
     results: dict[int, dict] = {}
     docs = toks = reused = 0
     progress = Progress("tokenize")
@@ -257,22 +335,46 @@ class ShardPlan:
     piece_urls: dict[int, str]
 
 
-def _plan_shards(cfg: Config, results: list[dict], out: str) -> list[ShardPlan]:
-    lengths, hashes, piece_of = [], [], []
+def _plan_shards(cfg: Config, results: list[dict], out: str) -> tuple[list[ShardPlan], dict]:
+    """The shards, and what curation removed or found (the manifest's `curation`)."""
+    lengths, hashes, piece_of, keys, bands, contaminated = [], [], [], [], [], []
+    offset = 0
     for r in results:
         index = np.load(io.BytesIO(storage.read_bytes(_piece_urls(out, r["piece"])[1])), allow_pickle=False)
         lengths.append(index["doc_tokens"].astype(np.int64))
         hashes.append(index["doc_hash"])
+        keys.append(index["doc_key"])
+        bands.append(index["doc_bands"])
         piece_of.append(np.full(len(index["doc_tokens"]), r["piece"], dtype=np.int64))
+        contaminated += [(offset + doc, items) for doc, items in r["contaminated"]]
+        offset += len(index["doc_tokens"])
     lengths_all = np.concatenate(lengths)
     hashes_all = np.concatenate(hashes)
     ends = np.concatenate([np.cumsum(n) for n in lengths])  # end of each document within its piece
     starts = ends - lengths_all
     pieces = np.concatenate(piece_of)
-    val = _val_mask(hashes_all, lengths_all, cfg)
+
+    tok = cfg.tokenization
+    exact = dedup.exact_duplicates(np.concatenate(keys)) if tok.dedup else np.zeros(offset, dtype=bool)
+    near = (dedup.near_duplicates(np.concatenate(bands), ~exact) if tok.near_dedup
+            else np.zeros(offset, dtype=bool))
+    kept = ~exact & ~near
+    val = np.zeros(offset, dtype=bool)
+    val[kept] = _val_mask(hashes_all[kept], lengths_all[kept], cfg)
+    # contamination is of what the model trains on: the documents of the train split that stay
+    found = [(doc, items) for doc, items in contaminated if kept[doc] and not val[doc]]
+    docs = np.array([doc for doc, _ in found], dtype=np.int64)
+    if tok.decontaminate == "drop":
+        kept[docs] = False
+    curation = {
+        "exact_duplicates": _removed(exact, lengths_all, tok.dedup),
+        "near_duplicates": _removed(near, lengths_all, tok.near_dedup),
+        "contamination": {"documents": len(found), "tokens": int(lengths_all[docs].sum()),
+                          "items_touched": sorted({i for _, items in found for i in items})},
+    }
 
     plans = []
-    for split, mask in (("train", ~val), ("val", val)):
+    for split, mask in (("train", kept & ~val), ("val", kept & val)):
         p, s, e = pieces[mask], starts[mask], ends[mask]
         cum = np.cumsum(e - s)
         first = number = 0
@@ -282,7 +384,21 @@ def _plan_shards(cfg: Config, results: list[dict], out: str) -> list[ShardPlan]:
             last = max(first + 1, int(np.searchsorted(cum, base + cfg.tokenization.shard_tokens, side="right")))
             plans.append(_segments(split, number, p[first:last], s[first:last], e[first:last], out))
             first, number = last, number + 1
-    return plans
+    return plans, curation
+
+
+def _removed(mask: np.ndarray, lengths: np.ndarray, enabled: bool) -> dict:
+    return {"enabled": enabled, "documents": int(mask.sum()), "tokens": int(lengths[mask].sum())}
+
+
+def _contamination_record(cfg: Config, index: EvalIndex | None, unchecked: str | None, found: dict) -> dict:
+    mode = cfg.tokenization.decontaminate
+    if index is None:
+        return {"checked": False, "mode": mode, "why": unchecked}
+    touched = found["items_touched"]
+    return {"checked": True, "mode": mode, **index.describe(), "train_documents": found["documents"],
+            "train_tokens": found["tokens"], "dropped": mode == "drop", "items_touched": touched,
+            "items_touched_count": len(touched), "items_touched_share": len(touched) / max(index.items, 1)}
 
 
 def _val_mask(hashes: np.ndarray, lengths: np.ndarray, cfg: Config) -> np.ndarray:
@@ -360,14 +476,9 @@ def _write_shard(plan: ShardPlan, out: str) -> dict:
 # --- manifest, clean-up, summary -----------------------------------------------------------------
 
 def _manifest(cfg: Config, source: Source, tok_info: dict, fingerprint: str,
-              results: list[dict], shard_infos: list[dict]) -> dict:
-    skipped, examples, shown = Counter(), [], Counter()
-    for r in results:
-        skipped.update(r["skipped"])
-        for e in r["examples"]:  # the first few of each reason, in input order
-            shown[e["reason"]] += 1
-            if shown[e["reason"]] <= EXAMPLES_PER_REASON:
-                examples.append(e)
+              results: list[dict], shard_infos: list[dict], curation: dict) -> dict:
+    skipped, examples = _counted(results, "skipped", "examples", "reason")
+    filtered, filtered_examples = _counted(results, "filtered", "filtered_examples", "rule")
     totals = {split: {"tokens": sum(s["tokens"] for s in shard_infos if s["split"] == split),
                       "documents": sum(s["documents"] for s in shard_infos if s["split"] == split),
                       "shards": sum(1 for s in shard_infos if s["split"] == split)}
@@ -389,11 +500,26 @@ def _manifest(cfg: Config, source: Source, tok_info: dict, fingerprint: str,
                   "val_tokens": tok.val_tokens},
         "shards": shard_infos,
         "totals": totals,
-        "input_documents": sum(r["documents"] for r in results) + sum(skipped.values()),
+        "input_documents": sum(r["documents"] for r in results) + sum(skipped.values()) + sum(filtered.values()),
         "skipped": dict(sorted(skipped.items())),
         "skipped_examples": examples,
+        "curation": {**curation, "quality": {"enabled": cfg.tokenization.quality.enabled,
+                                             "failed": dict(sorted(filtered.items())),
+                                             "examples": filtered_examples}},
         "config": _output_config(cfg),
     }
+
+
+def _counted(results: list[dict], counts: str, examples: str, kind: str) -> tuple[Counter, list[dict]]:
+    """The pieces' counts summed, and the first few examples of each kind, in input order."""
+    total, shown, first = Counter(), Counter(), []
+    for r in results:
+        total.update(r[counts])
+        for e in r[examples]:
+            shown[e[kind]] += 1
+            if shown[e[kind]] <= EXAMPLES_PER_REASON:
+                first.append(e)
+    return total, first
 
 
 def _missing_shards(out: str, manifest: dict) -> list[str]:
@@ -430,9 +556,31 @@ def _summary(result: TokenizeResult, log) -> None:
             log(f"    e.g. {_describe(e)}")
     else:
         log(f"  skipped 0 of {m['input_documents']:,} documents")
+    for line in _curation_lines(m["curation"]):
+        log(f"  {line}")
     log(f"  {format_duration(result.seconds)} ({result.seconds:.1f} s), "
         f"{human(result.tokens / max(result.seconds, 1e-9))} tokens/s; pieces: {result.pieces_done} "
         f"tokenized, {result.pieces_reused} kept from an earlier run; shards kept: {result.shards_reused}")
+
+
+def _curation_lines(c: dict) -> list[str]:
+    lines = []
+    for name, key in (("exact duplicates", "exact_duplicates"), ("near duplicates", "near_duplicates")):
+        if c[key]["enabled"]:
+            lines.append(f"{name}: {c[key]['documents']:,} documents ({c[key]['tokens']:,} tokens) removed")
+    q = c["quality"]
+    if q["enabled"]:
+        failed = ", ".join(f"{n} {quality.RULES[r]}" for r, n in q["failed"].items())
+        lines.append(f"quality: {sum(q['failed'].values()):,} documents removed" + (f" ({failed})" if failed else ""))
+        lines += [f"  e.g. {e['where']}: {quality.RULES[e['rule']]}" for e in q["examples"]]
+    k = c["contamination"]
+    if not k["checked"]:
+        lines.append(f"contamination: not checked ({k['why']})")
+    else:
+        lines.append(f"contamination: {k['train_documents']:,} training documents ({k['train_tokens']:,} tokens) share "
+                     f"a {k['ngram']}-gram with {k['items_touched_count']:,} of {k['items']:,} HellaSwag items "
+                     f"({k['spec']}); {'dropped' if k['dropped'] else 'counted, kept (tokenization.decontaminate=count)'}")
+    return lines
 
 
 def verify(dataset_dir: str, log=print) -> bool:

@@ -22,7 +22,8 @@ def _run(cfg: Config, force: bool, tracking: Tracking | None, upstream: Upstream
     metrics = {"tokenize/documents": m["input_documents"], "tokenize/tokens_train": m["totals"]["train"]["tokens"],
                "tokenize/tokens_val": m["totals"]["val"]["tokens"], "tokenize/shards": len(m["shards"]),
                "tokenize/skipped": sum(m["skipped"].values()),
-               **{f"tokenize/skipped_{reason}": n for reason, n in m["skipped"].items()}}
+               **{f"tokenize/skipped_{reason}": n for reason, n in m["skipped"].items()},
+               **curation_metrics(m["curation"])}
     if not result.already_complete:
         metrics.update({"tokenize/seconds": result.seconds, "tokenize/tokens_per_s": result.tokens / result.seconds})
     digest = manifest_hash(result.output)
@@ -32,6 +33,17 @@ def _run(cfg: Config, force: bool, tracking: Tracking | None, upstream: Upstream
         | {f"data.{k}": v for k, v in m["config"]["data"].items()},
         tags={"manifest_sha256": digest, "data_dir": result.output}, artifacts={MANIFEST: m},
         parent_tags={"manifest_sha256": digest}, details={"manifest_sha256": digest})
+
+
+def curation_metrics(c: dict) -> dict[str, float]:
+    metrics = {f"tokenize/{key}": c[key]["documents"] for key in ("exact_duplicates", "near_duplicates")
+               if c[key]["enabled"]}
+    metrics.update({f"tokenize/quality_{rule}": n for rule, n in c["quality"]["failed"].items()})
+    if c["contamination"]["checked"]:
+        k = c["contamination"]
+        metrics.update({"tokenize/contaminated_documents": k["train_documents"],
+                        "tokenize/contaminated_items": k["items_touched_count"]})
+    return metrics
 
 
 STAGE = Stage("tokenize", _inputs, _verify, _run)

@@ -103,6 +103,46 @@ class DataConfig(_Section):
         return [value] if isinstance(value, str) else value
 
 
+class QualityConfig(_Section):
+    enabled: bool = False
+    """drop documents that fail any rule below (each rule counted in the manifest with examples)"""
+    min_words: int = 50
+    """Gopher: fewer words than this fail"""
+    max_words: int = 100_000
+    """Gopher: more words than this fail"""
+    min_mean_word_length: float = 3.0
+    """Gopher: mean word length (characters) below this fails"""
+    max_mean_word_length: float = 10.0
+    """Gopher: mean word length (characters) above this fails"""
+    max_symbol_word_ratio: float = 0.1
+    """Gopher: ('#' + ellipses) per word above this fails"""
+    max_bullet_lines: float = 0.9
+    """Gopher: share of lines starting with a bullet above this fails"""
+    max_ellipsis_lines: float = 0.3
+    """Gopher: share of lines ending with an ellipsis above this fails"""
+    min_alpha_words: float = 0.8
+    """Gopher: share of words holding a letter below this fails"""
+    min_stop_words: int = 2
+    """Gopher: fewer of the words the, be, to, of, and, that, have, with than this fails"""
+    max_duplicate_lines: float = 0.3
+    """Gopher repetition: share of lines that repeat an earlier line above this fails"""
+    max_top_2gram: float = 0.2
+    """Gopher repetition: share of characters in the most frequent word 2-gram above this fails"""
+    max_duplicate_5grams: float = 0.15
+    """Gopher repetition: share of characters in word 5-grams seen earlier in the document above this fails"""
+    c4_rules: bool = True
+    """C4: documents holding 'lorem ipsum' or a curly bracket fail"""
+
+    @model_validator(mode="after")
+    def _check(self) -> QualityConfig:
+        for key in ("max_symbol_word_ratio", "max_bullet_lines", "max_ellipsis_lines", "min_alpha_words",
+                    "max_duplicate_lines", "max_top_2gram", "max_duplicate_5grams"):
+            _require(0.0 <= getattr(self, key) <= 1.0, f"tokenization.quality.{key}", "must be in [0, 1]")
+        _require(0 <= self.min_words <= self.max_words, "tokenization.quality.min_words",
+                 "must be in [0, max_words]")
+        return self
+
+
 class TokenizationConfig(_Section):
     output: str | None = None
     """where shards and manifest go; default: <run dir>/data"""
@@ -122,9 +162,32 @@ class TokenizationConfig(_Section):
     """input bytes per unit of parallel work"""
     num_workers: int | None = None
     """tokenizer actors; default: one per CPU of the cluster"""
+    dedup: bool = True
+    """keep one copy (the first in input order) of documents whose text is the same once whitespace is collapsed"""
+    near_dedup: bool = False
+    """MinHash near-duplicate removal: one document (the first in input order) kept per cluster"""
+    near_dedup_ngram: int = 5
+    """near_dedup: shingles are this many consecutive words (lower-cased, punctuation dropped)"""
+    near_dedup_bands: int = 14
+    """near_dedup: LSH bands; two documents are candidates when one band's hashes all agree"""
+    near_dedup_rows: int = 8
+    """near_dedup: hashes per band (bands x rows MinHash permutations in all: 14 x 8 = 112, FineWeb's)"""
+    quality: QualityConfig = QualityConfig()
+    """Gopher/C4-style document quality rules (off unless quality.enabled)"""
+    decontaminate: Literal["drop", "count", "off"] = "count"
+    """training documents sharing an n-gram with an eval.hellaswag item: dropped, counted, or not checked"""
+    decontaminate_ngram: int = 13
+    """decontaminate: n-gram length in words (13, as GPT-3 and lm-evaluation-harness)"""
+
+    @field_validator("decontaminate", mode="before")
+    @classmethod
+    def _off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
 
     @model_validator(mode="after")
     def _check(self) -> TokenizationConfig:
+        for key in ("near_dedup_ngram", "near_dedup_bands", "near_dedup_rows", "decontaminate_ngram"):
+            _require(getattr(self, key) >= 1, f"tokenization.{key}", "must be >= 1")
         _require(self.shard_tokens > 0, "tokenization.shard_tokens", "must be positive")
         _require(0.0 <= self.val_fraction < 1.0, "tokenization.val_fraction", "must be in [0, 1)")
         _require(self.val_tokens is None or self.val_tokens >= 0, "tokenization.val_tokens", "must be >= 0")
@@ -389,8 +452,18 @@ class TrackingConfig(_Section):
     """MLflow registered-model name of the register stage"""
     best_alias: str = "best"
     """alias moved to the version with the best HellaSwag score"""
+    max_contaminated: float = 0.05
+    """`best_alias` does not move to a model whose share of HellaSwag items overlapping its training data
+    (tokenization.decontaminate) is above this"""
+    allow_contaminated: bool = False
+    """move `best_alias` whatever the contaminated share"""
     system_metrics: bool = True
     """log CPU, memory, (GPU) utilisation of the training run to MLflow"""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrackingConfig:
+        _require(0.0 <= self.max_contaminated <= 1.0, "tracking.max_contaminated", "must be in [0, 1]")
+        return self
 
 
 class ClusterConfig(_Section):

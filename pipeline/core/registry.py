@@ -46,9 +46,10 @@ _CODE = [Path(__file__).resolve().parents[2] / name for name in ("pipeline", "to
 
 
 def register(lineage: Lineage, run_id: str | None, checkpoint_dir: str, name: str, alias: str,
-             score: float | None, tags: dict[str, str], model_code: Path, score_key: str) -> dict | None:
+             score: float | None, tags: dict[str, str], model_code: Path, score_key: str,
+             eligible: bool = True) -> dict | None:
     """Log the checkpoint as a model of run_id, register a version, move `alias` to it if it scores best
-    (score_key names the score; model_code is the pyfunc's file)."""
+    (score_key names the score; model_code is the pyfunc's file) and is `eligible` for it."""
     if not run_id:
         return None
 
@@ -70,11 +71,11 @@ def register(lineage: Lineage, run_id: str | None, checkpoint_dir: str, name: st
         version = mlflow.register_model(info.model_uri, name, tags={**tags, score_key: str(score),
                                                                      FILES_TAG: json.dumps(files, sort_keys=True)})
         best = _best(lineage, name, alias, score_key)
-        if best is None or (score is not None and score > best[1]):
+        if eligible and (best is None or (score is not None and score > best[1])):
             lineage.client.set_registered_model_alias(name, alias, version.version)
             aliased = version.version
         else:
-            aliased = best[0]
+            aliased = best[0] if best else None
         return {"name": name, "version": version.version, "model_uri": info.model_uri, "alias": alias,
                 "alias_version": aliased}
 

@@ -1,0 +1,308 @@
+"""Curation before tokenization: exact and near duplicates, quality rules, eval contamination, against
+independent computations of what each should find (exact text equality, true Jaccard similarity of word
+5-gram sets, the HellaSwag items' own text)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+from conftest import tree_bytes, write_jsonl
+
+from eval import hellaswag, suite
+from eval.contamination import SHARE, clean_metrics
+from pipeline.core.config import QualityConfig, load_config
+from pipeline.core.model.gpt2 import GPT, GPTConfig, save_hf
+from tokenization import job, ngrams, quality, shards, tokenizer
+from tokenization.contamination import SMOKE
+from tokenization.sources import CorpusError
+from tokenization.stage import curation_metrics
+
+ENC = tiktoken.get_encoding("gpt2")
+
+
+def config(inputs, out, *overrides):
+    return load_config("smoke", ["tokenization.val_fraction=0.0", *overrides],
+                       {"data.input": [str(i) for i in inputs], "tokenization.output": str(out)})
+
+
+def train_documents(out) -> list[tuple[int, ...]]:
+    docs = []
+    for tokens in shards.read_split(str(out), "train"):
+        t = tokens.tolist()
+        bounds = [i for i, x in enumerate(t) if x == tokenizer.EOT] + [len(t)]
+        docs += [tuple(t[a + 1:b]) for a, b in zip(bounds, bounds[1:])]
+    return docs
+
+
+def shingles(text: str, n: int = 5) -> set:
+    words = re.findall(r"[^\W_]+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def jaccard(a: str, b: str) -> float:
+    x, y = shingles(a), shingles(b)
+    return len(x & y) / len(x | y)
+
+
+def near_dup_corpus(seed: int = 0):
+    """Distinct documents of random words; for some, a copy with 1 to 57 words replaced by new ones, whose
+    true Jaccard similarity to its original is measured; and whitespace-only variants (exact duplicates)."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(50_000)]
+    fresh = iter(f"new{i}" for i in range(10**7))
+
+    def doc():
+        return " ".join(rng.choice(vocab) for _ in range(200))
+
+    def mutated(text: str, changes: int) -> str:
+        words = text.split()
+        for i in rng.sample(range(len(words)), changes):
+            words[i] = next(fresh)
+        return " ".join(words)
+
+    texts, pairs = [], []  # pairs: (original index, copy index, jaccard)
+    for changes in [1 + i % 5 for i in range(80)] + [18 + i % 40 for i in range(160)]:
+        original = doc()
+        copy = mutated(original, changes)
+        texts.append(original)
+        pairs.append((len(texts) - 1, len(texts), jaccard(original, copy)))
+        texts.append(copy)
+    exact = []
+    for i in range(0, 60, 3):  # whitespace variants of earlier documents, later in the input
+        texts.append("  " + texts[i].replace(" ", "\n  ", 5) + "\n")
+        exact.append((i, len(texts) - 1))
+    texts += [doc() for _ in range(100)]
+    return texts, pairs, exact
+
+
+@pytest.mark.slow
+def test_exact_and_near_duplicates_found_across_the_corpus_identically_on_one_or_two_workers(ray_local, tmp_path):
+    texts, pairs, exact = near_dup_corpus()
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for part in range(3):  # the duplicates of a document often sit in another file, another piece
+        write_jsonl(root / f"part-{part}.jsonl", [{"text": t} for t in texts[part::3]])
+    write_jsonl(root / "part-3.jsonl", [b"{not json"] * 5000)  # pieces of which no document is kept
+    order = [i for part in range(3) for i in range(part, len(texts), 3)]  # the input's global order
+    position = {doc: k for k, doc in enumerate(order)}
+
+    trees = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        result = job.run(config([root], out, "tokenization.near_dedup=true", f"tokenization.num_workers={workers}",
+                                "tokenization.piece_bytes=40000"), log=lambda *_: None)
+        trees[workers] = tree_bytes(out)
+    assert trees[1] == trees[2]
+    curation = result.manifest["curation"]
+
+    kept = set(train_documents(tmp_path / "out1"))
+    present = {i for i, t in enumerate(texts) if tuple(ENC.encode_ordinary(t)) in kept}
+    # exact: every later whitespace variant gone, its first copy (in input order) kept
+    for a, b in exact:
+        first, later = sorted((a, b), key=position.get)
+        assert later not in present and first in present
+    assert curation["exact_duplicates"]["documents"] == len(exact)
+    # near: one of each similar pair removed (recall), dissimilar pairs left alone; the first one kept
+    high = [(a, b) for a, b, j in pairs if j >= 0.8]
+    low = [(a, b) for a, b, j in pairs if j < 0.5]
+    assert len(high) >= 60 and len(low) >= 100
+    merged = lambda a, b: not (a in present and b in present)  # noqa: E731
+    recall = sum(merged(a, b) for a, b in high) / len(high)
+    false_merges = sum(merged(a, b) for a, b in low) / len(low)
+    assert recall >= 0.9 and false_merges <= 0.01, (recall, false_merges)
+    for a, b in high:
+        if merged(a, b):
+            assert min((a, b), key=position.get) in present
+    assert curation["near_duplicates"]["documents"] == len(texts) - len(exact) - len(present)
+    assert result.manifest["totals"]["train"]["documents"] == len(present)
+    assert result.manifest["skipped"] == {"malformed_json": 5000}
+
+
+def failed_rule(text: str, q: QualityConfig) -> str | None:
+    return quality.failed_rule(text, q, *ngrams.word_hashes(text))
+
+
+def test_quality_rules_each_fail_what_they_describe():
+    q = QualityConfig(enabled=True)
+    good = ("The cat sat on the mat and looked out at the garden, where the rain had stopped an hour before. "
+            "It was a quiet day, and the house was warm.\nLater that evening the family came home with bread, "
+            "cheese and apples from the market. They talked about the long walk back through the village, the "
+            "old bridge that needed repairs, and the neighbour who had promised to help with the roof next week.")
+    assert failed_rule(good, q) is None
+    cases = {
+        "too_few_words": "the cat and the dog",
+        "mean_word_length": "a b c d e f the and to of " * 10,
+        "symbol_ratio": good + " #tag" * 20,
+        "bullet_lines": "\n".join(f"- remember that number {i} belongs with the other things" for i in range(60)),
+        "ellipsis_lines": good + "\n" + "\n".join(f"and then the story ends {i}..." for i in range(3)),
+        "alpha_words": good + " 1234" * 40,
+        "stop_words": " ".join(f"apple{i} banana{i} cherry{i}" for i in range(30)),
+        "duplicate_lines": "\n".join([good] + ["click here to see the offer and read the terms"] * 3),
+        "top_2gram": good + " buy now" * 40,
+        "duplicate_5grams": good + " " + good,
+        "c4_lorem_ipsum": good + " Lorem ipsum dolor sit amet.",
+        "c4_curly_bracket": good + " function() { return the value; }",
+    }
+    for rule, text in cases.items():
+        assert failed_rule(text, q) == rule, rule
+    assert failed_rule(" ".join(["word"] * 101), QualityConfig(enabled=True, max_words=100)) == "too_many_words"
+    assert failed_rule(cases["c4_lorem_ipsum"], QualityConfig(enabled=True, c4_rules=False)) is None
+
+
+def smoke_items() -> list[dict]:
+    return [json.loads(line) for line in SMOKE.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_contamination_is_counted_or_dropped_and_quality_failures_counted_with_their_lines(ray_local, prose_texts,
+                                                                                          tmp_path):
+    items = smoke_items()
+    prose = prose_texts[:40]
+    texts = list(prose)
+    planted = {5: 3, 17: 7, 30: 3}  # document -> the smoke item whose context and an ending it quotes
+    for doc, item in planted.items():
+        texts[doc] = f"{texts[doc]}\n\nAs we read once: {items[item]['ctx']} {items[item]['endings'][1]} And so on."
+    texts.append(items[0]["ctx"])  # the context alone, under 13 words: no shared 13-gram
+    texts.append("too short to keep")  # fails quality.min_words
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
+
+    counted = job.run(config([corpus], tmp_path / "count", "tokenization.quality.enabled=true",
+                             "tokenization.quality.min_words=5", "tokenization.quality.c4_rules=false",
+                             "tokenization.quality.max_duplicate_5grams=1.0", "tokenization.quality.max_top_2gram=1.0",
+                             "tokenization.quality.max_duplicate_lines=1.0", "tokenization.quality.min_alpha_words=0.0",
+                             "tokenization.quality.min_stop_words=0"), log=lambda *_: None).manifest
+    c = counted["curation"]["contamination"]
+    assert c["checked"] and c["sha256"] and c["items"] == len(items)
+    assert (c["train_documents"], c["items_touched"], c["dropped"]) == (3, [3, 7], False)
+    assert c["train_tokens"] == sum(len(ENC.encode_ordinary(texts[d])) + 1 for d in planted)
+    assert curation_metrics(counted["curation"]) == {  # what the tokenize stage logs to MLflow
+        "tokenize/exact_duplicates": 0, "tokenize/quality_too_few_words": 1,
+        "tokenize/contaminated_documents": 3, "tokenize/contaminated_items": 2}
+    q = counted["curation"]["quality"]
+    assert q["failed"] == {"too_few_words": 1}
+    assert q["examples"] == [{"where": f"{corpus}:{len(texts)}", "rule": "too_few_words"}]
+    assert counted["input_documents"] == len(texts)
+    kept = set(train_documents(tmp_path / "count"))
+    assert all(tuple(ENC.encode_ordinary(texts[d])) in kept for d in planted)
+
+    # the eval stage's clean subset: the items no training document touches, scored as hellaswag.metrics does
+    items, info = hellaswag.load("smoke")
+    rng = np.random.default_rng(0)
+    scores = {p: {"loglikelihoods": rng.normal(size=(len(items), 4)), "tokens": rng.integers(1, 9, (len(items), 4))}
+              for p in hellaswag.PROTOCOLS}
+    metrics, record = clean_metrics(config([corpus], tmp_path / "count"), items, scores, info)
+    clean = [i for i in range(len(items)) if i not in (3, 7)]
+    labels = np.array([it.label for it in items])[clean]
+    assert metrics[SHARE] == 2 / len(items) and record["items_contaminated"] == [3, 7]
+    assert metrics["hellaswag_clean/items"] == len(clean)
+    assert metrics["hellaswag_clean/harness/acc"] == (scores["harness"]["loglikelihoods"][clean].argmax(1) == labels).mean()
+    assert metrics["hellaswag_clean/completion/acc"] == (scores["completion"]["loglikelihoods"][clean].argmax(1)
+                                                         == labels).mean()
+    other = clean_metrics(config([corpus], tmp_path / "count"), items, scores, {**info, "sha256": "0" * 64})
+    assert other[0] == {} and not other[1]["checked"]  # checked against other items: no clean score claimed
+    # and the eval stage reports both, on a (tiny, random) model
+    torch.manual_seed(0)
+    save_hf(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128)), tmp_path / "model")
+    printed = []
+    cfg = load_config("smoke", ["eval.max_new_tokens=0"], {"tokenization.output": str(tmp_path / "count")})
+    results = suite.run(cfg, str(tmp_path / "model"), data=False, device="cpu", log=printed.append)
+    assert results["metrics"][SHARE] == 2 / len(items) and results["metrics"]["hellaswag_clean/items"] == len(clean)
+    assert results["hellaswag"]["contamination"]["items_contaminated"] == [3, 7]
+    assert any("hellaswag acc_norm [clean]" in line and "12.5% contaminated" in line for line in printed)
+
+    job.run(config([corpus], tmp_path / "drop", "tokenization.decontaminate=drop"), log=lambda *_: None)
+    kept = set(train_documents(tmp_path / "drop"))
+    assert not any(tuple(ENC.encode_ordinary(texts[d])) in kept for d in planted)
+    assert len(kept) == len(texts) - len(planted)
+
+    off = job.run(config([corpus], tmp_path / "off", "tokenization.decontaminate=off"), log=lambda *_: None).manifest
+    assert off["curation"]["contamination"] == {"checked": False, "mode": "off", "why": "tokenization.decontaminate=off"}
+
+
+@pytest.mark.slow
+def test_changed_curation_settings_are_named_and_a_resumed_run_redoes_only_what_they_change(ray_local, prose_corpus,
+                                                                                         tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = [prose_corpus], out, "tokenization.piece_bytes=262144"
+    first = job.run(config(*args), log=lambda *_: None)
+    with pytest.raises(CorpusError, match=r"changed: tokenization.dedup \(True -> False\)"):
+        job.run(config(*args, "tokenization.dedup=false"), log=lambda *_: None)
+
+    # a run that stops once its pieces are tokenized (as a crash would), resumed with other settings
+    def crash(*_):
+        raise RuntimeError("stopped")
+
+    said = []
+    with monkeypatch.context() as m:
+        m.setattr(job, "_write_shards", crash)
+        with pytest.raises(RuntimeError):
+            job.run(config(*args, "tokenization.dedup=false"), overwrite=True, log=said.append)
+    assert any("redone for changed settings: tokenization.dedup (True -> False)" in line for line in said)
+    # exact dedup and decontaminate=drop are decided over the whole corpus, after the pieces: all kept
+    again = job.run(config(*args, "tokenization.decontaminate=drop"), overwrite=True, log=lambda *_: None)
+    assert (again.pieces_done, again.pieces_reused) == (0, first.pieces_done)
+    with monkeypatch.context() as m:
+        m.setattr(job, "_write_shards", crash)
+        with pytest.raises(RuntimeError):
+            job.run(config(*args, "tokenization.dedup=false"), overwrite=True, log=lambda *_: None)
+    # quality rules change what each piece holds: every piece is redone
+    redone = job.run(config(*args, "tokenization.quality.enabled=true"), overwrite=True, log=lambda *_: None)
+    assert (redone.pieces_done, redone.pieces_reused) == (first.pieces_done, 0)
+    m = redone.manifest  # every input document is in a split or counted as removed
+    assert m["input_documents"] == (sum(t["documents"] for t in m["totals"].values())
+                                    + sum(m["curation"]["quality"]["failed"].values())
+                                    + m["curation"]["exact_duplicates"]["documents"])
+
+
+def test_an_eval_set_that_cannot_be_read_is_recorded_as_unchecked_with_count_and_stops_drop(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no copy cached by the eval stage
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    said = []
+    index, why = job._eval_index(load_config("smoke", ["eval.hellaswag=official"]), said.append)
+    assert index is None and "cannot read the HellaSwag items (official)" in why and len(said) == 1
+    with pytest.raises(CorpusError, match=r"^tokenization.decontaminate=drop: cannot read the HellaSwag items"):
+        job._eval_index(load_config("smoke", ["eval.hellaswag=official", "tokenization.decontaminate=drop"]), print)
+    with pytest.raises(CorpusError, match="not a HellaSwag item"):  # a file that is not HellaSwag: named, always
+        job._eval_index(load_config("smoke", [f"eval.hellaswag={write_jsonl(tmp_path / 'x.jsonl', [{'a': 1}])}"]), print)
+
+
+@pytest.mark.slow
+def test_register_keeps_best_off_a_contaminated_model_unless_allowed(tmp_path):
+    from mlflow import MlflowClient
+
+    from eval.contamination import SHARE
+    from eval.hellaswag import ACC_NORM
+    from pipeline import register
+    from pipeline.core.lineage import Lineage
+    from pipeline.core.stage import StageResult, Tracking
+
+    checkpoint = tmp_path / "final"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights")  # the stage copies them; it never loads them
+    (checkpoint / "config.json").write_text("{}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lineage = Lineage(uri, "curation", str(tmp_path))
+    lineage.start_parent("p", {}, {})
+    client = MlflowClient(tracking_uri=uri)
+
+    def register_model(score: float, share: float, *overrides: str) -> str:
+        cfg = load_config("smoke", list(overrides), {"run.root": str(tmp_path)})
+        results = {"train": StageResult(output=str(checkpoint)), "eval": StageResult(metrics={ACC_NORM: score, SHARE: share})}
+        run_id = lineage.stage_run(f"register-{score}")
+        register.STAGE.run(cfg, False, Tracking(lineage, run_id), results.get)
+        return client.get_model_version_by_alias("gpt2-pipeline", "best").version
+
+    assert register_model(0.30, 0.0) == 1
+    assert register_model(0.40, 2 / 16) == 1  # better, but 12.5% contaminated > tracking.max_contaminated
+    assert register_model(0.40, 2 / 16, "tracking.max_contaminated=0.2") == 3
+    assert register_model(0.50, 1.0, "tracking.allow_contaminated=true") == 4
+    assert len(client.search_model_versions("name='gpt2-pipeline'")) == 4
