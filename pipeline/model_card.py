@@ -75,5 +75,6 @@ def reproduce(cfg: Config, model_uri: str, tracking_uri: str) -> str:
             "--hellaswag", e.hellaswag or "none"]
     if e.hellaswag_limit is not None:
         args += ["--limit", str(e.hellaswag_limit)]
+    args += ["--max-new-tokens", str(e.max_new_tokens)]  # the samples, as the eval stage generated them
     args += [f"batch.seq_len={cfg.batch.seq_len}", f"batch.micro_batch_size={cfg.batch.micro_batch_size}"]
     return f"MLFLOW_TRACKING_URI={shlex.quote(redact(tracking_uri))} " + shlex.join(args)
