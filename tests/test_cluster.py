@@ -51,6 +51,7 @@ def test_the_pipeline_runs_on_s3_across_two_nodes_and_a_killed_worker_resumes_ex
     # every output under the run directory on S3, nothing of the run on a node's disk but its working copy
     names = {p.split("/smoke/", 1)[1].split("/")[0] for p in run["run_dir"]}
     assert {"data", "checkpoints", "eval", "stages", "metrics.jsonl"} <= names
+    assert any(p.endswith("/smoke/eval/scores.png") for p in run["run_dir"])  # the eval's figure, on S3 too
     assert run["final"].endswith("step_00000016")
     # the metrics rank 0 wrote on its node reached MLflow through the run directory
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
