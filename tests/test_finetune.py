@@ -239,7 +239,7 @@ def test_multi_task_fine_tune_separates_the_texts_fits_the_lengths_and_lands_in_
     version = client.get_model_version_by_alias("gpt2-pipeline-finetuned", "best")
     assert version.run_id == run.info.run_id
     # its model card: where it started, the data, the held-out scores, the code
-    for text in ("fine-tuned", "Started from", "240 training examples", "finetune/kind/accuracy",
+    for text in ("fine-tuned", "Started from", f"{results['examples']['train']:,} training examples", "finetune/kind/accuracy",
                  f"{scores['finetune/kind/accuracy']:.4f}", run.data.tags["mlflow.source.git.commit"]):
         assert text in version.description, text
     assert run.info.run_id in version.tags["finetune_run"]
