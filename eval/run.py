@@ -6,7 +6,9 @@ completion style, each labelled), and generated text.
                        [--num-samples N] [--max-new-tokens N] [--seed S] [--output DIR] [--workers N]
 
 --ckpt takes a checkpoint of our trainer (or its checkpoint directory), a DeepSpeed checkpoint
-directory, a Hugging Face GPT-2 directory, or hf:NAME (e.g. hf:gpt2) when the Hub is reachable.
+directory, a Hugging Face GPT-2 directory, hf:NAME (e.g. hf:gpt2) when the Hub is reachable, or a registered
+model, models:/NAME/VERSION or models:/NAME@ALIAS (from $MLFLOW_TRACKING_URI's registry).
+--output also gets scores.png: the checkpoint's scores beside GPT-2 124M's published ones where they apply.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pipeline.core.config import CommandParser, help_config, load_config, preset
 @command
 def main(argv: list[str] | None = None) -> int:
     p = CommandParser(prog="eval/run.py", description=__doc__)
-    p.add_argument("--ckpt", required=True, help="checkpoint directory, DeepSpeed or HF directory, or hf:NAME")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory, DeepSpeed or HF directory, hf:NAME, or models:/...")
     p.add_argument("--data", help="tokenized dataset for the validation loss (default: the preset's)")
     p.add_argument("--no-val", action="store_true", help="skip the validation loss")
     p.add_argument("--val-tokens", type=int, help="token budget of the validation loss")
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, default=1, help="spread HellaSwag over this many Ray workers")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--output", help="directory for results.json")
+    p.add_argument("--output", help="directory for results.json and scores.png")
     p.add_overrides()
     a = p.parse_args(argv)
     values = {"tokenization.output": a.data, "eval.val_tokens": a.val_tokens, "eval.hellaswag_limit": a.limit,
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if help_config(args=a, cfg=cfg):
         return 0
     cfg = cfg.with_absolute_paths()  # once, here: every stage takes it resolved
-    if not a.ckpt.startswith("hf:"):
+    if not a.ckpt.startswith(("hf:", "models:/")):
         storage.check(a.ckpt, write=False)
     from eval import suite  # torch (and Ray with --workers): once the arguments are parsed
 

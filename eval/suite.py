@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from eval import contamination, generate, hellaswag, val_loss
+from eval import contamination, figures, generate, hellaswag, references, val_loss
 from pipeline.core import storage
 from pipeline.core.config import Config
 from pipeline.core.model import checkpoints
@@ -17,6 +17,7 @@ from tokenization.shards import manifest_hash
 from tokenization.tokenizer import encoding
 
 RESULTS = "results.json"
+FIGURE = "scores.png"  # the checkpoint's scores beside the published references, next to RESULTS
 
 
 def run(cfg: Config, ckpt: str, output: str | None = None, *, data: bool = True, workers: int = 1,
@@ -67,8 +68,17 @@ def run(cfg: Config, ckpt: str, output: str | None = None, *, data: bool = True,
     timing["total_s"] = time.perf_counter() - started
     if output:
         storage.write_json(join(output, RESULTS), results)
+        storage.write_bytes(join(output, FIGURE), figures.png(figure(results, cfg)))
     table(results, log)
     return results
+
+
+def figure(results: dict, cfg: Config):
+    """The training figure's layout for one checkpoint: its scores as points at the tokens it was trained on."""
+    c = results["checkpoint"]
+    point = {figures.TOKENS: c.get("tokens") or 0, **results["metrics"]}
+    return figures.draw([point], references.applicable(cfg), f"{c['spec']} (step {c.get('step')})",
+                        references.hellaswag_label(cfg.eval.hellaswag))
 
 
 def samples(model, cfg: Config) -> list[dict]:
@@ -116,15 +126,17 @@ def table(results: dict, log=print) -> None:
                  ("val perplexity", f"{v['perplexity']:.2f}", "")]
     if "hellaswag" in results:
         d = results["hellaswag"]["data"]
-        what = "official validation set" if d["official_validation_set"] else f"{d['source']} ({d['path']})"
+        what = ("official validation set" if d["official_validation_set"] else
+                f"{references.hellaswag_label(d['source'])}, {d['path']}")
+        name = "smoke items" if d["source"] == "smoke" else "hellaswag"  # never a HellaSwag score when it is not
         for protocol, label in (("harness", "lm-evaluation-harness, 0-shot"), ("completion", "build-nanogpt completion style")):
             for metric in ("acc", "acc_norm"):
                 key = f"hellaswag/{protocol}/{metric}"
                 if key in m:
-                    rows.append((f"hellaswag {metric} [{protocol}]", f"{m[key]:.4f}", f"{label}; {d['items']:,} items, {what}"))
+                    rows.append((f"{name} {metric} [{protocol}]", f"{m[key]:.4f}", f"{label}; {d['items']:,} items, {what}"))
         clean = results["hellaswag"].get("contamination", {})
         if "hellaswag_clean/harness/acc_norm" in m:
-            rows.append(("hellaswag acc_norm [clean]", f"{m['hellaswag_clean/harness/acc_norm']:.4f}",
+            rows.append((f"{name} acc_norm [clean]", f"{m['hellaswag_clean/harness/acc_norm']:.4f}",
                          f"harness; the {clean['items_clean']:,} items no training document overlaps "
                          f"({m[contamination.SHARE]:.1%} contaminated)"))
     c = results["checkpoint"]

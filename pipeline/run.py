@@ -108,8 +108,7 @@ def _run(cfg, selected: list[str], force: set[str], started: float, track, ray_s
             result = stages.run_stage(ctx, stages.ALL[name], name in force).result
             if track:  # what the stage says the pipeline's run should carry
                 track.set_tags(parent, result.parent_tags)
-                if result.parent_metrics:
-                    track.log_metrics(parent, result.metrics, result.step)
+                track.log_metrics(parent, result.summary, result.step)
     except KeyboardInterrupt:
         print("pipeline: interrupted; run the same command again to continue", file=sys.stderr)
         if track:
@@ -150,8 +149,10 @@ def timings(ctx, ray_start: float, track, total: float) -> dict[str, float]:
 
 def report(ctx, track, parent: str | None, seconds: dict[str, float]) -> None:
     from eval.hellaswag import METRICS as HELLASWAG
+    from eval.references import hellaswag_label
+    from eval.stage import FINAL
     from eval.val_loss import VAL_LOSS
-    from pipeline.core.lineage import ui_command
+    from pipeline.core.lineage import VIEW_HINT, ui_command
 
     print(f"\npipeline: done in {format_duration(seconds['total'])}")
     for name, outcome in ctx.outcomes.items():
@@ -162,7 +163,10 @@ def report(ctx, track, parent: str | None, seconds: dict[str, float]) -> None:
           f"MLflow {seconds['mlflow']:.0f} s, bookkeeping {seconds['bookkeeping']:.0f} s")
     scores = {}
     if "eval" in ctx.outcomes:
-        scores.update({k: v for k, v in ctx.outcomes["eval"].result.metrics.items() if k in (VAL_LOSS, *HELLASWAG)})
+        final = ctx.outcomes["eval"].result.metrics
+        scores.update({k: final[FINAL + k] for k in (VAL_LOSS, *HELLASWAG) if FINAL + k in final})
+        if ctx.cfg.eval.hellaswag and any(k in scores for k in HELLASWAG):
+            print(f"  {'hellaswag/*':<30} on {hellaswag_label(ctx.cfg.eval.hellaswag)}")
     if "finetune" in ctx.outcomes:
         scores.update(ctx.outcomes["finetune"].result.metrics)  # held-out task scores
     for key, value in scores.items():
@@ -171,6 +175,10 @@ def report(ctx, track, parent: str | None, seconds: dict[str, float]) -> None:
         print(f"\nReview it in MLflow:\n  {ui_command(track.uri)}")
         if parent:
             print(f"  then open {track.run_url(parent)}")
+        registered = ctx.outcomes["register"].result.details if "register" in ctx.outcomes else {}
+        if registered.get("version"):
+            print(f"  model card: {track.version_url(registered['name'], registered['version'])}")
+        print(f"  ({VIEW_HINT})")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ def _record(tracking: Tracking, result: StageResult) -> None:
     lineage, run_id = tracking.lineage, tracking.run_id
     if result.params:
         lineage.log_params(run_id, result.params)
+    lineage.log_datasets(run_id, result.datasets)
     if result.metrics:
         lineage.log_metrics(run_id, result.metrics, result.step)
     for name, content in result.artifacts.items():

@@ -51,6 +51,7 @@ def test_the_pipeline_runs_on_s3_across_two_nodes_and_a_killed_worker_resumes_ex
     # every output under the run directory on S3, nothing of the run on a node's disk but its working copy
     names = {p.split("/smoke/", 1)[1].split("/")[0] for p in run["run_dir"]}
     assert {"data", "checkpoints", "eval", "stages", "metrics.jsonl"} <= names
+    assert any(p.endswith("/smoke/eval/scores.png") for p in run["run_dir"])  # the eval's figure, on S3 too
     assert run["final"].endswith("step_00000016")
     # the metrics rank 0 wrote on its node reached MLflow through the run directory
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
@@ -58,8 +59,8 @@ def test_the_pipeline_runs_on_s3_across_two_nodes_and_a_killed_worker_resumes_ex
     runs = {r.data.tags["gpt2.stage"]: r for r in client.search_runs([experiment.experiment_id])}
     history = {m.step: m.value for m in client.get_metric_history(runs["train"].info.run_id, "train/loss")}
     assert history == {int(s): v[-1] for s, v in got.items()}
-    assert runs["pipeline"].info.status == "FINISHED" and "val/loss" in runs["eval"].data.metrics
-    assert client.get_model_version_by_alias("gpt2-pipeline", "best").run_id == runs["register"].info.run_id
+    assert runs["pipeline"].info.status == "FINISHED" and "final/val/loss" in runs["eval"].data.metrics
+    assert client.get_model_version_by_alias("gpt2-pipeline", "best").run_id == runs["train"].info.run_id
 
 
 def test_a_checkpoint_on_s3_resumes_on_one_worker_through_a_universal_checkpoint(cluster_run):

@@ -279,15 +279,14 @@ def test_an_eval_set_that_cannot_be_read_is_recorded_as_unchecked_with_count_and
 def test_register_keeps_best_off_a_contaminated_model_unless_allowed(tmp_path):
     from mlflow import MlflowClient
 
-    from eval.contamination import SHARE
     from eval.hellaswag import ACC_NORM
     from pipeline import register
+    from pipeline.core import registry
     from pipeline.core.lineage import Lineage
-    from pipeline.core.stage import StageResult, Tracking
 
     checkpoint = tmp_path / "final"
     checkpoint.mkdir()
-    (checkpoint / "model.safetensors").write_bytes(b"weights")  # the stage copies them; it never loads them
+    (checkpoint / "model.safetensors").write_bytes(b"weights")  # registering copies them; it never loads them
     (checkpoint / "config.json").write_text("{}")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     lineage = Lineage(uri, "curation", str(tmp_path))
@@ -296,10 +295,13 @@ def test_register_keeps_best_off_a_contaminated_model_unless_allowed(tmp_path):
 
     def register_model(score: float, share: float, *overrides: str) -> str:
         cfg = load_config("smoke", list(overrides), {"run.root": str(tmp_path)})
-        results = {"train": StageResult(output=str(checkpoint)), "eval": StageResult(metrics={ACC_NORM: score, SHARE: share})}
-        run_id = lineage.stage_run(f"register-{score}")
-        register.STAGE.run(cfg, False, Tracking(lineage, run_id), results.get)
-        return client.get_model_version_by_alias("gpt2-pipeline", "best").version
+        refusal = register.contamination_refusal(cfg, share)  # what the register stage asks before registering
+        assert (refusal is None) == (share <= cfg.tracking.max_contaminated or cfg.tracking.allow_contaminated)
+        if refusal:
+            assert f"{share:.1%}" in refusal and "tracking.max_contaminated" in refusal
+        registry.register(lineage, lineage.stage_run(f"register-{score}"), str(checkpoint), "gpt2-pipeline", "best",
+                          score, {}, model_code=register._SERVED, score_key=ACC_NORM, eligible=refusal is None)
+        return int(client.get_model_version_by_alias("gpt2-pipeline", "best").version)
 
     assert register_model(0.30, 0.0) == 1
     assert register_model(0.40, 2 / 16) == 1  # better, but 12.5% contaminated > tracking.max_contaminated

@@ -190,6 +190,7 @@ def test_val_loss_equals_transformers_on_the_same_tokens(hf_model_dir, builtin_d
     assert results["val"]["loss"] == pytest.approx(expected, abs=1e-5) and results["val"]["tokens"] == 4096
     assert results["hellaswag"]["data"]["items"] == 16 and "hellaswag/harness/acc_norm" in results["metrics"]
     assert len(results["samples"][0]["completions"]) == 2
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the checkpoint's figure beside them
 
 
 # --- generation ------------------------------------------------------------------------------------------

@@ -238,6 +238,11 @@ def test_multi_task_fine_tune_separates_the_texts_fits_the_lengths_and_lands_in_
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 81))
     version = client.get_model_version_by_alias("gpt2-pipeline-finetuned", "best")
     assert version.run_id == run.info.run_id
+    # its model card: where it started, the data, the held-out scores, the code
+    for text in ("fine-tuned", "Started from", f"{results['examples']['train']:,} training examples", "finetune/kind/accuracy",
+                 f"{scores['finetune/kind/accuracy']:.4f}", run.data.tags["mlflow.source.git.commit"]):
+        assert text in version.description, text
+    assert run.info.run_id in version.tags["finetune_run"]
 
 
 def fine_tune_config(root, *overrides: str, task=None, uri: str | None = None):
@@ -381,4 +386,4 @@ def test_the_pipeline_runs_the_optional_finetune_stage_under_its_own_run_and_the
                                               f"tags.`gpt2.stage` = 'pipeline'")[0]
     child = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert [r.data.tags["gpt2.stage"] for r in child] == ["finetune"]
-    assert "finetune/accuracy" in child[0].data.metrics and "finetune/accuracy" in parent.data.metrics
+    assert "finetune/accuracy" in child[0].data.metrics and "summary/finetune/accuracy" in parent.data.metrics

@@ -394,10 +394,12 @@ def test_the_mlflow_server_from_plain_commands_on_postgres_takes_a_pipeline_run_
         assert runs["pipeline"].data.tags["run_dir"] == "s3://runs/pipeline/smoke"
         assert runs["pipeline"].data.tags["checkpoint"].startswith("s3://runs/pipeline/smoke/checkpoints/step_")
         assert sorted(loss_history(client, runs["train"].info.run_id)) == list(range(1, 11))
+        # the figure and samples table logged from the worker, through the server's login and artifact proxy
+        assert {"training_curves.png", "samples.json"} <= {a.path for a in client.list_artifacts(runs["train"].info.run_id)}
         manifest = client.download_artifacts(runs["tokenize"].info.run_id, "manifest.json", str(tmp_path))
         assert Path(manifest).stat().st_size > 0  # served through the server's artifact proxy
         best = client.get_model_version_by_alias("gpt2-pipeline", "best")
-        assert best.run_id == runs["register"].info.run_id
+        assert best.run_id == runs["train"].info.run_id
         # and it all sits in PostgreSQL
         count = pg.run("psql", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "mlflow", "-d", "mlflow", "-tAc",
                        "SELECT count(*) FROM runs")

@@ -4,6 +4,7 @@ Everything is checked through MlflowClient, the way the MLflow UI reads it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -163,7 +164,7 @@ def test_ray_job_submit_keeps_the_run_and_mlflow_store_across_resubmissions(tmp_
     assert len(runs) == 5 and runs["pipeline"].info.status == "FINISHED"  # both jobs: one run, one lineage
     assert "'CPU': 2.0" in runs["pipeline"].data.tags["ray_cluster_resources"]
     assert len(client.search_model_versions("name='gpt2-pipeline'")) == 1
-    assert client.get_model_version_by_alias("gpt2-pipeline", "best").run_id == runs["register"].info.run_id
+    assert client.get_model_version_by_alias("gpt2-pipeline", "best").run_id == runs["train"].info.run_id
 
 
 def _kill_group(pgid: int) -> bool:
@@ -216,12 +217,12 @@ def test_the_embedded_default_records_the_whole_lineage_in_mlflow(embedded):
     assert {"val/loss", "hellaswag/harness/acc_norm", "train/grad_norm", "train/tokens_per_s"} <= set(train_metrics)
     assert "system/node_0/cpu_utilization_percentage" in train_metrics  # the node's system metrics monitor
     evaluation = runs["eval"].data.metrics
-    assert {"val/loss", "hellaswag/harness/acc", "hellaswag/harness/acc_norm", "hellaswag/completion/acc",
-            "hellaswag/completion/acc_norm"} <= set(evaluation)
-    assert parent.data.metrics["val/loss"] == evaluation["val/loss"]
+    assert {"final/val/loss", "final/hellaswag/harness/acc", "final/hellaswag/harness/acc_norm",
+            "final/hellaswag/completion/acc", "final/hellaswag/completion/acc_norm"} <= set(evaluation)
+    assert parent.data.metrics["summary/val/loss"] == evaluation["final/val/loss"]
     # the built-in corpus shares no 13-gram with the smoke items: HellaSwag's clean subset is all of it
-    assert manifest["curation"]["contamination"]["checked"] and evaluation["hellaswag/contaminated_share"] == 0
-    assert evaluation["hellaswag_clean/harness/acc_norm"] == evaluation["hellaswag/harness/acc_norm"]
+    assert manifest["curation"]["contamination"]["checked"] and evaluation["final/hellaswag/contaminated_share"] == 0
+    assert evaluation["final/hellaswag_clean/harness/acc_norm"] == evaluation["final/hellaswag/harness/acc_norm"]
     assert runs["tokenize"].data.metrics["tokenize/exact_duplicates"] == manifest["curation"]["exact_duplicates"]["documents"]
     # artifacts: config, DeepSpeed config, manifest, eval results, samples, the model
     artifacts = {stage: {a.path for a in client.list_artifacts(runs[stage].info.run_id)} for stage in runs}
@@ -229,8 +230,8 @@ def test_the_embedded_default_records_the_whole_lineage_in_mlflow(embedded):
     assert "manifest.json" in artifacts["tokenize"] and {"results.json", "samples.txt"} <= artifacts["eval"]
     # the registered model, its alias, and that it generates text
     version = client.get_model_version_by_alias("gpt2-pipeline", "best")
-    assert version.run_id == runs["register"].info.run_id
-    assert float(version.tags["hellaswag/harness/acc_norm"]) == evaluation["hellaswag/harness/acc_norm"]
+    assert version.run_id == runs["train"].info.run_id  # the run whose curves and data it carries
+    assert float(version.tags["hellaswag/harness/acc_norm"]) == evaluation["final/hellaswag/harness/acc_norm"]
     import mlflow.pyfunc
 
     mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
@@ -238,8 +239,79 @@ def test_the_embedded_default_records_the_whole_lineage_in_mlflow(embedded):
     assert len(completion) == 1 and isinstance(completion[0], str)
     # the run ends by saying how to look at it
     assert f"mlflow ui --backend-store-uri sqlite:///{cwd / 'mlflow.db'}" in proc.stdout
-    assert "hellaswag/harness/acc_norm" in proc.stdout
+    assert "hellaswag/harness/acc_norm" in proc.stdout and "on hand-written smoke items" in proc.stdout
+    assert "click 'Model training'" in proc.stdout  # how to leave the GenAI view, in one line
+    check_review(client, cwd)
+    # the card's command reproduces the eval stage's scores from the registered version
+    card = client.get_model_version("gpt2-pipeline", version.version).description
+    command = card.split("```\n")[1].strip()
+    assert command.startswith("MLFLOW_TRACKING_URI=") and "--ckpt models:/gpt2-pipeline/1" in command
+    out = cwd / "reproduced"
+    # one new token per sample: the samples are not what it reproduces, and generation is the slow part here
+    done = subprocess.run(f"{command} --max-new-tokens 1 --output {out}", shell=True, cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    reproduced = json.loads((out / "results.json").read_text())["metrics"]
+    for key, value in reproduced.items():
+        assert evaluation[f"final/{key}"] == pytest.approx(value, abs=1e-4), key
+    assert (out / "scores.png").read_bytes()[:8] == PNG
     print(f"embedded default: {seconds:.0f} s")
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def check_review(client: MlflowClient, cwd: Path) -> None:
+    """What issue 23 asks of the MLflow record, read as the UI reads it (client on a store or a server)."""
+    runs = runs_by_stage(client)
+    manifest = cwd / "runs" / "smoke" / "data" / "manifest.json"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    # the version's card and links
+    version = client.get_model_version("gpt2-pipeline", "1")
+    card = version.description
+    for text in ("val loss", "HellaSwag", "smoke items", digest, "3.2924", "0.3114", "not comparable",
+                 "eval/run.py --ckpt models:/gpt2-pipeline/1", runs["train"].data.tags["mlflow.source.git.commit"]):
+        assert text in card, text
+    assert version.run_id == runs["train"].info.run_id
+    assert runs["train"].info.run_id in version.tags["train_run"]
+    assert runs["pipeline"].info.run_id in version.tags["pipeline_run"]
+    assert version.tags["manifest_sha256"] == digest and "manifest.json" in version.tags["manifest"]
+    # the train and val splits as datasets, digest the manifest's sha256
+    for stage, contexts in (("tokenize", {"training", "validation"}), ("train", {"training", "validation"}),
+                            ("eval", {"validation", "evaluation"})):
+        inputs = client.get_run(runs[stage].info.run_id).inputs.dataset_inputs
+        found = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+        assert set(found) == contexts, stage
+        for context in contexts - {"evaluation"}:
+            assert found[context].digest == digest[:36] and found[context].name.startswith("builtin/"), stage
+            assert json.loads(found[context].profile)["tokens"] > 0
+    # MLflow's own source tags on every run
+    for stage, run in runs.items():
+        for tag in ("mlflow.source.git.commit", "mlflow.source.name", "mlflow.user", "mlflow.source.type"):
+            assert run.data.tags.get(tag), (stage, tag)
+    # each metric on one run; constants as params
+    with_val = [s for s, r in runs.items() if client.get_metric_history(r.info.run_id, "val/loss")]
+    assert with_val == ["train"], with_val
+    assert not any("hellaswag/items" in r.data.metrics or "val/tokens" in r.data.metrics for r in runs.values())
+    assert runs["train"].data.params["hellaswag.items"] == "16" and "smoke" in runs["train"].data.params["hellaswag.data"]
+    assert runs["train"].data.tags["train.epoch"] == "0"
+    # the figure and the samples table on the train run; the figure in the run directory too
+    train = runs["train"].info.run_id
+    assert {"training_curves.png", "samples.json"} <= {a.path for a in client.list_artifacts(train)}
+    figure = Path(client.download_artifacts(train, "training_curves.png", str(cwd / "downloaded")))
+    assert figure.read_bytes()[:8] == PNG and figure.read_bytes() == (cwd / "runs" / "smoke" / "training_curves.png").read_bytes()
+    from PIL import Image
+
+    with Image.open(figure) as image:
+        image.verify()
+        assert image.size == (1200, 450)
+    table = json.loads(Path(client.download_artifacts(train, "samples.json", str(cwd / "downloaded"))).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert sorted({r["step"] for r in rows}) == [30, 60] and all(r["prompt"] and "sampling" in r["decoding"] for r in rows)
+    # the logged model lists the final scores with the dataset each was measured on
+    model = client.get_logged_model(version.model_id or version.source.rsplit("/", 1)[-1])  # source: models:/m-...
+    measured = {m.key: m.dataset_digest for m in model.metrics}
+    assert measured["final/val/loss"] == digest[:36] and measured["final/hellaswag/harness/acc_norm"]
 
 
 def test_a_rerun_of_a_finished_run_skips_every_stage(embedded):
@@ -254,13 +326,12 @@ def test_a_rerun_of_a_finished_run_skips_every_stage(embedded):
     assert len(runs_by_stage(client)) == 5  # the same parent and child runs, not new ones
 
 
-def test_the_printed_link_opens_the_training_view_and_the_loss_chart_in_a_real_browser(embedded, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
-    chromium = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.path.exists(p)), None)
-    if chromium is None:
-        pytest.skip("no chromium here (.ci/run installs Debian's)")
+def test_the_review_reads_the_same_through_a_server_and_in_a_real_browser(embedded, tmp_path):
+    """`mlflow server` on loopback over the embedded run's store: what MlflowClient reads through it, then the printed
+    links in Debian's Chromium on a fresh profile: the training view, the model card, the loss figure."""
     cwd, proc, _ = embedded
     printed = re.search(r"then open (\S+)", proc.stdout).group(1)
+    card_link = re.search(r"model card: (\S+)", proc.stdout).group(1)
     server = MlflowServer(tmp_path)
     server.proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(server.port),
@@ -269,10 +340,16 @@ def test_the_printed_link_opens_the_training_view_and_the_loss_chart_in_a_real_b
     try:
         wait_for(server._up, 120, "the MLflow server")
         client = MlflowClient(tracking_uri=server.uri)
+        check_review(client, cwd)
+        playwright = pytest.importorskip("playwright.sync_api")
+        chromium = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.path.exists(p)), None)
+        if chromium is None:
+            pytest.skip("no chromium here (.ci/run installs Debian's)")
         parent, train = runs_by_stage(client)["pipeline"], runs_by_stage(client)["train"]
-        # the run printed a link to its parent run on `mlflow ui`'s port; this server listens elsewhere
+        # the run printed links on `mlflow ui`'s port; this server listens elsewhere
         assert printed.startswith("http://127.0.0.1:5000/#/") and parent.info.run_id in printed
-        link = printed.replace("http://127.0.0.1:5000", server.uri)
+        assert card_link == "http://127.0.0.1:5000/#/models/gpt2-pipeline/versions/1?workflowType=machine_learning"
+        link, card_link = (u.replace("http://127.0.0.1:5000", server.uri) for u in (printed, card_link))
         ARTIFACTS.mkdir(exist_ok=True)
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
@@ -285,6 +362,20 @@ def test_the_printed_link_opens_the_training_view_and_the_loss_chart_in_a_real_b
             # chosen by the link, not by a preference stored in the browser
             assert page.evaluate("window.localStorage.getItem('mlflow.workflowType')") is None
             page.screenshot(path=str(ARTIFACTS / "mlflow-training-view.png"))
+            # the registered version's page: its model card, in the same view
+            page.goto(card_link)
+            page.get_by_text("Reproduce the scores").first.wait_for(timeout=60_000)
+            body = page.inner_text("body")
+            assert "smoke items acc_norm [harness]" in body and "3.2924" in body and "eval/run.py --ckpt" in body
+            assert page.get_by_role("link", name="Judges").count() == 0
+            page.screenshot(path=str(ARTIFACTS / "mlflow-model-card.png"), full_page=True)
+            # the train run's loss figure among its artifacts
+            page.goto(link.replace(parent.info.run_id, f"{train.info.run_id}/artifacts/training_curves.png"))
+            page.get_by_text("training_curves.png").first.wait_for(timeout=60_000)
+            # the viewer shows the PNG from a blob: URL; ours is the one 1200 pixels wide
+            page.wait_for_function("() => Array.from(document.images).some(i => i.complete && i.naturalWidth === 1200)",
+                                   timeout=120_000)
+            page.screenshot(path=str(ARTIFACTS / "mlflow-training-curves.png"))
             # then the train run's loss chart, in the same view
             page.goto(link.replace(parent.info.run_id, f"{train.info.run_id}/model-metrics"))
             page.get_by_placeholder("Search metric charts").fill("train/loss", timeout=60_000)

@@ -278,3 +278,15 @@ def verify(dataset_dir: str, threads: int = 4) -> list[str]:
 
     with ThreadPoolExecutor(threads) as pool:  # hashlib releases the GIL on large blocks
         return [r for r in pool.map(check, shards(manifest)) if r is not None]
+
+
+def splits_as_datasets(dataset_dir: str) -> list[dict]:
+    """The splits of a tokenized dataset as MLflow datasets (pipeline/core/lineage.Lineage.log_datasets): named by
+    corpus and split, the manifest's sha256 as digest, its URL as source, each split's counts as profile."""
+    manifest, digest = load_manifest(dataset_dir), manifest_hash(dataset_dir)
+    source = manifest.get("source", {})
+    corpus = {"hf": f"hf:{source.get('repo')}", "builtin": "builtin"}.get(source.get("kind"), source.get("kind", "files"))
+    return [{"name": f"{corpus}/{split}", "digest": digest, "source": join(dataset_dir, MANIFEST),
+             "context": {"train": "training", "val": "validation"}.get(split, split),
+             "profile": {"corpus": corpus, **totals}}
+            for split, totals in manifest["totals"].items()]

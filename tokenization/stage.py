@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.core.config import Config
 from pipeline.core.stage import Stage, StageResult, Tracking, Upstream
 from tokenization import job
-from tokenization.shards import MANIFEST, manifest_hash
+from tokenization.shards import MANIFEST, manifest_hash, splits_as_datasets
 
 
 def _inputs(cfg: Config, upstream: Upstream) -> str:
@@ -32,6 +32,7 @@ def _run(cfg: Config, force: bool, tracking: Tracking | None, upstream: Upstream
         params={f"tokenization.{k}": v for k, v in m["config"]["tokenization"].items()}
         | {f"data.{k}": v for k, v in m["config"]["data"].items()},
         tags={"manifest_sha256": digest, "data_dir": result.output}, artifacts={MANIFEST: m},
+        datasets=splits_as_datasets(result.output),
         parent_tags={"manifest_sha256": digest}, details={"manifest_sha256": digest})
 
 

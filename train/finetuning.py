@@ -27,7 +27,7 @@ import torch
 
 from pipeline.core import registry, storage
 from pipeline.core.config import Config, ConfigError, output_base
-from pipeline.core.lineage import PARENT_TAG, Lineage, tracking_uri
+from pipeline.core.lineage import PARENT_TAG, Lineage, git_commit, tracking_uri
 from pipeline.core.model import checkpoints, heads
 from pipeline.core.model.checkpoints import CheckpointError
 from pipeline.core.storage import join
@@ -126,8 +126,25 @@ def _register(cfg: Config, lineage: Lineage, run_id: str, result: FinetuneResult
                                                                 "start_checkpoint": source["spec"]},
                                 model_code=_SERVED, score_key=score_key)
     if version:
+        registry.describe(lineage, version, _card(cfg, version, result, source, lineage.run_url(run_id, relative=True)),
+                          {"finetune_run": lineage.run_url(run_id), "start_checkpoint": source["spec"]})
         log(f"finetune: registered {version['name']} version {version['version']}")
     return version
+
+
+def _card(cfg: Config, version: dict, result: FinetuneResult, source: dict, run_link: str | None) -> str:
+    """The fine-tuned version's model card: where it started, the task data, the training, the held-out scores."""
+    f, n = cfg.finetune, result.examples
+    rows = [f"| {k} | {v:.4f} |" for k, v in sorted(result.metrics.items())]
+    return "\n".join([
+        f"## {version['name']} version {version['version']}: GPT-2 fine-tuned with a {f.head} head by gpt2-pipeline", "",
+        f"**Started from**: `{source['spec']}` (weights sha256 `{source.get('weights_sha256')}`).", "",
+        f"**Task data**: `{f.task}` (split {f.train_split}): {n['train']:,} training examples, {n['eval']:,} held out; "
+        f"{n['truncated']:,} cut at finetune.max_len={f.max_len}.", "",
+        f"**Training**: {result.step:,} steps, lr {f.lr:g}, batch {f.batch_size}, seed {cfg.run.seed}.", "",
+        "**Held-out scores**:", "", "| metric | value |", "|---|---|", *rows, "",
+        f"**Code**: git commit `{git_commit()}`.", "",
+        f"**Run**: [finetune run]({run_link})" if run_link else ""]) + "\n"
 
 
 def _track(cfg: Config, source: dict) -> tuple[Lineage | None, str | None]:

@@ -75,6 +75,9 @@ class Recipe:
         """Metrics of an evaluation due at this step (collective: every rank calls it), or {}."""
         return {}
 
+    def evaluated(self, step: int, scores: dict) -> None:
+        """After an evaluation's scores are logged (rank 0's metrics record holds them); every rank calls it."""
+
     def result(self, engine) -> dict:
         """What the run returns besides checkpoint, step, loss and tokens (collective)."""
         return {}
@@ -196,6 +199,7 @@ def _train(cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, ra
         if scores:
             log.flush()  # this step's metrics before its evaluation's
             metrics.log(scores, state.step)
+            recipe.evaluated(state.step, scores)
         if checkpoint_due:
             with diagnostics.phase("a checkpoint save"):  # the metrics up to it are in the run dir first
                 url = checkpoint.save(engine, engine.module, recipe.checkpoint_dir, state, cfg.checkpoint.keep_last,

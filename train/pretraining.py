@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import torch
 
-from eval import hellaswag, val_loss
+from eval import hellaswag, suite, val_loss
+from eval.references import hellaswag_label
 from pipeline.core.config import Config
 from tokenization.shards import manifest_hash
 from tokenization.tokenizer import encoding
 from train import engine as engines
 from train.data import ORDER, ShardLoader
 from train.loop import Recipe
+from train.review import Review
 
 
 class Pretraining(Recipe):
-    def __init__(self, cfg: Config, swag: list | None, rank: int, world: int, device: torch.device):
+    def __init__(self, cfg: Config, swag: list | None, rank: int, world: int, device: torch.device,
+                 tracking: dict | None = None):
         b = cfg.batch
         super().__init__(name="train", schedule=cfg.train, batch=engines.Batch.of(cfg), run_dir=cfg.run_dir,
                          checkpoint_dir=cfg.checkpoint_dir, checkpoint_interval=cfg.checkpoint.interval,
@@ -25,12 +28,15 @@ class Pretraining(Recipe):
         self.loader = ShardLoader(cfg.data_dir, b.seq_len, cfg.run.seed, cache=cfg.cluster.node_cache)
         self.val = (val_loss.val_sequences(cfg.data_dir, b.seq_len, cfg.eval.val_tokens)
                     if cfg.eval.interval else None)
+        self.samples: list[dict] = []  # generated at the last evaluation
+        # on rank 0: the figure, the samples table, the constants (tracking: {"uri", "run_id"} or None)
+        self.review = Review(cfg, tracking, b.tokens_per_step, {
+            "val.tokens": self.val[0].numel() if self.val is not None else None,
+            "hellaswag.items": len(swag) if swag else None,
+            "hellaswag.data": hellaswag_label(cfg.eval.hellaswag) if swag else None}) if rank == 0 else None
 
     def batches(self, sequences: int, rank: int, world: int, micro: int):
         return self.loader.micro_batch(sequences, self.batch.sequences, rank, world, micro, self.batch.micro_batch_size)
-
-    def step_metrics(self, state) -> dict:
-        return {"train/epoch": self.loader.order.locate(state.sequences)[0]}
 
     def evaluate(self, engine, step: int, last: bool) -> dict:
         e, out = self.cfg.eval, {}
@@ -38,13 +44,21 @@ class Pretraining(Recipe):
             engine.eval()
             scores = val_loss.evaluate(lambda idx, tgt: engine(idx, tgt)[1], *self.val, self.batch.micro_batch_size,
                                        self.device, self.rank, self.world)
+            out.update({val_loss.VAL_LOSS: scores["loss"], val_loss.VAL_PERPLEXITY: scores["perplexity"]})
+            # every rank generates (under ZeRO-3 each forward pass is collective); rank 0 logs the text
+            self.samples = suite.samples(engine.module, self.cfg) if e.prompts and e.max_new_tokens else []
             engine.train()
-            out.update({f"val/{k}": v for k, v in scores.items()})
         if self.swag and (step % e.hellaswag_interval == 0 or last):
             scores = hellaswag.score(engine, encoding().encode_ordinary, self.swag, self.device,
                                      engine.module.config.block_size, rank=self.rank, world=self.world, collective=True)
             out.update(hellaswag.metrics(self.swag, scores))
         return out
+
+    def evaluated(self, step: int, scores: dict) -> None:
+        if self.review is not None:
+            epoch = self.loader.order.locate(step * self.batch.sequences)[0]
+            self.review.update(step, self.samples, {"train.epoch": epoch})
+        self.samples = []
 
 
 def make_recipe(cfg: Config, payload: dict, rank: int, world: int, device: torch.device) -> Pretraining:
@@ -52,4 +66,4 @@ def make_recipe(cfg: Config, payload: dict, rank: int, world: int, device: torch
     import ray
 
     swag = ray.get(payload["hellaswag"]) if payload.get("hellaswag") is not None else None
-    return Pretraining(cfg, swag, rank, world, device)
+    return Pretraining(cfg, swag, rank, world, device, payload.get("tracking"))

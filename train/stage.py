@@ -10,7 +10,7 @@ from pipeline.core.config import Config
 from pipeline.core.model import checkpoints
 from pipeline.core.stage import Stage, StageError, StageResult, Tracking, Upstream
 from pipeline.core.storage import join
-from tokenization.shards import manifest_hash
+from tokenization.shards import manifest_hash, splits_as_datasets
 from train import engine, finetuning, launch, tasks
 
 
@@ -42,6 +42,7 @@ def _train(cfg: Config, force: bool, tracking: Tracking | None, upstream: Upstre
     if tracking:  # before training, so the run shows its config while it trains
         tracking.lineage.log_params(tracking.run_id, {k: v for k, v in cfg.flat().items() if k.split(".")[0]
                                                       in ("model", "train", "batch", "deepspeed", "cluster")})
+        tracking.lineage.log_datasets(tracking.run_id, splits_as_datasets(cfg.data_dir))
         tracking.lineage.log_text(tracking.run_id, cfg.to_yaml(), "config.yaml")
         tracking.lineage.log_json(tracking.run_id, engine.deepspeed_config(cfg, cfg.cluster.num_workers),
                                   "deepspeed_config.json")
@@ -76,7 +77,8 @@ def _finetune(cfg: Config, force: bool, tracking: Tracking | None, upstream: Ups
         storage.remove(cfg.finetune_dir, recursive=True)
     result = finetuning.run(cfg, start, resume=True, lineage=tracking.lineage if tracking else None,
                             run_id=tracking.run_id if tracking else None)
-    return StageResult(output=result.checkpoint, metrics=result.metrics, step=result.step, parent_metrics=True,
+    return StageResult(output=result.checkpoint, metrics=result.metrics, step=result.step,
+                       summary={f"summary/{k}": v for k, v in result.metrics.items()},
                        details={"step": result.step, "loss": result.loss, "examples": result.examples,
                                 "registered": result.registered})
 

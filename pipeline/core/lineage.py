@@ -100,6 +100,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's own tags of where a run comes from (the UI's Source, Created by, Git commit), set on every run we
+    create or continue; the driver creates every run, so runs whose work happens in Ray workers carry them too.
+    In Ray's copy of a checkout (ray job submit) there is no .git: pass the commit as GIT_COMMIT."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = "unknown"
+    entry = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else Path("python")
+    repo = Path(__file__).resolve().parents[2]
+    name = entry.relative_to(repo).as_posix() if entry.is_relative_to(repo) else entry.name
+    return {"mlflow.source.git.commit": git_commit(), "mlflow.source.name": name, "mlflow.source.type": "LOCAL",
+            "mlflow.user": user}
+
+
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -128,6 +145,7 @@ class Lineage:
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = self.call("open the experiment", lambda: self._experiment(experiment))
         self.parent_id: str | None = None
+        self.source = source_tags()
 
     # -- resilience --
     def call(self, what: str, fn: Callable[[], T]) -> T | None:
@@ -174,8 +192,9 @@ class Lineage:
                                         order_by=["attributes.start_time DESC"], max_results=1)
         if found:
             self.client.update_run(found[0].info.run_id, status="RUNNING")
+            self.set_tags(found[0].info.run_id, self.source)  # the code that continues it
             return found[0].info.run_id
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        return self.client.create_run(self.experiment_id, run_name=name, tags={**tags, **self.source}).info.run_id
 
     def start_parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
         if not self.available:
@@ -193,6 +212,15 @@ class Lineage:
             return None
         return self.call(f"start the {stage} run", lambda: self._find_or_create(
             stage, {PARENT_TAG: self.parent_id, STAGE_TAG: stage, RUN_DIR_TAG: self.run_dir}))
+
+    def find_stage_run(self, stage: str) -> str | None:
+        """The child run of a stage of this pipeline run, if there is one (nothing is created or changed)."""
+        if not self.parent_id:
+            return None
+        found = self.call(f"find the {stage} run", lambda: self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{STAGE_TAG}` = "
+            f"'{stage}'", order_by=["attributes.start_time DESC"], max_results=1))
+        return found[0].info.run_id if found else None
 
     def finish(self, run_id: str | None, status: str = "FINISHED") -> None:
         if run_id:
@@ -226,6 +254,17 @@ class Lineage:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         self.call("log metrics", lambda: self.client.log_batch(run_id, metrics=batch))
 
+    def log_datasets(self, run_id: str | None, datasets: list[dict]) -> None:
+        """MLflow datasets as inputs of a run (the runs list's Dataset column and filter): each {"name", "digest"
+        (a sha256; MLflow keeps its first 36 characters), "source" (a URL or path), "context" (training,
+        validation, evaluation), "profile" (counts, shown with it)}."""
+        if not run_id or not datasets:
+            return
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = [DatasetInput(dataset_entity(d), tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
+        self.call("log datasets", lambda: self.client.log_inputs(run_id, datasets=inputs))
+
     def log_artifact(self, run_id: str | None, path: str, folder: str | None = None) -> None:
         if run_id and os.path.exists(path):
             self.call(f"upload {os.path.basename(path)}", lambda: self.client.log_artifact(run_id, path, folder))
@@ -237,10 +276,33 @@ class Lineage:
     def log_json(self, run_id: str | None, data: Any, name: str) -> None:
         self.log_text(run_id, json.dumps(data, indent=2, sort_keys=True, default=str), name)
 
-    def run_url(self, run_id: str | None) -> str | None:
+    def run_url(self, run_id: str | None, page: str = "", relative: bool = False) -> str | None:
+        """A link to a run (page: a tab of it, e.g. "artifacts/x.png") that opens in MLflow's model-training view."""
         if not run_id or not self.experiment_id:
             return None
+        return self.ui_url(f"experiments/{self.experiment_id}/runs/{run_id}" + (f"/{page}" if page else ""), relative)
+
+    def version_url(self, name: str, version: str) -> str:
+        return self.ui_url(f"models/{name}/versions/{version}")
+
+    def ui_url(self, route: str, relative: bool = False) -> str:
+        """route (experiments/..., models/...) on the MLflow UI: on the tracking server, `mlflow ui`'s address for
+        a local store; relative (#/...): a link inside MLflow's own pages (a model card), right on any host."""
         base = redact(self.uri) if self.uri.startswith("http") else "http://127.0.0.1:5000"
         # MLflow's UI picks its sidebar (GenAI or Model training) from this parameter, else from the browser's
         # localStorage (default GenAI), never from the experiment's kind tag (mlflow issue 24498; 3.18.0 still does)
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}?workflowType=machine_learning"
+        return ("" if relative else f"{base.rstrip('/')}/") + f"#/{route}?workflowType=machine_learning"
+
+
+# how to leave the GenAI view MLflow opens on links of its own (runs list, sidebar) in a fresh browser
+VIEW_HINT = ("if MLflow shows its GenAI view (Judges, Sessions in the sidebar), click 'Model training' in the "
+             "sidebar's GenAI / Model training switch; the browser remembers it")
+
+
+def dataset_entity(d: dict):
+    """The MLflow Dataset entity of a dataset description (see Lineage.log_datasets)."""
+    from mlflow.entities import Dataset
+
+    scheme = d["source"].split("://", 1)[0] if "://" in d["source"] else "local"
+    return Dataset(name=d["name"], digest=d["digest"][:36], source_type=scheme,
+                   source=json.dumps({"uri": redact(d["source"])}), profile=json.dumps(d.get("profile") or {}))

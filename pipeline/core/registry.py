@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -76,10 +77,47 @@ def register(lineage: Lineage, run_id: str | None, checkpoint_dir: str, name: st
             aliased = version.version
         else:
             aliased = best[0] if best else None
-        return {"name": name, "version": version.version, "model_uri": info.model_uri, "alias": alias,
-                "alias_version": aliased}
+        return {"name": name, "version": version.version, "model_uri": info.model_uri, "model_id": info.model_id,
+                "alias": alias, "alias_version": aliased}
 
     return lineage.call("register the model", log_and_register)
+
+
+def describe(lineage: Lineage, registered: dict, card: str, tags: dict[str, str]) -> None:
+    """A registered version's model card (its description, markdown) and the tags linking it to its lineage."""
+    name, version = registered["name"], registered["version"]
+
+    def update() -> None:
+        lineage.client.update_model_version(name, version, description=card)
+        for key, value in tags.items():
+            lineage.client.set_model_version_tag(name, version, key, str(value))
+
+    lineage.call("describe the registered version", update)
+
+
+def log_model_metrics(lineage: Lineage, run_id: str | None, model_id: str | None, metrics: dict[str, float], step: int,
+                      datasets: dict[str, dict]) -> None:
+    """Scores of a logged model, logged by the run that measured them (run_id) and linked to the model, each with
+    the dataset it was measured on (datasets: metric name -> a dataset description, see Lineage.log_datasets):
+    the model's page lists them."""
+    if not run_id or not model_id or not metrics:
+        return
+    from mlflow.entities import Metric
+
+    def link() -> None:
+        batch = []
+        for key, value in metrics.items():
+            # the value as the run logged it, with its timestamp: MLflow drops the repeated point from the run's
+            # history and keeps the link to the model, so the run's chart shows each score once
+            logged = [m for m in lineage.client.get_metric_history(run_id, key) if m.step == step and m.value == value]
+            stamp = logged[0].timestamp if logged else int(time.time() * 1000)
+            dataset = datasets.get(key)
+            batch.append(Metric(key, float(value), stamp, step, model_id=model_id,
+                                dataset_name=dataset["name"] if dataset else None,
+                                dataset_digest=dataset["digest"][:36] if dataset else None))
+        lineage.client.log_batch(run_id, metrics=batch)
+
+    lineage.call("link the scores to the model", link)
 
 
 def _best(lineage: Lineage, name: str, alias: str, score_key: str) -> tuple[str, float] | None:

@@ -40,8 +40,11 @@ class StageResult:
     params: dict[str, Any] = field(default_factory=dict)  # MLflow params of the stage's run
     tags: dict[str, Any] = field(default_factory=dict)  # MLflow tags of the stage's run
     artifacts: dict[str, dict | str] = field(default_factory=dict)  # file name -> JSON object or text
+    datasets: list[dict] = field(default_factory=list)  # MLflow datasets it read or wrote (Lineage.log_datasets)
     parent_tags: dict[str, Any] = field(default_factory=dict)  # what the pipeline's run carries of it
-    parent_metrics: bool = False  # its metrics also go to the pipeline's run (the scores users compare runs by)
+    # the few numbers the pipeline's run carries of it, named as a summary (summary/...): the scores users compare
+    # pipeline runs by, not copies of the stage's series
+    summary: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)  # the rest, for the console and the next stages
 
     def to_json(self) -> dict:

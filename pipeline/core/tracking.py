@@ -40,7 +40,7 @@ _SHOWN = {
     "train/memory_gb": lambda v: f"mem {v:.1f} GB",
     "train/eta_s": lambda v: f"eta {format_duration(v)}",
 }  # and any other metric (HellaSwag's, named by eval/hellaswag.py) as name=value
-_QUIET = {"train/tokens_seen", "train/epoch", "val/tokens", "val/perplexity", "hellaswag/items"}
+_QUIET = {"train/tokens_seen", "train/epoch", "val/perplexity"}
 
 
 class Console:

@@ -18,7 +18,9 @@ Our trainer's layout:
   consolidated through DeepSpeed's fp32 API with torch.load forced to weights_only;
 - a Hugging Face GPT-2 directory: config.json with model.safetensors, or pytorch_model.bin read
   with weights_only=True;
-- hf:NAME, e.g. hf:gpt2, downloaded from the Hub (config and weights only).
+- hf:NAME, e.g. hf:gpt2, downloaded from the Hub (config and weights only);
+- models:/NAME/VERSION or models:/NAME@ALIAS, a version of the MLflow Model Registry ($MLFLOW_TRACKING_URI), its
+  files checked against the sha256 the registry recorded (pipeline/core/registry.download_verified).
 """
 
 from __future__ import annotations
@@ -191,6 +193,13 @@ def load(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     forbid_unpickling(deepspeed_records=False)
     if spec.startswith("hf:"):
         return _hf_dir(_download(spec[3:]), device, {"layout": "huggingface-hub", "name": spec[3:]})
+    if spec.startswith("models:/"):  # a registered version, its files checked against the registry's record
+        from pipeline.core import registry
+
+        local, version = registry.download_verified(spec)
+        return _hf_dir(Path(local, "artifacts", "checkpoint"), device, {"layout": "mlflow-registry", "name": version.name,
+                                                                         "version": version.version,
+                                                                         "run_id": version.run_id})
     path = Path(spec if storage.is_local(spec) else _fetch(spec))
     if not path.exists():
         raise CheckpointError(f"{spec}: no such file or directory")
