@@ -1,0 +1,99 @@
+"""Storage and tracking under faults: object storage behind a proxy of our own (tests/fault_proxy.py) that
+resets connections, answers 503 SlowDown or never answers; an MLflow server that never answers; a full disk.
+Transient faults are retried for storage.retry_s and cost only their length; past it, or on a full disk, the
+command stops with one line naming the endpoint or the path."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import pytest
+from conftest import REPO, run_cli
+from fault_proxy import FaultProxy
+
+from pipeline.core import storage
+from pipeline.core.command import one_line
+
+
+@pytest.fixture
+def proxied_s3(s3_server, monkeypatch):
+    """The moto server of s3_server behind a FaultProxy, which this process's storage calls go through."""
+    import s3fs
+
+    host, port = s3_server["AWS_ENDPOINT_URL"].rsplit("/", 1)[1].split(":")
+    proxy = FaultProxy((host, int(port)))
+    for key, value in {**s3_server, "AWS_ENDPOINT_URL": proxy.url}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield proxy
+    proxy.close()
+    s3fs.S3FileSystem.clear_instance_cache()
+    storage.configure(300, 60)
+
+
+def test_resets_then_503s_cost_their_length_and_the_bytes_arrive_whole(proxied_s3):
+    storage.configure(retry_s=60, timeout_s=5)
+    url = "s3://runs/faults/blob.bin"
+    data = os.urandom(3 << 20)
+    outage = proxied_s3.schedule(("reset", 3.0), ("503", 3.0))
+    started = time.monotonic()
+    storage.write_bytes(url, data)
+    assert storage.read_bytes(url) == data and storage.sha256(url) == storage.sha256(url)
+    outage.join()
+    assert 5.0 <= time.monotonic() - started < 30.0  # waited the outage out, no more
+    assert storage.files("s3://runs/faults") == {"blob.bin": len(data)}
+
+
+@pytest.mark.parametrize("mode", ["reset", "503", "silent"])
+def test_past_storage_retry_s_a_call_stops_with_one_line_naming_the_endpoint(proxied_s3, mode):
+    storage.configure(retry_s=3, timeout_s=1)
+    proxied_s3.mode = mode
+    started = time.monotonic()
+    with pytest.raises(storage.StorageUnavailable) as err:
+        storage.exists("s3://runs/faults/anything")
+    elapsed = time.monotonic() - started
+    message = str(err.value)
+    assert one_line(message) == message and proxied_s3.url in message and "storage.retry_s" in message, message
+    assert 2.0 <= elapsed < 3 + 1 + 8, elapsed  # retry_s, one request's timeout, one back-off step at most
+    with pytest.raises(storage.StorageError, match=proxied_s3.url):
+        storage.check("s3://runs/faults")  # the up-front check says the same, as a StorageError
+
+
+def test_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "manifest.json"
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(storage.StorageError) as err:
+        storage.write_json(str(target), {"a": 1})
+    assert str(target) in str(err.value) and "disk full" in str(err.value)
+    assert not target.exists() and os.listdir(tmp_path / "out") == []  # nothing half-written is left
+
+
+def test_the_tokenize_command_reports_a_full_disk_in_one_line(tmp_path):
+    # the write layer fails as a full disk does, in the command's own process (a sitecustomize of the test's)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import errno, os\n"
+        "def _full(fd):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "os.fsync = _full\n")
+    out = tmp_path / "data"
+    proc = run_cli("tokenization/run.py", "--config", "smoke", "--input", "builtin", "--output", str(out),
+                   check=False, env={"PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("error: ") and "disk full" in lines[-1], proc.stderr[-3000:]
+    assert str(out) in lines[-1] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_an_upload_to_storage_that_never_answers_stops_within_the_timeouts(proxied_s3):
+    storage.configure(retry_s=3, timeout_s=1)
+    proxied_s3.mode = "silent"
+    started = time.monotonic()
+    with pytest.raises(storage.StorageUnavailable, match=proxied_s3.url):
+        storage.write_bytes("s3://runs/faults/never.bin", os.urandom(1 << 20))
+    assert time.monotonic() - started < 3 + 1 + 8
