@@ -73,6 +73,7 @@ def test_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch):
     assert not target.exists() and os.listdir(tmp_path / "out") == []  # nothing half-written is left
 
 
+@pytest.mark.slow
 def test_the_tokenize_command_reports_a_full_disk_in_one_line(tmp_path):
     # the write layer fails as a full disk does, in the command's own process (a sitecustomize of the test's)
     hook = tmp_path / "hook"
@@ -97,3 +98,36 @@ def test_an_upload_to_storage_that_never_answers_stops_within_the_timeouts(proxi
     with pytest.raises(storage.StorageUnavailable, match=proxied_s3.url):
         storage.write_bytes("s3://runs/faults/never.bin", os.urandom(1 << 20))
     assert time.monotonic() - started < 3 + 1 + 8
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_that_never_answers_costs_bounded_time_and_the_metrics_are_sent_later(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.core.lineage import Lineage
+    from pipeline.core.tracking import JsonLines, MlflowUploader
+
+    silent = FaultProxy(None, mode="silent")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")  # the user's bound wins over ours (15 s)
+    said: list[str] = []
+    started = time.monotonic()
+    track = Lineage(silent.url, "gpt2-pretraining", str(tmp_path / "run"), log=said.append)
+    # the up-front check (1 s), then 4 tries of 1 s with 1 + 2 + 4 s between them: the driver goes on without it
+    assert not track.available and time.monotonic() - started < 20
+    assert len(said) == 1 and silent.url in said[0] and "continuing without it" in said[0], said
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = MlflowClient(store).create_run(MlflowClient(store).create_experiment("x")).info.run_id
+    path = str(tmp_path / "metrics.jsonl")
+    record = JsonLines(path)
+    uploader = MlflowUploader(path, run_id, silent.url, interval_s=0.2, log=said.append).start()
+    for step in range(1, 4):  # training logs on while the uploader's requests time out in its own thread
+        record.log({"train/loss": 10.0 - step}, step)
+    record.close()
+    started = time.monotonic()
+    assert uploader.close(timeout_s=2) is False and time.monotonic() - started < 10
+    assert any("unreachable" in line for line in said) and any("not yet in MLflow" in line for line in said)
+    silent.close()
+    assert MlflowUploader(path, run_id, store, log=said.append).drain(timeout_s=30)  # the server is back
+    history = MlflowClient(store).get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 9.0), (2, 8.0), (3, 7.0)]
