@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 
 import pytest
-from conftest import REPO, run_cli
+import torch
+from conftest import REPO, TINY, run_cli, tiny_config
 from fault_proxy import FaultProxy
 
 from pipeline.core import storage
@@ -131,3 +133,77 @@ def test_an_mlflow_server_that_never_answers_costs_bounded_time_and_the_metrics_
     assert MlflowUploader(path, run_id, store, log=said.append).drain(timeout_s=30)  # the server is back
     history = MlflowClient(store).get_metric_history(run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 9.0), (2, 8.0), (3, 7.0)]
+
+
+def outage_once(s3, key: str, proxy: FaultProxy, *phases: tuple[str, float]) -> tuple[threading.Thread, list]:
+    """From the moment `key` appears (read from moto itself, past the proxy), play the proxy's fault phases; the
+    thread, and a list that receives the time they started."""
+    started: list[float] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if s3.list_objects_v2(Bucket="runs", Prefix=key).get("KeyCount"):
+                started.append(time.monotonic())
+                proxy.schedule(*phases).join()
+                return
+            time.sleep(0.05)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, started
+
+
+def s3_weights(s3, prefix: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    name = s3.get_object(Bucket="runs", Key=f"{prefix}/latest")["Body"].read().decode()
+    return load(s3.get_object(Bucket="runs", Key=f"{prefix}/{name}/model.safetensors")["Body"].read())
+
+
+@pytest.mark.slow
+def test_training_waits_out_an_outage_in_a_checkpoint_upload_and_stops_in_one_line_past_storage_retry_s(
+        s3_server, builtin_dataset, tmp_path):
+    import boto3
+    from safetensors.torch import load_file
+
+    from pipeline.core.model import checkpoints
+    from train import launch
+
+    reference = tiny_config(tmp_path, builtin_dataset, "cluster.num_workers=1")  # the same run on local disk
+    launch.run(reference)
+    expected = load_file(os.path.join(checkpoints.latest(reference.checkpoint_dir), "model.safetensors"))
+
+    s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id="test", aws_secret_access_key="test")
+    host, port = s3_server["AWS_ENDPOINT_URL"].rsplit("/", 1)[1].split(":")
+    proxy = FaultProxy((host, int(port)))
+    env = {**s3_server, "AWS_ENDPOINT_URL": proxy.url}  # the trainer, its workers and Ray reach S3 through it
+    command = ["train/run.py", "--config", "smoke", "--data", str(builtin_dataset), *TINY, "cluster.num_workers=1",
+               "run.root=s3://runs/outage"]
+    try:
+        # 20 s of resets, then 10 s of 503 SlowDown, from the commit of step 4: step 8's upload meets them
+        watcher, began = outage_once(s3, "outage/held/checkpoints/step_00000004/trainer_state.json", proxy,
+                                     ("reset", 20.0), ("503", 10.0))
+        proc = run_cli(*command, "run.name=held", "storage.retry_s=120", "storage.timeout_s=5", env=env)
+        ended = time.monotonic()
+        watcher.join()
+        assert began and ended - began[0] > 25, "the run did not meet the outage"
+        assert "train: done at step 12" in proc.stdout
+        got = s3_weights(s3, "outage/held/checkpoints")
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+        # past storage.retry_s: one line naming the endpoint and how to continue; then, healed, it continues
+        watcher, began = outage_once(s3, "outage/cut/checkpoints/step_00000004/trainer_state.json", proxy,
+                                     ("reset", 30.0))
+        proc = run_cli(*command, "run.name=cut", "storage.retry_s=6", "storage.timeout_s=2", env=env, check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and began, proc.stderr[-3000:]
+        assert last.startswith("error: train stopped: ") and proxy.url in last and "storage.retry_s" in last, last
+        assert "run the same command again" in last
+        watcher.join()
+        proc = run_cli(*command, "run.name=cut", "--resume", env=env)
+        assert "resumed from s3://runs/outage/cut/checkpoints/step_00000004" in proc.stdout, proc.stdout[-3000:]
+        got = s3_weights(s3, "outage/cut/checkpoints")
+        assert all(torch.equal(got[k], expected[k]) for k in got)
+    finally:
+        proxy.close()

@@ -121,14 +121,18 @@ CONTINUE = ("run the same command again to continue from the last checkpoint (tr
 
 
 def _user_error(err: BaseException) -> UserError | None:
-    """The UserError a worker raised, out of Ray's wrappers (TrainingFailedError, RayTaskError), or None."""
-    seen: list[BaseException] = []
-    while err is not None and len(seen) < 10:
-        seen.append(err)
-        inner = getattr(err, "cause", None)  # RayTaskError: the worker's own exception
-        if isinstance(err, UserError) and not isinstance(inner, BaseException):
+    """The UserError a worker raised, out of Ray's wrappers, or None: Ray Train's TrainingFailedError holds each
+    rank's failure (worker_failures), which wraps the worker's own exception (_base_exc, Ray's only handle on it),
+    and Ray's RayTaskError holds it as .cause."""
+    todo, seen = [err], 0
+    while todo and seen < 20:
+        err, seen = todo.pop(0), seen + 1
+        inner = [getattr(err, "cause", None), getattr(err, "_base_exc", None), err.__cause__, err.__context__,
+                 *(getattr(err, "worker_failures", None) or {}).values()]
+        inner = [e for e in inner if isinstance(e, BaseException)]
+        if isinstance(err, UserError) and not any(isinstance(e, UserError) for e in inner):
             return err
-        err = inner if isinstance(inner, BaseException) else (err.__cause__ or err.__context__)
+        todo += inner
     return None
 
 
