@@ -207,3 +207,20 @@ def test_training_waits_out_an_outage_in_a_checkpoint_upload_and_stops_in_one_li
         assert all(torch.equal(got[k], expected[k]) for k in got)
     finally:
         proxy.close()
+
+
+def test_a_checkpoint_staged_on_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    import shutil
+
+    from train.checkpoint import _disk_full_named
+
+    staging = str(tmp_path / "ckpt-staging")
+    with pytest.raises(storage.StorageError, match=f"{staging}: no space left on the device"):
+        with _disk_full_named(staging), open("/dev/full", "wb") as f:  # a real ENOSPC
+            f.write(b"x" * 4096)
+            f.flush()
+    # torch.save says only "unexpected pos ..." when its write fails: the free space tells
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    with pytest.raises(storage.StorageError, match=f"{staging}: no space left on the device"):
+        with _disk_full_named(staging):
+            torch.save({"w": torch.zeros(100_000)}, "/dev/full")

@@ -130,8 +130,8 @@ def _disk_full_named(path: str) -> Iterator[None]:
         yield
     except OSError as err:
         raise storage.disk_full(err, path) or err
-    except RuntimeError as err:  # torch.save reports a failed write as RuntimeError, with the errno in the text
-        if "No space left on device" in str(err) or "error code: 28" in str(err):
+    except RuntimeError as err:  # torch.save reports a failed write as a RuntimeError without the errno
+        if shutil.disk_usage(path).free < 16 << 20:
             raise storage.disk_full(OSError(errno.ENOSPC, str(err)), path) from err
         raise
 
