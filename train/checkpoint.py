@@ -192,10 +192,11 @@ def newest_intact(directory: str, rank: int = 0, world: int = 1, say: Callable[[
     damaged: list[str] = []
     for name in reversed(names[0]):
         url = join(directory, name)
-        verdicts = [damage(url, hashed=lambda files: files[rank::world])]
+        mine = damage(url, hashed=lambda files: files[rank::world])
+        verdicts = [mine]
         if world > 1:
             verdicts = [None] * world
-            dist.all_gather_object(verdicts, damage(url, hashed=lambda files: files[rank::world]))
+            dist.all_gather_object(verdicts, mine)
         problem = next((v for v in verdicts if v), None)
         if problem is None:
             if damaged:

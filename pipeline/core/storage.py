@@ -182,8 +182,8 @@ def files(url: str) -> dict[str, int]:
     """{path relative to url: size} of every file below url (empty when there is none)."""
     fs, root = filesystem(url)
     found = retrying(url, lambda: fs.find(root, detail=True) if _exists(fs, root) else {})
-    return {posixpath.relpath(p, root.rstrip("/")) if not isinstance(fs, LocalFileSystem) else
-            os.path.relpath(p, root): int(info["size"]) for p, info in found.items() if info.get("type") != "directory"}
+    return {posixpath.relpath(p, root.rstrip("/")): int(info["size"])
+            for p, info in found.items() if info.get("type") != "directory"}
 
 
 def sha256(url: str) -> str:
