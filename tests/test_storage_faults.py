@@ -195,13 +195,15 @@ def test_training_waits_out_an_outage_in_a_checkpoint_upload_and_stops_in_one_li
         # past storage.retry_s: one line naming the endpoint and how to continue; then, healed, it continues
         watcher, began = outage_once(s3, "outage/cut/checkpoints/step_00000004/trainer_state.json", proxy,
                                      ("reset", 30.0))
-        proc = run_cli(*command, "run.name=cut", "storage.retry_s=6", "storage.timeout_s=2", env=env, check=False)
+        # (a short lock lease: the stopped driver cannot free its lock in the outage; it expires before the re-run)
+        cut = ["run.name=cut", "run.lock_lease_s=10"]
+        proc = run_cli(*command, *cut, "storage.retry_s=6", "storage.timeout_s=2", env=env, check=False)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and began, proc.stderr[-3000:]
         assert last.startswith("error: train stopped: ") and proxy.url in last and "storage.retry_s" in last, last
         assert "run the same command again" in last
         watcher.join()
-        proc = run_cli(*command, "run.name=cut", "--resume", env=env)
+        proc = run_cli(*command, *cut, "--resume", env=env)
         assert "resumed from s3://runs/outage/cut/checkpoints/step_00000004" in proc.stdout, proc.stdout[-3000:]
         got = s3_weights(s3, "outage/cut/checkpoints")
         assert all(torch.equal(got[k], expected[k]) for k in got)
