@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if help_config(args=a, cfg=cfg):
         return 0
     cfg = cfg.with_absolute_paths()  # once, here: every stage takes it resolved
+    storage.configure(cfg.storage.retry_s, cfg.storage.timeout_s)
     if not a.ckpt.startswith(("hf:", "models:/")):
         storage.check(a.ckpt, write=False)
     from eval import suite  # torch (and Ray with --workers): once the arguments are parsed

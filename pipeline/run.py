@@ -79,6 +79,7 @@ def run(cfg, selected: list[str], force: set[str]) -> int:
     # storage, tracking and cluster that cannot work are refused before any work, with one line (a UserError):
     # a tracking server that answers and refuses us (login, permission, Host name) raises TrackingRefused; one
     # that cannot be reached is only warned about, and training goes on
+    storage.configure(cfg.storage.retry_s, cfg.storage.timeout_s)
     for url in dict.fromkeys((cfg.run_dir, cfg.data_dir, cfg.checkpoint_dir)):
         storage.check(url)
     uri = lineage.tracking_uri(cfg.tracking.uri, output_base())

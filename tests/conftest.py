@@ -202,13 +202,15 @@ def builtin_dataset(tmp_path_factory, ray_local) -> Path:
     return out
 
 
+# the smoke preset's overrides of tiny_config, also for a command line (train/run.py --config smoke ...)
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64", "batch.seq_len=64",
+        "batch.micro_batch_size=4", "batch.tokens_per_step=1024", "cluster.num_workers=2", "cluster.cpus_per_worker=1",
+        "train.lr=1e-2", "train.warmup_steps=3", "train.max_steps=12", "checkpoint.interval=4", "eval.interval=0",
+        "cluster.max_failures=0"]
+
+
 def tiny_config(root: Path, data: Path, *overrides: str):
     """A GPT-2 small enough to train in seconds on a CPU, two workers by default."""
     from pipeline.core.config import load_config
 
-    return load_config("smoke", ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64",
-                                 "batch.seq_len=64", "batch.micro_batch_size=4", "batch.tokens_per_step=1024",
-                                 "cluster.num_workers=2", "cluster.cpus_per_worker=1", "train.lr=1e-2",
-                                 "train.warmup_steps=3", "train.max_steps=12", "checkpoint.interval=4",
-                                 "eval.interval=0", "cluster.max_failures=0", *overrides],
-                       {"run.root": str(root), "tokenization.output": str(data)})
+    return load_config("smoke", [*TINY, *overrides], {"run.root": str(root), "tokenization.output": str(data)})

@@ -122,6 +122,50 @@ def test_a_damaged_trainer_state_is_refused_naming_file_and_field(tmp_path, fiel
         checkpoints.TrainerState.read(url)
 
 
+def record_files(url: str) -> dict:
+    """Record the checkpoint's files in its commit, as the trainer does."""
+    import hashlib
+
+    files = {name: {"size": os.path.getsize(os.path.join(url, name)),
+                    "sha256": hashlib.sha256(open(os.path.join(url, name), "rb").read()).hexdigest()}
+             for name in os.listdir(url) if name != checkpoints.STATE}
+    path = os.path.join(url, checkpoints.STATE)
+    state = json.loads(open(path).read())
+    open(path, "w").write(json.dumps({**state, "files": files}))
+    return files
+
+
+@pytest.mark.parametrize("name, entry, message", [
+    ("../outside", {"size": 1, "sha256": "ab" * 32}, "is not a file name inside the checkpoint"),
+    ("/etc/passwd", {"size": 1, "sha256": "ab" * 32}, "is not a file name inside the checkpoint"),
+    ("config.json", {"size": -1, "sha256": "ab" * 32}, "config.json: must be"),
+    ("config.json", {"size": 1, "sha256": "../x"}, "config.json: must be"),
+    ("config.json", "big", "config.json: must be")])
+def test_a_damaged_file_record_is_refused_naming_the_field_and_never_names_a_path(tmp_path, name, entry, message):
+    url = checkpoint(tmp_path)
+    assert checkpoints.damage(url) is None  # a checkpoint from before the records: nothing to compare
+    record_files(url)
+    assert checkpoints.damage(url) is None
+    path = os.path.join(url, checkpoints.STATE)
+    state = json.loads(open(path).read())
+    state["files"][name] = entry
+    open(path, "w").write(json.dumps(state))
+    with pytest.raises(CheckpointError, match=rf"{path}: files: .*{message}"):
+        checkpoints.recorded_files(url)
+    assert path in checkpoints.damage(url) and message.split(":")[-1] in checkpoints.damage(url)
+    with pytest.raises(CheckpointError, match="damaged checkpoint, refused"):
+        checkpoints.load(url)
+
+
+def test_a_missing_file_or_garbage_commit_is_damage_naming_the_file(tmp_path):
+    url = checkpoint(tmp_path)
+    record_files(url)
+    os.remove(os.path.join(url, "config.json"))
+    assert checkpoints.damage(url) == f"{os.path.join(url, 'config.json')}: missing"
+    open(os.path.join(url, checkpoints.STATE), "w").write("garbage{")
+    assert checkpoints.damage(url).startswith(f"{os.path.join(url, checkpoints.STATE)}: not a JSON trainer state")
+
+
 @pytest.mark.parametrize("edit, message", [({"n_head": 3}, r"n_embd \(16\) must be a multiple of n_head \(3\)"),
                                            ({"n_layer": -2}, "n_layer must be a positive integer"),
                                            ({"n_embd": [16]}, "n_embd must be a positive integer"),

@@ -209,6 +209,62 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(uni
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def damage_newest(cfg, uninterrupted, how: str) -> str:
+    """A copy of the uninterrupted run whose newest checkpoint (step 16) is damaged after its commit; the file."""
+    shutil.copytree(uninterrupted.checkpoint_dir, cfg.checkpoint_dir)
+    shutil.copy(uninterrupted.metrics_file, cfg.metrics_file)
+    newest = os.path.join(cfg.checkpoint_dir, "step_00000016")
+    if how == "optimizer bytes overwritten":  # the size stays: only the digest can tell
+        victim = sorted(glob.glob(os.path.join(newest, "deepspeed", "state", "*optim_states.pt")))[0]
+        with open(victim, "r+b") as f:
+            f.seek(os.path.getsize(victim) // 2)
+            f.write(b"\x7f" * 256)
+    else:
+        victim = os.path.join(newest, "model.safetensors")
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
+    return victim
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["optimizer bytes overwritten", "weights truncated"])
+def test_a_damaged_checkpoint_is_never_trained_from_and_eval_refuses_it_naming_the_file(
+        how, uninterrupted, tmp_path, builtin_dataset, capsys):
+    from eval.run import main as eval_main
+    from train.checkpoint import newest_intact
+
+    cfg = tiny_config(tmp_path, builtin_dataset, "train.max_steps=16", "deepspeed.zero_stage=2")
+    victim = damage_newest(cfg, uninterrupted, how)
+    said: list[str] = []
+    assert newest_intact(cfg.checkpoint_dir, say=said.append) == os.path.join(cfg.checkpoint_dir, "step_00000012")
+    assert len(said) == 2 and victim in said[0] and "step_00000012" in said[1], said  # one line each
+
+    capsys.readouterr()
+    ckpt = os.path.dirname(victim) if how == "weights truncated" else cfg.checkpoint_dir  # one, or the directory
+    assert eval_main(["--config", "smoke", "--ckpt", ckpt, "--no-val", "--hellaswag", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: damaged checkpoint") and victim in err and "\n" not in err, err
+
+    if how == "optimizer bytes overwritten":  # training falls back to step 12, redoes 13-16: the uninterrupted run
+        launch.run(cfg, resume=True)
+        assert losses(cfg.run_dir) == losses(uninterrupted.run_dir)
+        a, b = final_weights(uninterrupted), final_weights(cfg)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert checkpoints.damage(os.path.join(cfg.checkpoint_dir, "step_00000016")) is None  # rewritten whole
+
+
+@pytest.mark.slow
+def test_a_commit_records_every_files_size_and_digest(uninterrupted):
+    newest = checkpoints.latest(uninterrupted.checkpoint_dir)
+    record = checkpoints.recorded_files(newest)
+    on_disk = {str(p.relative_to(newest)): p for p in Path(newest).rglob("*") if p.is_file()}
+    assert set(record) == set(on_disk) - {checkpoints.STATE} and any("optim_states" in n for n in record)
+    for name, entry in record.items():
+        data = on_disk[name].read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert checkpoints.damage(newest) is None
+
+
 @pytest.mark.slow
 def test_the_cli_refuses_to_overwrite_a_run_and_names_missing_data(uninterrupted, tmp_path):
     proc = run_cli("train/run.py", "--config", "smoke", f"run.root={uninterrupted.run.root}",

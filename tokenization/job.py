@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core import cluster, storage
-from pipeline.core.command import one_line
+from pipeline.core.command import UserError, one_line
 from pipeline.core.config import Config
 from pipeline.core.progress import Progress, format_duration, human
 from pipeline.core.storage import join
@@ -200,7 +200,12 @@ class PieceTokenizer:
         self.signer = dedup.Signer(tok.near_dedup_ngram, tok.near_dedup_bands, tok.near_dedup_rows) if tok.near_dedup else None
 
     def __call__(self, batch: dict) -> dict:
-        results = [self.piece(int(i)) for i in batch["piece"]]
+        results = []
+        for i in batch["piece"]:
+            try:
+                results.append(self.piece(int(i)))
+            except UserError as err:  # a full disk, storage past its retries: Ray Data would bury it in a traceback
+                results.append({"piece": int(i), "user_error": str(err)})
         return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
 
     def piece(self, index: int) -> dict:
@@ -300,6 +305,8 @@ def _tokenize_pieces(cfg: Config, source: Source, pieces: list[Piece], out: str,
         r = json.loads(row["result"])
         if "error" in r:
             raise CorpusError(f"{r['error']} [tokenization.strict]")
+        if "user_error" in r:
+            raise UserError(r["user_error"])
         results[r["piece"]] = r
         docs += r["documents"]
         toks += r["tokens"]

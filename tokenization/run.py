@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if help_config(args, cfg):
         return 0
     cfg = cfg.with_absolute_paths()  # once, here: every stage takes it resolved
+    storage.configure(cfg.storage.retry_s, cfg.storage.timeout_s)
     storage.check(cfg.data_dir)
     # one job at a time on a dataset directory; the lock sits beside it, so the dataset holds only its own files
     with runlock.hold(cfg.data_dir, cfg.run.lock_lease_s, lock=cfg.data_dir.rstrip("/") + ".lock"):

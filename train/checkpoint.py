@@ -11,12 +11,14 @@ through DeepSpeed's universal checkpoint, converted once and kept beside the ori
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import torch
@@ -30,6 +32,7 @@ from pipeline.core.model.checkpoints import (
     CheckpointError,
     TrainerState,
     committed,
+    damage,
     is_step_name,
     last_finite,
     step_name,
@@ -51,12 +54,13 @@ def save(engine, model: torch.nn.Module, directory: str, state: TrainerState, ke
         UNIVERSAL_CHECKPOINT_VERSION_VALUE,
     )
 
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     url = join(directory, step_name(state.step))
     if rank == 0 and storage.exists(url):  # debris of a crash at this very step
         storage.remove(url, recursive=True)
     dist.barrier()
-    with _staged(url) as local:
+    staged = _staged(url)
+    with staged as local, _disk_full_named(local):
         engine.save_checkpoint(os.path.join(local, "deepspeed"), tag=DS_TAG, save_latest=False, client_state={
             UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
         weights = full_state_dict(engine, model, keep=rank == 0)  # collective; only rank 0 keeps a copy
@@ -66,10 +70,12 @@ def save(engine, model: torch.nn.Module, directory: str, state: TrainerState, ke
             else:
                 save_hf(model, local, state=weights)
     dist.barrier()  # every rank's files are in place
+    record = _record(url, staged.files, rank, world)
     if rank == 0:
+        _check_uploaded(url, record)
         if before_commit is not None:
             before_commit()
-        storage.write_json(join(url, STATE), {**asdict(state), "saved_at": time.time()})
+        storage.write_json(join(url, STATE), {**asdict(state), "saved_at": time.time(), "files": record})
         storage.write_bytes(join(directory, LATEST), step_name(state.step).encode())
         _prune(directory, keep_last)
     dist.barrier()
@@ -93,12 +99,52 @@ def full_state_dict(engine, model: torch.nn.Module, keep: bool = True) -> dict[s
     return out
 
 
+def _record(url: str, staged: dict[str, dict] | None, rank: int, world: int) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file of the checkpoint, for its commit (collective). Staged
+    for object storage, each rank hashed its own files before uploading them; written in place (local disk,
+    a shared filesystem), the files rank 0 lists are hashed by all ranks, a share each."""
+    import torch.distributed as dist
+
+    if staged is None:
+        names = [sorted(storage.files(url)) if rank == 0 else None]
+        dist.broadcast_object_list(names, src=0)
+        staged = {name: {"size": storage.size(join(url, name)), "sha256": storage.sha256(join(url, name))}
+                  for name in names[0][rank::world]}
+    shares = [None] * world if rank == 0 else None
+    dist.gather_object(staged, shares, dst=0)
+    return {name: entry for share in shares or [] for name, entry in share.items()}
+
+
+def _check_uploaded(url: str, record: dict[str, dict]) -> None:
+    """Refuse to commit a checkpoint whose files are not all there with the sizes written."""
+    present = storage.files(url)
+    for name, entry in sorted(record.items()):
+        if present.get(name) != entry["size"]:
+            raise CheckpointError(f"{join(url, name)}: {present.get(name, 'no')} bytes on storage after the "
+                                  f"upload, {entry['size']} written; the checkpoint is not committed")
+
+
+@contextmanager
+def _disk_full_named(path: str) -> Iterator[None]:
+    """A full disk while writing the checkpoint's files is one line naming where (DeepSpeed's writes bury it)."""
+    try:
+        yield
+    except OSError as err:
+        raise storage.disk_full(err, path) or err
+    except RuntimeError as err:  # torch.save reports a failed write as a RuntimeError without the errno
+        if shutil.disk_usage(path).free < 16 << 20:
+            raise storage.disk_full(OSError(errno.ENOSPC, str(err)), path) from err
+        raise
+
+
 class _staged:
     """A local directory whose files end up under url: url itself when local, else a temp dir uploaded
-    on exit (every rank uploads its own files)."""
+    on exit (every rank uploads its own files). `files`: what was uploaded, {relative path: {"size",
+    "sha256"}}, hashed from the local copies; None when url is local (nothing was staged)."""
 
     def __init__(self, url: str):
         self.url, self.local = url, storage.is_local(url)
+        self.files: dict[str, dict] | None = None
 
     def __enter__(self) -> str:
         self.path = storage.filesystem(self.url)[1] if self.local else tempfile.mkdtemp(prefix="ckpt-")
@@ -110,8 +156,13 @@ class _staged:
             return
         try:
             if kind is None:
-                fs, remote = storage.filesystem(self.url)
-                fs.put(self.path.rstrip("/") + "/", remote, recursive=True)
+                self.files = {}
+                for root, _, names in os.walk(self.path):
+                    for name in names:
+                        path = os.path.join(root, name)
+                        self.files[os.path.relpath(path, self.path).replace(os.sep, "/")] = {
+                            "size": os.path.getsize(path), "sha256": storage.sha256(path)}
+                storage.upload(self.path, self.url)
         finally:
             shutil.rmtree(self.path, ignore_errors=True)
 
@@ -130,6 +181,37 @@ def _prune(directory: str, keep_last: int) -> None:
 
 
 # --- loading --------------------------------------------------------------------------------------
+
+def newest_intact(directory: str, rank: int = 0, world: int = 1, say: Callable[[str], None] = print) -> str | None:
+    """URL of the newest committed checkpoint whose files all match their commit (checkpoints.damage), or
+    None when nothing is committed; each damaged one passed over is said in one line. With world > 1 it is
+    collective and one decision for all ranks: rank 0 lists the candidates, each rank hashes a share of a
+    candidate's files, and every rank sees every rank's verdict. Raises CheckpointError when checkpoints are
+    committed but none is intact (starting afresh would silently throw the run away)."""
+    import torch.distributed as dist
+
+    names = [committed(directory) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(names, src=0)
+    damaged: list[str] = []
+    for name in reversed(names[0]):
+        url = join(directory, name)
+        mine = damage(url, hashed=lambda files: files[rank::world])
+        verdicts = [mine]
+        if world > 1:
+            verdicts = [None] * world
+            dist.all_gather_object(verdicts, mine)
+        problem = next((v for v in verdicts if v), None)
+        if problem is None:
+            if damaged:
+                say(f"{len(damaged)} damaged checkpoint(s) passed over; resuming from {url}, the newest that verifies")
+            return url
+        say(f"{name} is damaged and is not resumed from: {problem}")
+        damaged.append(problem)
+    if damaged:
+        raise CheckpointError(f"{directory}: no committed checkpoint verifies; the newest: {damaged[0]}")
+    return None
+
 
 def prepare_universal(url: str) -> None:
     """Convert a checkpoint's DeepSpeed state to a universal checkpoint once, beside it

@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     if help_config(args, cfg):
         return 0
     cfg = cfg.with_absolute_paths()  # once, here: every stage takes it resolved
-    from pipeline.core import runlock
+    from pipeline.core import runlock, storage
+
+    storage.configure(cfg.storage.retry_s, cfg.storage.timeout_s)
     from train import finetuning  # torch, Ray, DeepSpeed, MLflow: imported once the arguments are parsed
 
     with runlock.hold(cfg.run_dir, cfg.run.lock_lease_s):  # one run at a time on a run directory

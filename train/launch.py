@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.core import cluster, storage
-from pipeline.core.command import UserError
+from pipeline.core.command import UserError, one_line
 from pipeline.core.config import Config
 from pipeline.core.model import checkpoints
 from pipeline.core.model.checkpoints import CheckpointError, TrainerState
@@ -47,7 +47,7 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
     if existing and not resume:
         raise CheckpointError(f"{cfg.checkpoint_dir} already holds checkpoints (latest: {existing}); "
                               f"pass --resume to continue that run, or set run.name for a new one")
-    if existing:
+    if existing and not checkpoints.damage(existing, hashed=lambda names: []):  # a damaged one: the workers fall back
         check_order(TrainerState.read(existing).data_order, existing)
         print(f"train: resuming from {existing}", flush=True)
 
@@ -87,10 +87,12 @@ def fit(cfg: Config, make_recipe: Callable, payload: dict, name: str, run_dir: s
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
     existing = checkpoints.latest(checkpoint_dir)
-    if existing and checkpoints.TrainerState.read(existing).world_size != c.num_workers:
-        # once, in a task of its own, so no rank converts while the others wait on a collective's timeout
-        print(f"train: converting {existing} to a universal checkpoint for {c.num_workers} worker(s)", flush=True)
-        ray.get(ray.remote(_to_universal).options(num_cpus=c.cpus_per_worker).remote(existing))
+    if existing and (checkpoints.damage(existing, hashed=lambda names: [])
+                     or checkpoints.TrainerState.read(existing).world_size != c.num_workers):
+        # once, in a task of its own, so no rank converts while the others wait on a collective's timeout; the
+        # task verifies the checkpoints and converts the one the workers will resume from (newest_intact)
+        ray.get(ray.remote(_to_universal).options(num_cpus=c.cpus_per_worker).remote(
+            checkpoint_dir, c.num_workers, cfg.storage.model_dump()))
     ray_dir = join(run_dir, "ray")
     trainer = TorchTrainer(
         functools.partial(_worker, make_recipe),
@@ -110,10 +112,17 @@ def fit(cfg: Config, make_recipe: Callable, payload: dict, name: str, run_dir: s
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         diagnostics.report(run_dir, before, name)  # an out-of-memory error ends the run with its own message
-        raise TrainingFailed(f"{name} failed (after {c.max_failures} automatic restarts); it resumes from "
-                             f"its last checkpoint with --resume. Cause: {err}") from err
+        cause = _user_error(err)
+        if cause is not None:  # storage past its retries, a damaged checkpoint, a full disk: one line says it
+            raise TrainingFailed(f"{name} stopped: {one_line(cause)}; {CONTINUE}") from None
+        raise TrainingFailed(f"{name} failed (after {c.max_failures} automatic restarts); {CONTINUE}. "
+                             f"Cause: {err}") from err
     diagnostics.report(run_dir, before, name)
     return result.return_value
+
+
+CONTINUE = ("run the same command again to continue from the last checkpoint (train/run.py and train/finetune.py: "
+            "with --resume)")
 
 
 def _worker_env(cfg: Config, run_dir: str) -> dict[str, str]:
@@ -123,6 +132,22 @@ def _worker_env(cfg: Config, run_dir: str) -> dict[str, str]:
     if os.environ.get(faults.ENV):
         env[faults.ENV] = os.environ[faults.ENV]
     return env
+
+
+def _user_error(err: BaseException) -> UserError | None:
+    """The UserError a worker raised, out of Ray's wrappers, or None: Ray Train's TrainingFailedError holds each
+    rank's failure (worker_failures), which wraps the worker's own exception (_base_exc, Ray's only handle on it),
+    and Ray's RayTaskError holds it as .cause."""
+    todo, seen = [err], 0
+    while todo and seen < 20:
+        err, seen = todo.pop(0), seen + 1
+        inner = [getattr(err, "cause", None), getattr(err, "_base_exc", None), err.__cause__, err.__context__,
+                 *(getattr(err, "worker_failures", None) or {}).values()]
+        inner = [e for e in inner if isinstance(e, BaseException)]
+        if isinstance(err, UserError) and not any(isinstance(e, UserError) for e in inner):
+            return err
+        todo += inner
+    return None
 
 
 def _hellaswag(cfg: Config) -> list | None:
@@ -135,13 +160,18 @@ def _hellaswag(cfg: Config) -> list | None:
     return hellaswag.load(cfg.eval.hellaswag, limit=cfg.eval.hellaswag_limit)[0]
 
 
-def _to_universal(url: str) -> None:
+def _to_universal(directory: str, workers: int, storage_cfg: dict) -> None:
+    storage.configure(**storage_cfg)
     checkpoints.forbid_unpickling()  # DeepSpeed's converter reads the state with torch.load
-    checkpoint.prepare_universal(url)
+    url = checkpoint.newest_intact(directory, say=lambda text: print(f"train: {text}", flush=True))
+    if url and TrainerState.read(url).world_size != workers:
+        print(f"train: converting {url} to a universal checkpoint for {workers} worker(s)", flush=True)
+        checkpoint.prepare_universal(url)
 
 
 def _worker(make_recipe: Callable, payload: dict) -> dict:
     # Imported in the worker so the driver never loads DeepSpeed.
     from train.loop import train_worker
 
+    storage.configure(**payload["config"]["storage"])  # this process's storage timeouts and retries
     return train_worker(make_recipe, payload)

@@ -317,15 +317,12 @@ def _engine(cfg: Config, recipe: Recipe, rank: int, world: int, run_id: str | No
     """The DeepSpeed engine and the trainer state: from the latest committed checkpoint when there is one
     (through its universal checkpoint, converted by the launcher, when the number of workers changed),
     else fresh."""
-    import torch.distributed as dist
-
     now = TrainerState(world_size=world, zero_stage=cfg.deepspeed.zero_stage, manifest_sha256=recipe.data_id,
                        data_order=recipe.data_order, run_id=run_id)
-    # one decision per job: rank 0 picks the checkpoint and every rank loads that one, even if another
-    # is committed meanwhile or a rank's listing of object storage lags
-    chosen = [checkpoints.latest(recipe.checkpoint_dir) if rank == 0 else None]
-    dist.broadcast_object_list(chosen, src=0)
-    resume_from = chosen[0]
+    # one decision per job: rank 0 lists the checkpoints, the ranks verify the newest together (falling back
+    # past damaged ones) and every rank loads the one chosen, even if another is committed meanwhile or a
+    # rank's listing of object storage lags
+    resume_from = checkpoint.newest_intact(recipe.checkpoint_dir, rank, world, say)
     model = recipe.model()
     if not resume_from:
         return engines.initialize(cfg, world, model=model, batch=recipe.batch, schedule=recipe.schedule), now

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(plan.check(cfg, preset).report(preset))
         return 0
+    storage.configure(cfg.storage.retry_s, cfg.storage.timeout_s)
     for url in dict.fromkeys((cfg.data_dir, cfg.run_dir, cfg.checkpoint_dir)):
         storage.check(url)
     from pipeline.core import runlock

@@ -37,6 +37,9 @@ def one_line(message: object) -> str:
 
 
 def report(err: BaseException) -> None:
+    cause = getattr(err, "cause", None)  # Ray's RayTaskError re-raises a task's UserError with the task's
+    if isinstance(cause, UserError):  # traceback in its text; the original, in .cause, is the one line
+        err = cause
     print(f"error: {redact(one_line(err)) or type(err).__name__}", file=sys.stderr, flush=True)
 
 

@@ -466,6 +466,21 @@ class TrackingConfig(_Section):
         return self
 
 
+class StorageConfig(_Section):
+    retry_s: float = 300.0
+    """seconds a transient object-storage error (refused, reset, timed out, HTTP 5xx/503 SlowDown) is retried with
+    back-off before the run stops with one line; an outage shorter than this costs its length, not a restart"""
+    timeout_s: float = 60.0
+    """connect and read timeout of each object-storage request, in seconds (storage that never answers fails
+    over to the retries above)"""
+
+    @model_validator(mode="after")
+    def _check(self) -> StorageConfig:
+        _require(self.retry_s >= 0, "storage.retry_s", "must be >= 0")
+        _require(self.timeout_s > 0, "storage.timeout_s", "must be positive")
+        return self
+
+
 class ClusterConfig(_Section):
     num_workers: int = 1
     """training workers (one per GPU)"""
@@ -600,6 +615,8 @@ class Config(_Section):
     """MLflow: server, experiment, registered model"""
     cluster: ClusterConfig = ClusterConfig()
     """Ray: training workers, GPUs, placement, restarts"""
+    storage: StorageConfig = StorageConfig()
+    """object storage under faults: request timeouts, how long transient errors are retried"""
     finetune: FinetuneConfig = FinetuneConfig()
     """the optional fine-tune: task data, heads, optimizer and schedule"""
 

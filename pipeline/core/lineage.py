@@ -43,7 +43,7 @@ class TrackingRefused(UserError):
     """The configured tracking server answered and refused us: a login, permission or Host-name problem."""
 
 
-def check_server(uri: str, timeout: float = 15.0) -> None:
+def check_server(uri: str, timeout: float | None = None) -> None:
     """Raise TrackingRefused when the http(s) tracking server at uri answers 401 or 403 to a read with the
     client's credentials (MLflow's: MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN); return when it lets us
     in, and also when it cannot be reached at all (refused connection, timeout, unknown name): Lineage's
@@ -56,6 +56,7 @@ def check_server(uri: str, timeout: float = 15.0) -> None:
     from mlflow.utils.rest_utils import http_request
 
     creds = get_default_host_creds(uri)
+    timeout = timeout or float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 15))  # bounded_http's, or the user's
     try:
         response = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", max_retries=0,
                                 timeout=timeout, params={"max_results": 1})
@@ -129,6 +130,15 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def bounded_http() -> None:
+    """Bound every MLflow HTTP request of this process (and of the Ray workers it starts): MLflow's client
+    otherwise waits 120 s for an answer and retries 7 times with back-off, so a server that accepts
+    connections and never answers would hold the driver for hours. Our own calls retry (Lineage._retry,
+    tracking.MlflowUploader); a user's MLFLOW_HTTP_REQUEST_* settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
+
 class Lineage:
     """Parent and stage runs in one experiment; every method is safe to call with the server down. A server
     that refuses us is refused here, at the start (TrackingRefused, see check_server)."""
@@ -138,6 +148,7 @@ class Lineage:
 
         # a new SQLite store announces its table set-up at INFO on stderr: not a line the user needs
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        bounded_http()
         check_server(uri)
 
         self.uri, self.run_dir, self.attempts, self.log = uri, run_dir, attempts, log

@@ -93,7 +93,10 @@ class _S3Lease:
         self.run_dir, self.lease_s, self.log = run_dir, lease_s, log
         bucket_key = lock[len("s3://"):]
         self.bucket, self.key = bucket_key.split("/", 1)
-        self.s3 = boto3.client("s3")  # endpoint and credentials as s3fs finds them (environment, profile)
+        from botocore.config import Config
+
+        # endpoint and credentials as s3fs finds them (environment, profile); its timeouts too (storage.timeout_s)
+        self.s3 = boto3.client("s3", config=Config(**storage.client_config()))
         self.me = _holder(lease_s)
         self.etag: str | None = None
         self.stop = threading.Event()
@@ -101,8 +104,8 @@ class _S3Lease:
     def __enter__(self) -> _S3Lease:
         from botocore.exceptions import ClientError
 
-        try:
-            self.etag = self._put(IfNoneMatch="*")
+        try:  # transient errors retried for storage.retry_s, as every storage call
+            self.etag = storage.retrying(self.run_dir, lambda: self._put(IfNoneMatch="*"), f"the lock {self.key}")
         except ClientError as err:
             if not _precondition_failed(err):
                 raise
@@ -119,7 +122,7 @@ class _S3Lease:
     def _take_over_if_expired(self) -> None:
         from botocore.exceptions import ClientError
 
-        found = self.s3.get_object(Bucket=self.bucket, Key=self.key)
+        found = storage.retrying(self.run_dir, lambda: self.s3.get_object(Bucket=self.bucket, Key=self.key))
         try:
             holder = json.loads(found["Body"].read())
         except ValueError:

@@ -8,7 +8,8 @@ Our trainer's layout:
         deepspeed/state/       every rank's DeepSpeed state (weights, ZeRO optimizer partitions)
         model.safetensors      consolidated fp32 weights under GPT-2's Hugging Face names
         config.json            so `transformers` opens the directory as GPT2LMHeadModel
-        trainer_state.json     written last, by rank 0: its presence commits the checkpoint
+        trainer_state.json     written last, by rank 0: its presence commits the checkpoint; it records
+                               every other file's size and sha256 ("files"), checked before use (`damage`)
       latest                   the newest committed checkpoint's name, updated after the commit
 
 `load` accepts:
@@ -31,6 +32,7 @@ import math
 import os
 import pickle
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +108,52 @@ _STATE_FIELDS = (
         isinstance(r, list) and len(r) == 2 and all(_count(n) for n in r) and 1 <= r[0] <= r[1] for r in v),
      "a list of [first, last] step ranges (1 <= first <= last)"),
 )
+
+
+_FILE_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)*$")
+
+
+def recorded_files(url: str) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file the commit of the checkpoint at url recorded ({} for a
+    checkpoint written before they were recorded), each entry checked as hostile input: a path that would
+    leave the checkpoint, a size or a digest of the wrong form is a CheckpointError naming the field."""
+    where = join(url, STATE)
+    try:
+        data = json.loads(storage.read_bytes(where))
+    except ValueError as err:
+        raise CheckpointError(f"{where}: not a JSON trainer state ({err})") from None
+    record = data.get("files", {}) if isinstance(data, dict) else None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{where}: files: must be an object of file records")
+    for name, entry in record.items():
+        if not (_FILE_NAME.match(name) and ".." not in name.split("/") and name != STATE):
+            raise CheckpointError(f"{where}: files: {name!r:.80} is not a file name inside the checkpoint")
+        if not (isinstance(entry, dict) and _count(entry.get("size"))
+                and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            raise CheckpointError(f"{where}: files: {name}: must be {{size: a count, sha256: 64 hex digits}}")
+    return record
+
+
+def damage(url: str, hashed: Callable[[list[str]], Iterable[str]] | None = None) -> str | None:
+    """What is wrong with the committed checkpoint at url, in one line naming the file, or None when it is
+    intact: its record reads, every recorded file is there with its recorded size, and those that `hashed`
+    picks from the sorted names (default: all) have their recorded sha256. Sizes cost one listing; digests
+    read the files (a download on object storage), so a caller may split them over ranks or skip some."""
+    try:
+        TrainerState.read(url)
+        record = recorded_files(url)
+    except (CheckpointError, FileNotFoundError) as err:
+        return str(err)
+    present = storage.files(url)
+    for name in sorted(record):
+        if name not in present:
+            return f"{join(url, name)}: missing"
+        if present[name] != record[name]["size"]:
+            return f"{join(url, name)}: {present[name]} bytes, but its commit recorded {record[name]['size']}"
+    for name in (hashed or (lambda names: names))(sorted(record)):
+        if storage.sha256(join(url, name)) != record[name]["sha256"]:
+            return f"{join(url, name)}: its bytes changed since the commit (sha256 differs from the record)"
+    return None
 
 
 def forbid_unpickling(deepspeed_records: bool = True) -> None:
@@ -212,6 +260,7 @@ def load(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     if STATE in names or any(is_step_name(n) for n in names):
         step_dir = Path(resolve(str(path)))
         state = TrainerState.read(str(step_dir))
+        _refuse_damaged(str(step_dir))
         return _hf_dir(step_dir, device, {"layout": "trainer", "step": state.step, "tokens": state.tokens,
                                           "run_id": state.run_id, "manifest_sha256": state.manifest_sha256})
     if "config.json" in names and names & {"model.safetensors", "pytorch_model.bin"}:
@@ -221,6 +270,24 @@ def load(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
         return _deepspeed(path, deepspeed_tag, device)
     raise CheckpointError(f"{spec}: unknown checkpoint layout; found {sorted(names) or 'an empty directory'}; "
                           f"expected one of: {'; '.join(LAYOUTS)}")
+
+
+def _refuse_damaged(step_dir: str) -> None:
+    """A CheckpointError naming the file when a checkpoint of ours no longer matches its commit. Local: every
+    file is checked. On object storage (step_dir is then _fetch's copy of its model files): the sizes of all,
+    and the digests of the copies read here, which decide the model (evaluation downloads no optimizer state)."""
+    remote = _fetched.get(step_dir)
+    problem = damage(remote or step_dir, hashed=(lambda names: []) if remote else None)
+    if remote and not problem:
+        record = recorded_files(remote)
+        problem = next((f"{join(remote, n)}: its bytes changed since the commit (sha256 differs from the record)"
+                        for n in sorted(record) if "/" not in n
+                        and storage.sha256(os.path.join(step_dir, n)) != record[n]["sha256"]), None)
+    if problem:
+        raise CheckpointError(f"damaged checkpoint, refused: {problem}")
+
+
+_fetched: dict[str, str] = {}  # local copy -> the checkpoint on object storage it was fetched from
 
 
 def _fetch(url: str) -> str:
@@ -234,7 +301,9 @@ def _fetch(url: str) -> str:
         if any(is_step_name(n) for n in storage.listdir(url)):
             raise  # a checkpoint directory of ours with nothing committed in it: say so, naming the URL
         return storage.local_copy(url)  # a Hugging Face or DeepSpeed directory: all of it
-    return storage.local_copy(step, keep=lambda rel: "/" not in rel)
+    local = storage.local_copy(step, keep=lambda rel: "/" not in rel)
+    _fetched[local] = step
+    return local
 
 
 def _hf_dir(path: Path, device, info: dict) -> tuple[GPT, dict]:
