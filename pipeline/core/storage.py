@@ -136,11 +136,12 @@ def retrying(url: str, fn: Callable[[], T], what: str = "") -> T:
         except Exception as err:
             if not transient(err) or is_local(url):
                 raise
-            if time.monotonic() + delay > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise StorageUnavailable(
                     f"{endpoint(url)} did not answer {what or url} for {_settings['retry_s']:.0f} s "
                     f"(storage.retry_s): {explain(err)}") from err
-            time.sleep(delay)
+            time.sleep(min(delay, left))  # the last try falls on the deadline: the whole budget is used
             delay = min(delay * 2, 30.0)
 
 
