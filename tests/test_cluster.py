@@ -108,7 +108,8 @@ def test_storage_that_cannot_work_is_refused_with_one_line(cluster_run, s3_serve
     no_keys = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
                "AWS_CONFIG_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true"}
     cases = [  # (arguments, environment, what the line must say)
-        (train, {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "cannot reach the storage endpoint"),
+        # a refused connection may be an outage: retried for storage.retry_s (5 minutes by default), then refused
+        ([*train, "storage.retry_s=3"], {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "cannot reach the storage endpoint"),
         (["train/run.py", "--config", "smoke", "--resume", "run.root=s3://no-such-bucket/runs"], {}, "create the bucket"),
         (train, no_keys, "no credentials"),
         (["eval/run.py", "--ckpt", "s3://runs/torn/checkpoints"], {}, "no committed checkpoint"),

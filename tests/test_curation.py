@@ -200,7 +200,7 @@ def test_contamination_is_counted_or_dropped_and_quality_failures_counted_with_t
     clean = [i for i in range(len(items)) if i not in (3, 7)]
     labels = np.array([it.label for it in items])[clean]
     assert metrics[SHARE] == 2 / len(items) and record["items_contaminated"] == [3, 7]
-    assert metrics["hellaswag_clean/items"] == len(clean)
+    assert record["items_clean"] == len(clean)
     assert metrics["hellaswag_clean/harness/acc"] == (scores["harness"]["loglikelihoods"][clean].argmax(1) == labels).mean()
     assert metrics["hellaswag_clean/completion/acc"] == (scores["completion"]["loglikelihoods"][clean].argmax(1)
                                                          == labels).mean()
@@ -212,9 +212,9 @@ def test_contamination_is_counted_or_dropped_and_quality_failures_counted_with_t
     printed = []
     cfg = load_config("smoke", ["eval.max_new_tokens=0"], {"tokenization.output": str(tmp_path / "count")})
     results = suite.run(cfg, str(tmp_path / "model"), data=False, device="cpu", log=printed.append)
-    assert results["metrics"][SHARE] == 2 / len(items) and results["metrics"]["hellaswag_clean/items"] == len(clean)
+    assert results["metrics"][SHARE] == 2 / len(items) and results["hellaswag"]["contamination"]["items_clean"] == len(clean)
     assert results["hellaswag"]["contamination"]["items_contaminated"] == [3, 7]
-    assert any("hellaswag acc_norm [clean]" in line and "12.5% contaminated" in line for line in printed)
+    assert any("smoke items acc_norm [clean]" in line and "12.5% contaminated" in line for line in printed)
 
     job.run(config([corpus], tmp_path / "drop", "tokenization.decontaminate=drop"), log=lambda *_: None)
     kept = set(train_documents(tmp_path / "drop"))

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 
 from pipeline.core import storage
-from pipeline.core.command import UserError
+from pipeline.core.command import UserError, one_line
 from pipeline.core.config import Config, profile_range
 from train import watchdog as watchdogs
 from train.faults import Injector
@@ -63,14 +63,22 @@ def begin(run_dir: str) -> set[str]:
     return files(run_dir)
 
 
-def report(run_dir: str, before: set[str], name: str) -> None:
-    """Print where the files this job wrote are; raise OutOfMemory when a worker ran out of memory."""
-    new = sorted(files(run_dir) - before - {OOM_RECORD})
+def report(run_dir: str, before: set[str], name: str, failed: bool = False) -> None:
+    """Print where the files this job wrote are; raise OutOfMemory when a worker ran out of memory. After a
+    failed job (`failed`), storage that cannot be read is said in a line: the job's own error follows."""
+    try:
+        new = sorted(files(run_dir) - before - {OOM_RECORD})
+        record = storage.join(directory(run_dir), OOM_RECORD)
+        oom = storage.exists(record) and storage.read_json(record)["message"]
+    except storage.StorageError as err:
+        if not failed:
+            raise
+        print(f"{name}: diagnostics in {directory(run_dir)}/ not listed: {one_line(str(err))}", flush=True)
+        return
     if new:
         print(f"{name}: diagnostics in {directory(run_dir)}/: {', '.join(new)}", flush=True)
-    record = storage.join(directory(run_dir), OOM_RECORD)
-    if storage.exists(record):
-        raise OutOfMemory(storage.read_json(record)["message"])
+    if oom:
+        raise OutOfMemory(oom)
 
 
 # --- out of memory ---------------------------------------------------------------------------------------

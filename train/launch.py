@@ -111,7 +111,7 @@ def fit(cfg: Config, make_recipe: Callable, payload: dict, name: str, run_dir: s
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
-        diagnostics.report(run_dir, before, name)  # an out-of-memory error ends the run with its own message
+        diagnostics.report(run_dir, before, name, failed=True)  # an out-of-memory error: its own message
         cause = _user_error(err)
         if cause is not None:  # storage past its retries, a damaged checkpoint, a full disk: one line says it
             raise TrainingFailed(f"{name} stopped: {one_line(cause)}; {CONTINUE}") from None
