@@ -219,7 +219,7 @@ def test_multi_task_fine_tune_separates_the_texts_fits_the_lengths_and_lands_in_
                    "--eval-task", str(tmp_path / "held.jsonl"), *FT, "finetune.head=multi",
                    "finetune.heads={kind: {head: classification, label_field: kind}, "
                    "length: {head: regression, label_field: words}}",
-                   "finetune.max_steps=80", "finetune.checkpoint_interval=40", "finetune.lr=5e-3", f"run.root={tmp_path}",
+                   "finetune.max_steps=120", "finetune.checkpoint_interval=60", "finetune.lr=5e-3", f"run.root={tmp_path}",
                    env={"MLFLOW_TRACKING_URI": pretrained["uri"]})
     results = json.loads((tmp_path / "smoke" / "finetune" / "results.json").read_text())
     scores = results["metrics"]
@@ -235,7 +235,7 @@ def test_multi_task_fine_tune_separates_the_texts_fits_the_lengths_and_lands_in_
                              "tags.`gpt2.stage` = 'finetune'")[0]
     assert run.data.tags["mlflow.parentRunId"] == pretrained["parent"]  # beside the train run that made the checkpoint
     assert run.data.metrics["finetune/kind/accuracy"] == pytest.approx(scores["finetune/kind/accuracy"])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 81))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 121))
     version = client.get_model_version_by_alias("gpt2-pipeline-finetuned", "best")
     assert version.run_id == run.info.run_id
     # its model card: where it started, the data, the held-out scores, the code
