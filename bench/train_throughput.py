@@ -11,9 +11,10 @@ Target: full stack / plain >= 0.95.
 
 --guards: the cost of the bad-step guard (train/engine.train_step: the loss summed over ranks before the last
 backward pass, the last loss scaled by 1 or NaN) on the step. One DeepSpeed engine in this process takes
-steps alternately through train_step and through the bare DeepSpeed calls of the same step (forward,
-backward, step, then the loss sum's all-reduce, as the loop did before the guard), so both see the same
-machine state; the ratio of the medians is the guard's cost. Target: guarded / bare >= 0.99.
+steps through train_step and through the bare DeepSpeed calls of the same step (forward, backward, step,
+then the loss sum's all-reduce, as the loop did before the guard) in pairs, ordered ABBA, so both see the
+same machine state; the ratio of the medians is the guard's cost, and the spread of the pairs' ratios says
+how far to trust it. Target: guarded / bare >= 0.99.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def plain_loop(cfg, steps: int) -> list[float]:
 
 
 def guard_cost(cfg, steps: int) -> tuple[list[float], list[float]]:
-    """Seconds per step through train_step (guarded) and through the bare DeepSpeed calls, alternately."""
+    """Seconds per step through train_step (guarded) and through the bare DeepSpeed calls, in pairs ordered
+    guarded-bare, bare-guarded, ... (ABBA), so that neither kind always runs right after the other."""
     import torch.distributed as dist
 
     from train import engine as engines
@@ -93,7 +95,7 @@ def guard_cost(cfg, steps: int) -> tuple[list[float], list[float]]:
 
     times: dict[str, list[float]] = {"guarded": [], "bare": []}
     for step in range(2 * steps):
-        kind = "guarded" if step % 2 == 0 else "bare"
+        kind = ("guarded", "bare", "bare", "guarded")[step % 4]
         batches = [loader.sequences(step * per_step + i, micro) for i in range(0, per_step, micro)]
         engines.set_lr(engine, lr_at(step, cfg))
         t0 = time.perf_counter()
@@ -122,13 +124,17 @@ def main() -> None:
             cfg = load_config("smoke", OVERRIDES + [f"cluster.cpus_per_worker={args.cpus}"], {"run.root": tmp})
             cfg = cfg.with_absolute_paths()
             job.run(cfg, log=lambda *_: None)
-            guarded, bare = (statistics.median(t[args.warmup:]) for t in guard_cost(cfg, args.steps))
+            guarded_s, bare_s = (t[args.warmup:] for t in guard_cost(cfg, args.steps))
             ray.shutdown()
+        guarded, bare = statistics.median(guarded_s), statistics.median(bare_s)
+        pairs = sorted(b / g for g, b in zip(guarded_s, bare_s))  # each pair's throughput ratio
+        quartiles = statistics.quantiles(pairs, n=4)
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads; model: {' '.join(OVERRIDES[:3])}, ZeRO-{cfg.deepspeed.zero_stage}, fp32")
         print(f"step with the bad-step guard: {guarded * 1000:.1f} ms, without: {bare * 1000:.1f} ms (medians of "
-              f"{args.steps - args.warmup} each, alternating); guarded / bare throughput: {bare / guarded:.4f} "
-              f"(target >= 0.99)")
+              f"{args.steps - args.warmup} each, ABBA pairs); guarded / bare throughput: {bare / guarded:.4f} "
+              f"(target >= 0.99); per pair: median {statistics.median(pairs):.4f}, quartiles "
+              f"{quartiles[0]:.4f}-{quartiles[2]:.4f}")
         return
     with tempfile.TemporaryDirectory() as tmp:
         cluster.connect()  # the Ray a user's run gets
