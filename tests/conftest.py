@@ -7,6 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -117,6 +120,36 @@ def kill_newest_train_worker() -> int | None:
     return victim.pid
 
 
+@contextlib.contextmanager
+def killing_a_worker_after(metrics_file: str, step: int, timeout: float = 300) -> Iterator[list[int]]:
+    """Around a training run in this process: SIGKILL one of its Ray Train workers (kill_newest_train_worker)
+    once `step` is logged in metrics_file; yields the list that receives the killed pid. A run that ends
+    without a kill fails the test (one that raises is left to say why)."""
+    from pipeline.core.tracking import read_jsonl
+
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill() -> None:
+        deadline = time.time() + timeout
+        while not done.is_set() and time.time() < deadline:
+            if os.path.exists(metrics_file) and any(r.get("step", 0) >= step for r in read_jsonl(metrics_file)):
+                pid = kill_newest_train_worker()
+                if pid:
+                    killed.append(pid)
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        killer.join()
+    assert killed, f"no worker was killed (step {step} never logged in {metrics_file} while a worker ran)"
+
+
 def _cmdline(p) -> list[str]:
     try:
         return p.cmdline()
@@ -214,3 +247,14 @@ def tiny_config(root: Path, data: Path, *overrides: str):
     from pipeline.core.config import load_config
 
     return load_config("smoke", [*TINY, *overrides], {"run.root": str(root), "tokenization.output": str(data)})
+
+
+def train_on_two_raylets(root: Path, data: Path, *overrides: str, env: dict | None = None,
+                         timeout: float = 600) -> subprocess.CompletedProcess:
+    """tiny_config(root, data, *overrides) trained by launch.run on a Ray cluster of two raylets, one worker on
+    each (tests/two_raylets.py, in a process of its own: this one has its local Ray); the finished process,
+    whose stdout ends with "NODES <the nodes the workers ran on>"."""
+    proc = run_tree([sys.executable, str(REPO / "tests" / "two_raylets.py"), str(root), str(data), *overrides],
+                    timeout, cwd=root.parent, env={**os.environ, **(env or {}), "PYTHONPATH": str(REPO / "tests")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

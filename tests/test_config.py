@@ -136,7 +136,8 @@ def test_train_and_finetune_share_one_typed_schedule():
     assert (c.train.lr, c.train.warmup_steps, c.train.max_steps, c.train.weight_decay) == (6e-4, 715, 19073, 0.1)
     assert (c.finetune.lr, c.finetune.warmup_steps, c.finetune.max_steps, c.finetune.weight_decay) == (5e-5, 0, 1000, 0.0)
     assert Schedule().lr == 6e-4 and TrainConfig().max_steps == 19073 and FinetuneConfig().max_steps == 1000
-    for key in ("lr", "warmup_steps", "max_steps", "weight_decay", "skip_steps", "max_bad_steps"):  # typed and documented once
+    for key in ("lr", "warmup_steps", "max_steps", "weight_decay", "skip_steps", "max_bad_steps", "spike_factor",
+                "spike_window"):  # typed and documented once
         train, finetune = TrainConfig.model_fields[key], FinetuneConfig.model_fields[key]
         assert train.annotation is finetune.annotation and train.description == finetune.description
         assert train.description == Schedule.model_fields[key].description

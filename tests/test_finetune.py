@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import killing_a_worker_after, write_jsonl
 from scipy.stats import pearsonr
 from sklearn.metrics import f1_score
 
@@ -273,7 +273,6 @@ def uninterrupted_fine_tune(tmp_path_factory, pretrained, kind_task):
 @pytest.mark.slow
 def test_a_killed_fine_tune_resumes_and_repeats_identical_losses(uninterrupted_fine_tune, pretrained, kind_task, tmp_path):
     from safetensors.torch import load_file
-    from test_train import kill_a_worker_after
 
     from pipeline.core.model import checkpoints
     from pipeline.core.tracking import metrics_file, read_jsonl
@@ -281,12 +280,8 @@ def test_a_killed_fine_tune_resumes_and_repeats_identical_losses(uninterrupted_f
 
     cfg = fine_tune_config(tmp_path, "cluster.max_failures=2", task=kind_task)
     metrics = metrics_file(cfg.with_absolute_paths().finetune_dir)
-    killed: list[int] = []
-    killer = __import__("threading").Thread(target=kill_a_worker_after, args=(metrics, 7, killed))
-    killer.start()
-    finetuning.run(cfg.with_absolute_paths(), pretrained["checkpoint"])
-    killer.join()
-    assert killed, "no worker was killed"
+    with killing_a_worker_after(metrics, 7):
+        finetuning.run(cfg.with_absolute_paths(), pretrained["checkpoint"])
 
     def losses(c) -> dict[int, list[float]]:
         out: dict[int, list[float]] = {}

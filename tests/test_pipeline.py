@@ -422,39 +422,6 @@ def test_a_tracking_server_outage_does_not_stop_training_and_the_metrics_arrive(
         server.kill()
 
 
-@pytest.mark.cluster
-def test_two_workers_on_two_nodes_train_exactly_like_two_on_one(tmp_path, builtin_dataset):
-    from conftest import tiny_config
-
-    from train import launch
-
-    single = tiny_config(tmp_path / "single", builtin_dataset, "train.max_steps=6")
-    assert launch.run(single).nodes == 1
-    script = tmp_path / "two_nodes.py"
-    script.write_text(f"""
-import ray
-from ray.cluster_utils import Cluster
-from conftest import tiny_config
-from train import launch
-from pathlib import Path
-
-cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
-cluster.add_node(num_cpus=1)
-ray.init(address=cluster.address)
-cfg = tiny_config(Path({str(tmp_path / 'spread')!r}), Path({str(builtin_dataset)!r}), "train.max_steps=6",
-                  "cluster.placement_strategy=STRICT_SPREAD", "run.shared_fs=true")  # two raylets, one disk
-print("NODES", launch.run(cfg).nodes, flush=True)
-ray.shutdown()
-cluster.shutdown()
-""")
-    proc = run_tree([sys.executable, str(script)], 600, cwd=tmp_path,
-                    env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
-    assert proc.returncode == 0 and "NODES 2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
-    a = [r["train/loss"] for r in read_jsonl(str(tmp_path / "single" / "smoke" / "metrics.jsonl")) if "train/loss" in r]
-    b = [r["train/loss"] for r in read_jsonl(str(tmp_path / "spread" / "smoke" / "metrics.jsonl")) if "train/loss" in r]
-    assert len(a) == 6 and a == b
-
-
 # --- resuming a run whose driver was killed ------------------------------------------------------------
 
 def test_a_rerun_after_killing_the_driver_resumes_from_the_checkpoint(tmp_path):

@@ -12,14 +12,13 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, kill_newest_train_worker, run_cli, tiny_config, write_jsonl
+from conftest import REPO, killing_a_worker_after, run_cli, tiny_config, train_on_two_raylets, write_jsonl
 from safetensors.torch import load_file
 
 from pipeline.core.config import load_config
@@ -100,28 +99,12 @@ def uninterrupted(tmp_path_factory, builtin_dataset):
     return cfg
 
 
-def kill_a_worker_after(metrics_file: str, step: int, killed: list, timeout: float = 300) -> None:
-    """SIGKILL one Ray Train worker process once `step` has been logged."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.exists(metrics_file) and any(r.get("step", 0) >= step for r in read_jsonl(metrics_file)):
-            pid = kill_newest_train_worker()
-            if pid:
-                killed.append(pid)
-                return
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_the_run_repeats_identical_losses(uninterrupted, tmp_path, builtin_dataset):
     cfg = tiny_config(tmp_path, builtin_dataset, "train.max_steps=16", "deepspeed.zero_stage=2",
                       "cluster.max_failures=2")
-    killed: list[int] = []
-    killer = threading.Thread(target=kill_a_worker_after, args=(cfg.metrics_file, 9, killed))
-    killer.start()
-    launch.run(cfg)
-    killer.join()
-    assert killed, "no worker was killed"
+    with killing_a_worker_after(cfg.metrics_file, 9):
+        launch.run(cfg)
 
     expected, got = losses(uninterrupted.run_dir), losses(cfg.run_dir)
     assert sorted(got) == list(range(1, 17))
@@ -132,21 +115,24 @@ def test_a_killed_worker_is_restarted_and_the_run_repeats_identical_losses(unint
 
 
 @pytest.mark.slow
-def test_a_hung_rank_leaves_every_ranks_stacks_and_the_restarted_group_ends_like_an_uninterrupted_run(
-        uninterrupted, tmp_path, builtin_dataset, monkeypatch, capsys):
-    cfg = tiny_config(tmp_path, builtin_dataset, "train.max_steps=16", "deepspeed.zero_stage=2",
-                      "cluster.max_failures=1", "train.step_timeout_s=20")
-    monkeypatch.setenv(faults.ENV, "hang@15:rank=1")  # rank 1 never starts step 15; rank 0 waits in its collective
-    launch.run(cfg)
+@pytest.mark.cluster
+def test_a_hung_rank_on_two_nodes_leaves_every_ranks_stacks_and_the_restarted_group_ends_like_an_uninterrupted_run(
+        uninterrupted, tmp_path, builtin_dataset):
+    overrides = ["train.max_steps=16", "deepspeed.zero_stage=2", "cluster.max_failures=1", "train.step_timeout_s=20"]
+    # one worker on each raylet; rank 1 never starts step 15, rank 0 waits in its collective
+    proc = train_on_two_raylets(tmp_path, builtin_dataset, *overrides, env={faults.ENV: "hang@15:rank=1"})
+    assert proc.stdout.rstrip().endswith("NODES 2"), proc.stdout[-2000:]
+    cfg = tiny_config(tmp_path, builtin_dataset, *overrides)
     folder = os.path.join(cfg.run_dir, "diagnostics")
     assert f"train: diagnostics in {folder}/: hang-step00000015-rank0.txt, hang-step00000015-rank1.txt" in (
-        capsys.readouterr().out)
+        proc.stdout), proc.stdout[-3000:]
     stacks = {rank: open(os.path.join(folder, f"hang-step00000015-rank{rank}.txt")).read() for rank in (0, 1)}
     for rank, text in stacks.items():
         assert f"rank {rank} " in text and "at step 15 (last completed: 14)" in text and "in _train" in text
         assert "collective timeout: 2100 s" in text  # train.phase_timeout_s + 300, not Ray's default of 1800
     assert "in hang" in stacks[1] and "in train_step" in stacks[0]  # rank 0 got as far as the step's collectives
 
+    # two nodes and a restart: bitwise the losses and weights of the uninterrupted run's two workers on one node
     expected, got = losses(uninterrupted.run_dir), losses(cfg.run_dir)
     assert sorted(got) == list(range(1, 17)) and all(values == expected[step] for step, values in got.items())
     a, b = final_weights(uninterrupted), final_weights(cfg)
@@ -156,12 +142,8 @@ def test_a_hung_rank_leaves_every_ranks_stacks_and_the_restarted_group_ends_like
 @pytest.mark.slow
 def test_resume_on_one_worker_after_two_continues_at_the_same_sequence(uninterrupted, tmp_path, builtin_dataset):
     cfg = tiny_config(tmp_path, builtin_dataset, "train.max_steps=16", "deepspeed.zero_stage=2")
-    killed: list[int] = []
-    killer = threading.Thread(target=kill_a_worker_after, args=(cfg.metrics_file, 6, killed))
-    killer.start()
-    with pytest.raises(launch.TrainingFailed, match="--resume"):
+    with killing_a_worker_after(cfg.metrics_file, 6), pytest.raises(launch.TrainingFailed, match="--resume"):
         launch.run(cfg)  # max_failures=0: the kill ends the run
-    killer.join()
     with pytest.raises(checkpoints.CheckpointError, match="--resume"):
         launch.run(cfg)
     resumed_from = checkpoints.TrainerState.read(checkpoints.latest(cfg.checkpoint_dir))

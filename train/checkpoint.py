@@ -33,8 +33,8 @@ from pipeline.core.model.checkpoints import (
     TrainerState,
     committed,
     damage,
+    finite,
     is_step_name,
-    last_finite,
     step_name,
 )
 from pipeline.core.model.gpt2 import save_hf
@@ -169,9 +169,11 @@ class _staged:
 
 def _prune(directory: str, keep_last: int) -> None:
     names = committed(directory)
-    finite = last_finite(directory)  # kept whatever keep_last says: the one a run of bad steps goes back to
+    # kept whatever keep_last says: the newest a run of bad steps may go back to (by its recorded loss alone:
+    # verifying its files here would read the newest checkpoint back at every save)
+    kept = finite(directory)[-1:]
     for name in names[:-keep_last]:
-        if join(directory, name) == finite:
+        if name in kept:
             continue
         storage.remove(join(directory, name), recursive=True)
     newest = names[-1]
@@ -182,15 +184,18 @@ def _prune(directory: str, keep_last: int) -> None:
 
 # --- loading --------------------------------------------------------------------------------------
 
-def newest_intact(directory: str, rank: int = 0, world: int = 1, say: Callable[[str], None] = print) -> str | None:
+def newest_intact(directory: str, rank: int = 0, world: int = 1, say: Callable[[str], None] = print,
+                  before: int | None = None) -> str | None:
     """URL of the newest committed checkpoint whose files all match their commit (checkpoints.damage), or
-    None when nothing is committed; each damaged one passed over is said in one line. With world > 1 it is
-    collective and one decision for all ranks: rank 0 lists the candidates, each rank hashes a share of a
-    candidate's files, and every rank sees every rank's verdict. Raises CheckpointError when checkpoints are
-    committed but none is intact (starting afresh would silently throw the run away)."""
+    None when there is no candidate; each damaged one passed over is said in one line. The candidates: every
+    committed checkpoint (resume), or, going back from bad steps that began at step `before`, those of earlier
+    steps whose recorded loss was finite (checkpoints.finite). With world > 1 it is collective and one
+    decision for all ranks: rank 0 lists the candidates, each rank hashes a share of a candidate's files, and
+    every rank sees every rank's verdict. Raises CheckpointError when there are candidates but none is intact
+    (starting afresh, or going back further, would silently throw the run away)."""
     import torch.distributed as dist
 
-    names = [committed(directory) if rank == 0 else None]
+    names = [(committed(directory) if before is None else finite(directory, before)) if rank == 0 else None]
     if world > 1:
         dist.broadcast_object_list(names, src=0)
     damaged: list[str] = []
@@ -204,12 +209,13 @@ def newest_intact(directory: str, rank: int = 0, world: int = 1, say: Callable[[
         problem = next((v for v in verdicts if v), None)
         if problem is None:
             if damaged:
-                say(f"{len(damaged)} damaged checkpoint(s) passed over; resuming from {url}, the newest that verifies")
+                say(f"{len(damaged)} damaged checkpoint(s) passed over; using {url}, the newest that verifies")
             return url
-        say(f"{name} is damaged and is not resumed from: {problem}")
+        say(f"{name} is damaged and is not used: {problem}")
         damaged.append(problem)
     if damaged:
-        raise CheckpointError(f"{directory}: no committed checkpoint verifies; the newest: {damaged[0]}")
+        which = "committed checkpoint" if before is None else f"checkpoint before step {before} with a finite loss"
+        raise CheckpointError(f"{directory}: no {which} verifies; the newest: {damaged[0]}")
     return None
 
 

@@ -173,7 +173,8 @@ def local_process_group(use_gpu: bool) -> None:
 Targets = torch.Tensor | dict[str, torch.Tensor]  # next tokens (B, T), or labels per task head
 
 def train_step(engine, batches: Iterable[tuple[torch.Tensor, Targets]], device: torch.device,
-               inject_nan: bool = False) -> tuple[torch.Tensor, torch.Tensor | float | None]:
+               max_loss: float | None = None,
+               fault: float | None = None) -> tuple[torch.Tensor, torch.Tensor | float | None]:
     """One optimizer step over this rank's micro-batches (CPU tensors: inputs (B, T) and targets, (B, T) for
     the LM or {head: labels} for task heads), unless it is bad.
     Returns the sum of the micro-batch losses over all ranks and the gradient norm (None where DeepSpeed reports
@@ -181,14 +182,15 @@ def train_step(engine, batches: Iterable[tuple[torch.Tensor, Targets]], device: 
     to finish, which the caller does when it logs (train/loop.py, every train.log_interval steps). The
     forward returns no logits with targets, so none are held through backward.
 
-    A bad step, one whose loss is not finite on some rank, is not applied on any rank. The losses are summed
-    over the ranks before the last backward pass, so every rank sees the same sum; where it is not finite, each
+    A bad step, one whose loss is not finite on some rank, or whose loss sum is above max_loss (a spike: a
+    float32 value, train/loop.py's spike check), is not applied on any rank. The losses are summed over the
+    ranks before the last backward pass, so every rank sees the same sum; where it is bad, each
     rank scales its last loss by NaN (1 otherwise: the same bits), all gradients turn NaN, and the optimizer
     discards the step on its own overflow check (DeepSpeed's ZeRO 1-3 and bf16 optimizers skip a step whose
     gradient norm is not finite, and clear their buffers) -- all queued on the device, without a wait. A
     non-finite gradient norm with a finite loss is discarded the same way. ZeRO-0 in fp32 steps torch's AdamW,
     which has no such check: there the gradient norm is read (a wait) and a non-finite one leaves AdamW out of
-    the step. inject_nan: make this rank's loss NaN (fault injection, train/faults.py)."""
+    the step. fault: multiply this rank's losses by it (fault injection, train/faults.py: NaN, or a spike)."""
     import torch.distributed as dist
 
     accum = engine.gradient_accumulation_steps()
@@ -196,12 +198,14 @@ def train_step(engine, batches: Iterable[tuple[torch.Tensor, Targets]], device: 
     grad_norm = None
     for micro, (x, y) in enumerate(on_device(batches, device)):
         loss = engine(x, y)[1]
-        if inject_nan and micro == 0:
-            loss = loss * float("nan")
+        if fault is not None:
+            loss = loss * fault
         loss_sum += loss.detach().float()
         if micro == accum - 1:
             dist.all_reduce(loss_sum)  # queued on the device: no wait here
-            loss = loss * torch.where(torch.isfinite(loss_sum), 1.0, float("nan")).to(loss.dtype)
+            # a host float against the float32 sum, on the device; NaN and inf are never <= a finite bound
+            good = torch.isfinite(loss_sum) if max_loss is None else loss_sum <= max_loss
+            loss = loss * torch.where(good, 1.0, float("nan")).to(loss.dtype)
         engine.backward(loss)
         if micro == accum - 1 and engine.zero_optimization_stage() == 0:
             grad_norm = _grad_norm(engine.module)  # ZeRO-0 does not report it; gradients are reduced now

@@ -1,5 +1,6 @@
-"""Fault injection for tests: GPT2_PIPELINE_FAULTS="nan@12,hang@20:rank=1,oom@5" makes the training loop
-misbehave at those steps, so that the guards against bad steps, hung ranks and OOM can be tried on a CPU.
+"""Fault injection for tests: GPT2_PIPELINE_FAULTS="nan@12,spike@14,hang@20:rank=1,oom@5" makes the training
+loop misbehave at those steps (a NaN loss, a loss 1000 times as large, a rank that never finishes its step, a CUDA
+out-of-memory error), so that the guards against bad steps, hung ranks and OOM can be tried on a CPU.
 
 A testing aid only: unset (the default) it does nothing. Each fault is KIND@STEP[:rank=R]; STEP is the
 step being taken (1-based, as logged), and without rank= every rank is hit. Kinds are those in KINDS.
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from pipeline.core import storage
 
 ENV = "GPT2_PIPELINE_FAULTS"
-KINDS = ("nan", "hang", "oom")
+KINDS = ("nan", "spike", "hang", "oom")
+SPIKE = 1000.0  # what "spike" multiplies the loss by
 _FAULT = re.compile(r"(?P<kind>[a-z]+)@(?P<step>\d+)(?::rank=(?P<rank>\d+))?(?P<every>:every)?")
 
 
@@ -60,6 +62,13 @@ class Injector:
 
     def __bool__(self) -> bool:
         return bool(self.faults)
+
+    def loss_factor(self, step: int) -> float | None:
+        """What this rank's losses are multiplied by at `step` (train/engine.train_step's fault): NaN, SPIKE, or
+        None for no fault."""
+        if self.at(step, "nan"):
+            return float("nan")
+        return SPIKE if self.at(step, "spike") else None
 
     def at(self, step: int, kind: str) -> bool:
         """Whether a fault of `kind` fires at `step` (1-based) on this rank."""

@@ -8,13 +8,14 @@ step's batches are drawn, what "evaluate" means, the schedule and batch shape, w
 metrics go. Everything that decides a step's result (data position, learning rate, dropout seed) is a
 function of the step number, which is why a restart from a checkpoint repeats the same losses bit for bit.
 
-Bad steps: a step whose loss or gradient norm is not finite is not applied, on any rank (train/engine.py's
-train_step); it is logged with the data it drew (train/bad_step, train/bad_sequence: the first of the global
-sequences it drew; it drew the schedule's batch of them). After the schedule's max_bad_steps of them in a row
-the workers load the last checkpoint before them and skip those steps' data from then on. Skipped steps
-(skip_steps, and those of such a rollback, recorded in every later checkpoint) are not taken: their data is
-passed over, their numbers and the learning rates after them stay, so a run that skips step 12 takes the same
-steps 13, 14, ... as a run whose step 12 was bad.
+Bad steps: a step whose loss or gradient norm is not finite, or whose loss spikes (above the schedule's
+spike_factor times the median of the latest good steps' losses, a window kept in checkpoints), is not applied, on
+any rank (train/engine.py's train_step); it is logged with the data it drew (train/bad_step, train/bad_sequence:
+the first of the global sequences it drew; it drew the schedule's batch of them). After the schedule's
+max_bad_steps of them in a row the workers load the newest intact checkpoint before them whose loss was finite
+and skip those steps' data from then on. Skipped steps (skip_steps, and those of such a rollback, recorded in
+every later checkpoint) are not taken: their data is passed over, their numbers and the learning rates after
+them stay, so a run that skips step 12 takes the same steps 13, 14, ... as a run whose step 12 was bad.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import bisect
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -181,8 +183,8 @@ def _train(cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, ra
             lr = engines.lr_at(state.step, cfg, recipe.schedule)
             engines.set_lr(engine, lr)
             batches = (recipe.batches(first, rank, world, micro) for micro in range(accum))
-            loss_sum, grad_norm = engines.train_step(engine, batches, device,
-                                                     inject_nan=diagnostics.injector.at(step, "nan"))
+            loss_sum, grad_norm = engines.train_step(engine, batches, device, max_loss=log.max_loss,
+                                                     fault=diagnostics.injector.loss_factor(step))
             state.step, state.sequences = step, first + recipe.batch.sequences
             state.tokens += recipe.tokens_per_step or 0
             logged = {"train/lr": lr, "train/memory_gb": _memory_gb(device), **recipe.step_metrics(state)}
@@ -239,13 +241,11 @@ class BadSteps(Exception):
 
 
 def _go_back(recipe: Recipe, engine, state: TrainerState, bad: BadSteps, rank: int, world: int, say) -> TrainerState:
-    """Load the last checkpoint before the bad steps into the engine (collective); the state to continue from,
-    which skips their data."""
-    import torch.distributed as dist
-
-    chosen = [checkpoints.last_finite(recipe.checkpoint_dir, before=bad.first) if rank == 0 else None]
-    dist.broadcast_object_list(chosen, src=0)  # every rank loads the one rank 0 found
-    url, skip = chosen[0], f"{recipe.schedule.section}.skip_steps={bad.first}-{bad.last}"
+    """Load the newest intact checkpoint before the bad steps whose loss was finite into the engine (collective);
+    the state to continue from, which skips their data."""
+    # the ranks verify the candidates together and load the one chosen, as a resume does
+    url = checkpoint.newest_intact(recipe.checkpoint_dir, rank, world, say, before=bad.first)
+    skip = f"{recipe.schedule.section}.skip_steps={bad.first}-{bad.last}"
     saved = TrainerState.read(url) if url else None
     if saved is None or saved.world_size != world:
         raise CheckpointError(
@@ -260,7 +260,10 @@ def _go_back(recipe: Recipe, engine, state: TrainerState, bad: BadSteps, rank: i
 
 class _StepLog:
     """Steps whose loss and gradient norm are still on the device: `flush` reads them off in one copy (the one
-    wait for the device in train.log_interval steps), logs every step and sets state.loss to the last one's."""
+    wait for the device in train.log_interval steps), logs every step, judges it good or bad, adds the good ones'
+    losses to state.loss_window and sets state.loss to the last one's. max_loss: the spike bound of the steps
+    until the next flush, from the window as it was at the last one (at a checkpoint too, which is why a resume
+    from the window saved there bounds the same)."""
 
     def __init__(self, cfg: Config, recipe: Recipe, engine, state: TrainerState, metrics, replicas: int,
                  device: torch.device, say: Callable[[str], None]):
@@ -272,10 +275,22 @@ class _StepLog:
         self.world = replicas // engine.gradient_accumulation_steps()
         self.peak = engines.peak_flops(device)
         self.started, self.steps_at_start = time.perf_counter(), state.step
-        self.pending: list[tuple[int, torch.Tensor, object, float, dict, int]] = []
+        self.pending: list[tuple[int, torch.Tensor, object, float, dict, int, float | None]] = []
+        del state.loss_window[:-recipe.schedule.spike_window]  # the latest ones, should the window have shrunk
+        self.max_loss = self._spike_bound()
+
+    def _spike_bound(self) -> float | None:
+        """The loss sum above which a step is a spike (schedule.spike_factor x the median of the loss window, on
+        the sum's scale), rounded to float32 as the device compares it; None while there is no spike check."""
+        schedule, window = self.recipe.schedule, self.state.loss_window
+        if schedule.spike_factor is None or len(window) < schedule.spike_window:
+            return None
+        return float(np.float32(schedule.spike_factor * statistics.median(window) * self.replicas))
 
     def add(self, loss_sum: torch.Tensor, grad_norm, host_seconds: float, logged: dict, first_sequence: int) -> None:
-        self.pending.append((self.state.step, loss_sum, grad_norm, host_seconds, logged, first_sequence))
+        """A step taken with self.max_loss as its spike bound."""
+        self.pending.append((self.state.step, loss_sum, grad_norm, host_seconds, logged, first_sequence,
+                             self.max_loss))
 
     def flush(self) -> None:
         if not self.pending:
@@ -290,7 +305,7 @@ class _StepLog:
         step_time = (sum(p[3] for p in self.pending) + time.perf_counter() - t0) / len(self.pending)
         elapsed, max_steps = time.perf_counter() - self.started, self.recipe.schedule.max_steps
         tokens = self.recipe.tokens_per_step
-        for (step, _, _, _, logged, first), loss_sum, norm in zip(self.pending, losses, norms):
+        for (step, _, _, _, logged, first, max_loss), loss_sum, norm in zip(self.pending, losses, norms):
             self.state.loss = loss_sum / self.replicas  # the global batch's mean loss
             eta = elapsed / (self.pending[-1][0] - self.steps_at_start) * (max_steps - step)
             per_step = {"train/loss": self.state.loss, "train/grad_norm": norm, "train/step_time_s": step_time,
@@ -298,16 +313,23 @@ class _StepLog:
             if tokens:
                 per_step.update({"train/tokens_per_s": tokens / step_time,
                                  "train/mfu": engines.mfu(self.engine, self.cfg, step_time, self.peak, self.world)})
-            if math.isfinite(loss_sum) and (norm is None or math.isfinite(norm)):
+            spike = max_loss is not None and loss_sum > max_loss  # the device's test (train_step), on the same bits
+            if math.isfinite(loss_sum) and (norm is None or math.isfinite(norm)) and not spike:
                 self.in_a_row, self.after_good = 0, True
+                self.state.loss_window.append(self.state.loss)
+                del self.state.loss_window[:-self.recipe.schedule.spike_window]
             else:  # not applied (train/engine.py's train_step)
                 self.bad, self.in_a_row = self.bad + 1, self.in_a_row + 1
                 self.first_bad = step if self.in_a_row == 1 else self.first_bad
                 per_step.update({"train/bad_step": 1, "train/bad_sequence": first})
-                self.say(f"step {step} is bad (loss {self.state.loss}, gradient norm {norm}): not applied; it drew "
+                why = (f"above {max_loss / self.replicas:.4g}, {self.recipe.schedule.spike_factor} x the median of "
+                       f"the last {self.recipe.schedule.spike_window} good steps' losses" if spike else
+                       f"gradient norm {norm}")
+                self.say(f"step {step} is bad (loss {self.state.loss}, {why}): not applied; it drew "
                          f"sequences {first}-{first + self.recipe.batch.sequences - 1}")
             self.metrics.log(per_step, step)
         self.pending.clear()
+        self.max_loss = self._spike_bound()
         limit = self.recipe.schedule.max_bad_steps
         if limit and self.in_a_row >= limit:  # the last step logged is the last bad one
             raise BadSteps(self.first_bad, step, self.after_good)

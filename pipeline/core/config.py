@@ -226,6 +226,9 @@ class ModelConfig(_Section):
         return self
 
 
+MAX_SPIKE_WINDOW = 10_000  # the longest loss window a checkpoint may hold (pipeline/core/model/checkpoints.py)
+
+
 class Schedule(_Section):
     """What pretraining (train.*) and fine-tuning (finetune.*) share: AdamW's learning rate and weight decay,
     and the schedule (linear warm-up, then cosine decay), typed, documented and checked once. A subclass
@@ -249,9 +252,17 @@ class Schedule(_Section):
     after them keep their numbers, learning rates and data, exactly as if a bad step had not been applied there
     (Megatron-DeepSpeed's --train-range-to-skip)"""
     max_bad_steps: int = 5
-    """a step whose loss or gradient norm is not finite on any rank is not applied, on every rank; after this many
-    such steps in a row the run goes back to its last checkpoint before them and skips their data, a skip every
-    later resume makes too (0: never go back, only leave bad steps out)"""
+    """a step whose loss or gradient norm is not finite on any rank (or whose loss spikes: spike_factor) is not
+    applied, on every rank; after this many such steps in a row the run goes back to its newest intact checkpoint
+    before them whose loss was finite and skips their data, a skip every later resume makes too (0: never go
+    back, only leave bad steps out)"""
+    spike_factor: float | None = None
+    """a step whose loss is above spike_factor times the median of the last spike_window good steps' losses is bad,
+    as a non-finite one is (max_bad_steps); checked once the window is full, against the median as of the last
+    read of the losses off the device (train.log_interval); null: no spike check"""
+    spike_window: int = 100
+    """good steps' losses whose median spike_factor compares with (the latest ones); kept in every checkpoint, so a
+    resume, with any number of workers, judges the steps after it as the run would have"""
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -270,6 +281,10 @@ class Schedule(_Section):
                  f"({self.lr}) must be finite and at most 1: larger learning rates only produce NaN")
         _require(self.lr > 0, f"{s}.lr", "must be positive")
         _require(self.max_bad_steps >= 0, f"{s}.max_bad_steps", "must be >= 0")
+        _require(self.spike_factor is None or (math.isfinite(self.spike_factor) and self.spike_factor > 1),
+                 f"{s}.spike_factor", f"({self.spike_factor}) must be a finite number above 1, or null")
+        _require(1 <= self.spike_window <= MAX_SPIKE_WINDOW, f"{s}.spike_window",
+                 f"({self.spike_window}) must be between 1 and {MAX_SPIKE_WINDOW}")
         self.skipped_ranges()  # refuses a malformed or out-of-range skip_steps
         _require(self.max_steps > 0, f"{s}.max_steps", "must be positive")
         _require(0 <= self.warmup_steps <= self.max_steps, f"{s}.warmup_steps",

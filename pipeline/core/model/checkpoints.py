@@ -41,6 +41,7 @@ from safetensors import SafetensorError
 
 from pipeline.core import storage
 from pipeline.core.command import UserError
+from pipeline.core.config import MAX_SPIKE_WINDOW
 from pipeline.core.model import heads
 from pipeline.core.model.gpt2 import GPT, GPTConfig, config_from_hf, from_hf_state_dict, from_state_dict, load_hf
 from pipeline.core.storage import join
@@ -70,6 +71,9 @@ class TrainerState:
     # steps whose data the run skips ([first, last], both included, merged, in order): the schedule's skip_steps
     # and those left behind by going back from a run of bad steps (train/loop.py); every resume skips them too
     skip_steps: list[list[int]] = field(default_factory=list)
+    # the latest good steps' losses (at most the schedule's spike_window), whose median the spike check compares
+    # with (train/loop.py): kept so that a resume judges the steps after it as the run would have
+    loss_window: list[float] = field(default_factory=list)
 
     @classmethod
     def read(cls, url: str) -> TrainerState:
@@ -107,6 +111,9 @@ _STATE_FIELDS = (
     ("skip_steps", lambda v: isinstance(v, list) and len(v) <= 100_000 and all(
         isinstance(r, list) and len(r) == 2 and all(_count(n) for n in r) and 1 <= r[0] <= r[1] for r in v),
      "a list of [first, last] step ranges (1 <= first <= last)"),
+    ("loss_window", lambda v: isinstance(v, list) and len(v) <= MAX_SPIKE_WINDOW and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v),
+     f"a list of at most {MAX_SPIKE_WINDOW} finite numbers"),
 )
 
 
@@ -194,19 +201,20 @@ def latest(directory: str) -> str | None:
     return join(directory, names[-1]) if names else None
 
 
-def last_finite(directory: str, before: int | None = None) -> str | None:
-    """URL of the newest committed checkpoint whose recorded loss is finite (or not yet known), among those of
-    steps before `before` when given: where a run goes back to from bad steps, and what pruning keeps. A
-    checkpoint whose trainer state does not read is passed over."""
-    for name in reversed(committed(directory)):
-        url = join(directory, name)
+def finite(directory: str, before: int | None = None) -> list[str]:
+    """Names of the committed checkpoints whose recorded loss is finite (or not yet known), oldest first, among
+    those of steps before `before` when given: the ones a run of bad steps may go back to
+    (train/checkpoint.newest_intact picks among them), the newest of which pruning keeps. A checkpoint whose
+    trainer state does not read is left out."""
+    out = []
+    for name in committed(directory):
         try:
-            state = TrainerState.read(url)
+            state = TrainerState.read(join(directory, name))
         except CheckpointError:
             continue
         if (before is None or state.step < before) and (state.loss is None or math.isfinite(state.loss)):
-            return url
-    return None
+            out.append(name)
+    return out
 
 
 def finished(directory: str, max_steps: int) -> str | None:
