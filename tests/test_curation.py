@@ -4,6 +4,8 @@ independent computations of what each should find (exact text equality, true Jac
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import random
 import re
@@ -18,7 +20,7 @@ from eval import hellaswag, suite
 from eval.contamination import SHARE, clean_metrics
 from pipeline.core.config import QualityConfig, load_config
 from pipeline.core.model.gpt2 import GPT, GPTConfig, save_hf
-from tokenization import job, ngrams, quality, shards, tokenizer
+from tokenization import dedup, job, ngrams, quality, shards, tokenizer
 from tokenization.contamination import SMOKE
 from tokenization.sources import CorpusError
 from tokenization.stage import curation_metrics
@@ -122,6 +124,57 @@ def test_exact_and_near_duplicates_found_across_the_corpus_identically_on_one_or
     assert curation["near_duplicates"]["documents"] == len(texts) - len(exact) - len(present)
     assert result.manifest["totals"]["train"]["documents"] == len(present)
     assert result.manifest["skipped"] == {"malformed_json": 5000}
+
+
+def test_minhash_band_keys_equal_datasketchs_signatures():
+    from datasketch import MinHash
+
+    rng = random.Random(1)
+    signer = dedup.Signer(5, 14, 8)
+    sizes = [1, 3, 4, 5, 6, 40] + [rng.randrange(1, 3000) for _ in range(150)] + [9000]  # 9000: several blocks
+    for words in sizes:
+        text = " ".join(f"w{rng.randrange(words * 2)}" for _ in range(words))  # repeats, so shingles repeat
+        hashes = ngrams.word_hashes(text)[0]
+        shingles = ngrams.ngram_hashes(hashes, min(5, len(hashes))) & np.uint64(0xFFFFFFFF)
+        reference = MinHash(num_perm=112, seed=1, hashfunc=int, scheme="affine32")
+        reference.update_batch(shingles.tolist())
+        rows = reference.hashvalues.astype("<u8").reshape(14, 8)
+        expected = [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little") for r in rows]
+        assert signer.band_keys(hashes, dedup.exact_key(text)).tolist() == expected, words
+
+
+def test_near_duplicate_clusters_on_ray_are_the_connected_components_of_shared_band_keys(ray_local, tmp_path):
+    import networkx
+
+    rng = np.random.default_rng(0)
+    n, bands = 4000, 5
+    keys = rng.integers(0, 2**64, (n, bands), dtype=np.uint64)
+    keys[:, 0] = rng.integers(0, 40_000, n)  # buckets of one to a few documents; chains across bands
+    for band in range(1, bands):
+        a, b = rng.integers(0, n, (2, 200))
+        keys[b, band] = keys[a, band]
+    candidates = rng.random(n) > 0.2
+    cuts = [0, 0, 1, 700, 2500, n]  # pieces of every size, an empty one among them
+    urls = []
+    for k, (start, end) in enumerate(zip(cuts, cuts[1:])):
+        buffer = io.BytesIO()
+        np.savez(buffer, doc_bands=keys[start:end])
+        (tmp_path / f"p{k}.npz").write_bytes(buffer.getvalue())
+        urls.append(str(tmp_path / f"p{k}.npz"))
+
+    graph = networkx.Graph()  # every pair of candidates that share a key in some band, linked
+    graph.add_nodes_from(np.flatnonzero(candidates).tolist())
+    for band in range(bands):
+        members = {}
+        for doc in np.flatnonzero(candidates):
+            members.setdefault(keys[doc, band], []).append(int(doc))
+        for docs in members.values():
+            graph.add_edges_from((docs[0], other) for other in docs[1:])
+    expected = np.zeros(n, dtype=bool)
+    for component in networkx.connected_components(graph):
+        expected[sorted(component)[1:]] = True  # all but the earliest
+    assert 200 < expected.sum() < candidates.sum() / 2
+    assert np.array_equal(dedup.near_duplicates(urls, candidates, bands), expected)
 
 
 def failed_rule(text: str, q: QualityConfig) -> str | None:
