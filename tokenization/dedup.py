@@ -53,11 +53,12 @@ class Signer:
 
     def signature(self, shingles: np.ndarray) -> np.ndarray:
         """datasketch's MinHash(seed=1, scheme="affine32", hashfunc=int).update_batch(shingles).hashvalues
-        for shingles < 2^32 (uint32, one per permutation)."""
+        for shingles < 2^32 (uint32, one per permutation); repeated shingles change no minimum."""
         mixed = _fmix32(shingles.astype(np.uint32))
         signature = np.full(len(self._a), np.iinfo(np.uint32).max, dtype=np.uint32)
         for start in range(0, len(mixed), _BLOCK):
-            block = mixed[start:start + _BLOCK, None] * self._a + self._b  # wraps modulo 2^32, as it should
+            block = np.multiply.outer(mixed[start:start + _BLOCK], self._a)  # wraps modulo 2^32, as it should
+            block += self._b
             np.minimum(signature, block.min(axis=0), out=signature)
         return signature
 
@@ -66,7 +67,7 @@ class Signer:
         if len(hashes) == 0:  # no words to shingle: a key of its own, so it never joins a cluster by accident
             return np.frombuffer(hashlib.blake2b(exact, digest_size=8 * self.bands).digest(), dtype="<u8").copy()
         shingles = ngrams.ngram_hashes(hashes, min(self.ngram, len(hashes))) & np.uint64(0xFFFFFFFF)
-        rows = self.signature(np.unique(shingles)).astype("<u8").reshape(self.bands, self.rows)
+        rows = self.signature(shingles).astype("<u8").reshape(self.bands, self.rows)
         return np.array([int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little")
                          for r in rows], dtype=np.uint64)
 
