@@ -49,7 +49,8 @@ class Signer:
 
         self.ngram, self.bands, self.rows = ngram, bands, rows
         # the permutations are drawn once from the seed, as datasketch draws them
-        self._a, self._b = MinHash(num_perm=bands * rows, seed=_SEED, scheme="affine32").permutations
+        # as columns: a block of products is (permutations x shingles), each minimum a contiguous row's
+        self._a, self._b = MinHash(num_perm=bands * rows, seed=_SEED, scheme="affine32").permutations[:, :, None]
 
     def signature(self, shingles: np.ndarray) -> np.ndarray:
         """datasketch's MinHash(seed=1, scheme="affine32", hashfunc=int).update_batch(shingles).hashvalues
@@ -57,9 +58,9 @@ class Signer:
         mixed = _fmix32(shingles.astype(np.uint32))
         signature = np.full(len(self._a), np.iinfo(np.uint32).max, dtype=np.uint32)
         for start in range(0, len(mixed), _BLOCK):
-            block = np.multiply.outer(mixed[start:start + _BLOCK], self._a)  # wraps modulo 2^32, as it should
+            block = self._a * mixed[start:start + _BLOCK]  # wraps modulo 2^32, as it should
             block += self._b
-            np.minimum(signature, block.min(axis=0), out=signature)
+            np.minimum(signature, block.min(axis=1), out=signature)
         return signature
 
     def band_keys(self, hashes: np.ndarray, exact: bytes) -> np.ndarray:
