@@ -25,7 +25,7 @@ from pipeline.core import storage
 from tokenization import ngrams
 
 _SEED = 1  # fixed: the permutations, hence the signatures, are the same in every process and every run
-_BLOCK = 4096  # shingles per step of the signature: bounds the (shingles x permutations) matrix at 1.8 MB
+_BLOCK = 4096  # shingles per step of the signature: bounds the (permutations x shingles) block at 1.8 MB
 
 
 def exact_key(text: str) -> bytes:
@@ -48,8 +48,8 @@ class Signer:
         from datasketch import MinHash
 
         self.ngram, self.bands, self.rows = ngram, bands, rows
-        # the permutations are drawn once from the seed, as datasketch draws them
-        # as columns: a block of products is (permutations x shingles), each minimum a contiguous row's
+        # the permutations, drawn from the seed as datasketch draws them, as columns: a block of products is
+        # (permutations x shingles), so each permutation's minimum runs along a contiguous row
         self._a, self._b = MinHash(num_perm=bands * rows, seed=_SEED, scheme="affine32").permutations[:, :, None]
 
     def signature(self, shingles: np.ndarray) -> np.ndarray:
