@@ -4,6 +4,8 @@ independent computations of what each should find (exact text equality, true Jac
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import random
 import re
@@ -18,7 +20,7 @@ from eval import hellaswag, suite
 from eval.contamination import SHARE, clean_metrics
 from pipeline.core.config import QualityConfig, load_config
 from pipeline.core.model.gpt2 import GPT, GPTConfig, save_hf
-from tokenization import job, ngrams, quality, shards, tokenizer
+from tokenization import dedup, job, ngrams, quality, shards, tokenizer
 from tokenization.contamination import SMOKE
 from tokenization.sources import CorpusError
 from tokenization.stage import curation_metrics
@@ -124,6 +126,57 @@ def test_exact_and_near_duplicates_found_across_the_corpus_identically_on_one_or
     assert result.manifest["skipped"] == {"malformed_json": 5000}
 
 
+def test_minhash_band_keys_equal_datasketchs_signatures():
+    from datasketch import MinHash
+
+    rng = random.Random(1)
+    signer = dedup.Signer(5, 14, 8)
+    sizes = [1, 3, 4, 5, 6, 40] + [rng.randrange(1, 3000) for _ in range(150)] + [9000]  # 9000: several blocks
+    for words in sizes:
+        text = " ".join(f"w{rng.randrange(words * 2)}" for _ in range(words))  # repeats, so shingles repeat
+        hashes = ngrams.word_hashes(text)[0]
+        shingles = ngrams.ngram_hashes(hashes, min(5, len(hashes))) & np.uint64(0xFFFFFFFF)
+        reference = MinHash(num_perm=112, seed=1, hashfunc=int, scheme="affine32")
+        reference.update_batch(shingles.tolist())
+        rows = reference.hashvalues.astype("<u8").reshape(14, 8)
+        expected = [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little") for r in rows]
+        assert signer.band_keys(hashes, dedup.exact_key(text)).tolist() == expected, words
+
+
+def test_near_duplicate_clusters_on_ray_are_the_connected_components_of_shared_band_keys(ray_local, tmp_path):
+    import networkx
+
+    rng = np.random.default_rng(0)
+    n, bands = 4000, 5
+    keys = rng.integers(0, 2**64, (n, bands), dtype=np.uint64)
+    keys[:, 0] = rng.integers(0, 40_000, n)  # buckets of one to a few documents; chains across bands
+    for band in range(1, bands):
+        a, b = rng.integers(0, n, (2, 200))
+        keys[b, band] = keys[a, band]
+    candidates = rng.random(n) > 0.2
+    cuts = [0, 0, 1, 700, 2500, n]  # pieces of every size, an empty one among them
+    urls = []
+    for k, (start, end) in enumerate(zip(cuts, cuts[1:])):
+        buffer = io.BytesIO()
+        np.savez(buffer, doc_bands=keys[start:end])
+        (tmp_path / f"p{k}.npz").write_bytes(buffer.getvalue())
+        urls.append(str(tmp_path / f"p{k}.npz"))
+
+    graph = networkx.Graph()  # every pair of candidates that share a key in some band, linked
+    graph.add_nodes_from(np.flatnonzero(candidates).tolist())
+    for band in range(bands):
+        members = {}
+        for doc in np.flatnonzero(candidates):
+            members.setdefault(keys[doc, band], []).append(int(doc))
+        for docs in members.values():
+            graph.add_edges_from((docs[0], other) for other in docs[1:])
+    expected = np.zeros(n, dtype=bool)
+    for component in networkx.connected_components(graph):
+        expected[sorted(component)[1:]] = True  # all but the earliest
+    assert 200 < expected.sum() < candidates.sum() / 2
+    assert np.array_equal(dedup.near_duplicates(urls, candidates, bands), expected)
+
+
 def failed_rule(text: str, q: QualityConfig) -> str | None:
     return quality.failed_rule(text, q, *ngrams.word_hashes(text))
 
@@ -153,6 +206,94 @@ def test_quality_rules_each_fail_what_they_describe():
         assert failed_rule(text, q) == rule, rule
     assert failed_rule(" ".join(["word"] * 101), QualityConfig(enabled=True, max_words=100)) == "too_many_words"
     assert failed_rule(cases["c4_lorem_ipsum"], QualityConfig(enabled=True, c4_rules=False)) is None
+
+
+_LETTERLESS_WORD = re.compile(r"(?<!\S)[^\sA-Za-z\u00c0-\u1fff\u2070-\U0010ffff]+(?!\S)")
+
+
+def reference_rule(text: str, q: QualityConfig) -> str | None:
+    """The rules as plain Python states them (str.split, a regular expression, sets and counts over the
+    normalized words), in quality.RULES' order."""
+    hashes, lengths = ngrams.word_hashes(text)
+    h, words = hashes.tolist(), text.split()
+    n = len(words)
+    lines = [line for line in (raw.strip() for raw in text.splitlines()) if line]
+    share = lambda test: sum(map(test, lines)) / len(lines) if lines else 0.0  # noqa: E731
+    chars = sum(lengths.tolist())
+    two = ngrams.ngram_hashes(hashes, 2).tolist()
+    top = max(two, key=lambda g: (two.count(g), -g)) if two else None
+    top_chars = two.count(top) * sum(lengths[two.index(top):two.index(top) + 2].tolist()) if two and two.count(top) > 1 else 0
+    five, seen, covered = ngrams.ngram_hashes(hashes, 5).tolist(), set(), set()
+    for i, g in enumerate(five):
+        if g in seen:
+            covered.update(range(i, i + 5))
+        seen.add(g)
+    stop_hashes = set(ngrams.word_hashes(" ".join(quality.STOP_WORDS))[0].tolist())
+    checks = {
+        "too_few_words": n < q.min_words,
+        "too_many_words": n > q.max_words,
+        "mean_word_length": not q.min_mean_word_length <= sum(map(len, words)) / n <= q.max_mean_word_length,
+        "symbol_ratio": (text.count("#") + text.count("...") + text.count("…")) / n > q.max_symbol_word_ratio,
+        "bullet_lines": share(lambda line: line.startswith(("•", "●", "○", "■", "□", "▪", "▫", "–", "-", "*", "·")))
+        > q.max_bullet_lines,
+        "ellipsis_lines": share(lambda line: line.endswith(("...", "…"))) > q.max_ellipsis_lines,
+        "alpha_words": (n - len(_LETTERLESS_WORD.findall(text))) / n < q.min_alpha_words,
+        "stop_words": len(stop_hashes & set(h)) < q.min_stop_words,
+        "duplicate_lines": bool(lines) and (len(lines) - len(set(lines))) / len(lines) > q.max_duplicate_lines,
+        "top_2gram": bool(chars) and top_chars / chars > q.max_top_2gram,
+        "duplicate_5grams": bool(chars) and sum(lengths[sorted(covered)].tolist()) / chars > q.max_duplicate_5grams,
+        "c4_lorem_ipsum": q.c4_rules and "lorem ipsum" in text.lower(),
+        "c4_curly_bracket": q.c4_rules and ("{" in text or "}" in text),
+    }
+    return next((rule for rule in quality.RULES if checks[rule]), None)
+
+
+def test_each_quality_rule_decides_as_its_plain_python_statement_on_random_documents():
+    assert not any(chr(c).isspace() for c in range(0x3001, 0x110000))  # the classes' table stops at U+3000
+    rng = random.Random(3)
+    pool = (["the", "of", "and", "to", "with", "have", "be", "that", "cat", "sat", "garden", "x", "ab",
+             "extraordinarily", "Café", "naïve", "日本語", "Ωμέγα", "1234", "3.14", "#", "#tag", "...", "…",
+             "wait...", "!!", "—", "«»", "×", "¿", "(a)", "{", "}", "lorem", "ipsum", "Lorem ipsum", "e-mail", "\ud800"]
+            + [f"w{i}" for i in range(30)])
+    spaces = [" "] * 8 + ["  ", "\t", "\u00a0", "\u3000", "\x1c", "\u2003"]
+    permissive = dict(enabled=True, min_words=0, max_words=10**9, min_mean_word_length=0.0, max_mean_word_length=1e9,
+                      max_symbol_word_ratio=1.0, max_bullet_lines=1.0, max_ellipsis_lines=1.0, min_alpha_words=0.0,
+                      min_stop_words=0, max_duplicate_lines=1.0, max_top_2gram=1.0, max_duplicate_5grams=1.0,
+                      c4_rules=False)
+    thresholds = {  # one rule at a time, at a threshold drawn where documents fall on both sides
+        "too_few_words": lambda: {"min_words": rng.randrange(60)},
+        "too_many_words": lambda: {"max_words": rng.randrange(120)},
+        "mean_word_length": lambda: {"min_mean_word_length": rng.uniform(2, 5), "max_mean_word_length": rng.uniform(3, 7)},
+        "symbol_ratio": lambda: {"max_symbol_word_ratio": rng.uniform(0, 0.2)},
+        "bullet_lines": lambda: {"max_bullet_lines": rng.uniform(0, 0.6)},
+        "ellipsis_lines": lambda: {"max_ellipsis_lines": rng.uniform(0, 0.6)},
+        "alpha_words": lambda: {"min_alpha_words": rng.uniform(0.6, 1)},
+        "stop_words": lambda: {"min_stop_words": rng.randrange(9)},
+        "duplicate_lines": lambda: {"max_duplicate_lines": rng.uniform(0, 0.5)},
+        "top_2gram": lambda: {"max_top_2gram": rng.uniform(0, 0.3)},
+        "duplicate_5grams": lambda: {"max_duplicate_5grams": rng.uniform(0, 0.5)},
+        "c4": lambda: {"c4_rules": True},
+    }
+    fired = {rule: 0 for rule in quality.RULES}
+    for _ in range(250):
+        lines = []
+        for _ in range(rng.randrange(1, 12)):
+            if lines and rng.random() < 0.15:
+                lines.append(rng.choice(lines))  # a repeated line
+                continue
+            words = [rng.choice(pool) for _ in range(rng.randrange(26))]
+            if rng.random() < 0.3 and len(words) > 6:
+                words += words[:rng.randrange(2, 7)] * rng.randrange(1, 4)  # a repeated phrase
+            line = "".join(w + rng.choice(spaces) for w in words).rstrip(" ")
+            lines.append(rng.choice(["", "- ", "• ", "* ", "–"]) * (rng.random() < 0.2) + line
+                         + rng.choice(["...", "…"]) * (rng.random() < 0.2))
+        text = "start " + "".join(line + rng.choice(["\n", "\n", "\r\n", "\n\n", "\u2028"]) for line in lines)
+        for q in [QualityConfig(enabled=True)] + [QualityConfig(**{**permissive, **draw()}) for draw in thresholds.values()]:
+            rule = failed_rule(text, q)
+            assert rule == reference_rule(text, q), (text, q)
+            if rule:
+                fired[rule] += 1
+    assert min(fired.values()) >= 10, fired  # every rule decided documents both ways
 
 
 def smoke_items() -> list[dict]:

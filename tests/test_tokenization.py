@@ -331,12 +331,13 @@ def test_the_stage_reads_and_writes_object_storage(tmp_path, prose_texts):
         s3.create_bucket(Bucket="corpus")
         body = "".join(json.dumps({"text": t}) + "\n" for t in prose_texts[:200]).encode()
         s3.put_object(Bucket="corpus", Key="web/part-0.jsonl", Body=body)
+        # near dedup on: its Ray tasks read the pieces' band keys from the run directory on S3
         run_cli("tokenization/run.py", "--input", "s3://corpus/web/*.jsonl", "--output", "s3://corpus/tokens",
-                "tokenization.piece_bytes=65536", env=env)
+                "tokenization.piece_bytes=65536", "tokenization.near_dedup=true", env=env)
         local = tmp_path / "local"
         (tmp_path / "c.jsonl").write_bytes(body)
         run_cli("tokenization/run.py", "--input", str(tmp_path / "c.jsonl"), "--output", str(local),
-                "tokenization.piece_bytes=65536")
+                "tokenization.piece_bytes=65536", "tokenization.near_dedup=true")
         keys = {o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="tokens/")["Contents"]}
         assert {f"tokens/{name}" for name in tree_bytes(local)} == keys  # no _work/ left behind
         for name, data in tree_bytes(local).items():

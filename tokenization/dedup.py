@@ -1,26 +1,44 @@
 """Duplicate documents: the keys each piece computes per document, and the corpus-wide decision of
 which copy stays.
 
-Exact: blake2b-128 of the text with whitespace runs collapsed to one space. Near: MinHash (datasketch)
-over word n-gram shingles, cut into LSH bands (FineWeb's 14 bands of 8 hashes by default); two documents
-whose hashes agree on a whole band are linked, and the connected components of those links (scipy's
-csgraph) are the clusters. In both cases the kept document is the first in the global input order, so
-the choice depends on the input alone, never on how many workers ran.
+Exact: blake2b-128 of the text with whitespace runs collapsed to one space. Near: MinHash over word n-gram
+shingles, cut into LSH bands (FineWeb's 14 bands of 8 hashes by default); two documents whose hashes
+agree on a whole band are linked, and the connected components of those links (scipy's csgraph) are the
+clusters, found by Ray tasks (one per band, then one for the components) that read the pieces' band keys
+from the run directory, so the driver never holds them. In both cases the kept document is the first in
+the global input order, so the choice depends on the input alone, never on how many workers ran.
+
+The MinHash signatures are datasketch's ("affine32" scheme: the 32-bit shingle hash pre-mixed with
+MurmurHash3's finalizer, then a*h + b modulo 2^32 per permutation, from datasketch's own permutations),
+computed here as one numpy expression over all of a document's shingles: datasketch's update_batch would
+convert every shingle in Python first, which cost more than tokenizing the document.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 
 import numpy as np
 
+from pipeline.core import storage
 from tokenization import ngrams
 
 _SEED = 1  # fixed: the permutations, hence the signatures, are the same in every process and every run
+_BLOCK = 4096  # shingles per step of the signature: bounds the (permutations x shingles) block at 1.8 MB
 
 
 def exact_key(text: str) -> bytes:
     return hashlib.blake2b(" ".join(text.split()).encode(), digest_size=16).digest()
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer (datasketch's pre-mix), modulo 2^32 as uint32 arithmetic is."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
 
 
 class Signer:
@@ -30,17 +48,27 @@ class Signer:
         from datasketch import MinHash
 
         self.ngram, self.bands, self.rows = ngram, bands, rows
-        # the permutations are drawn once from the seed; every document's MinHash reuses them
-        self._template = MinHash(num_perm=bands * rows, seed=_SEED, hashfunc=int)
+        # the permutations, drawn from the seed as datasketch draws them, as columns: a block of products is
+        # (permutations x shingles), so each permutation's minimum runs along a contiguous row
+        self._a, self._b = MinHash(num_perm=bands * rows, seed=_SEED, scheme="affine32").permutations[:, :, None]
+
+    def signature(self, shingles: np.ndarray) -> np.ndarray:
+        """datasketch's MinHash(seed=1, scheme="affine32", hashfunc=int).update_batch(shingles).hashvalues
+        for shingles < 2^32 (uint32, one per permutation); repeated shingles change no minimum."""
+        mixed = _fmix32(shingles.astype(np.uint32))
+        signature = np.full(len(self._a), np.iinfo(np.uint32).max, dtype=np.uint32)
+        for start in range(0, len(mixed), _BLOCK):
+            block = self._a * mixed[start:start + _BLOCK]  # wraps modulo 2^32, as it should
+            block += self._b
+            np.minimum(signature, block.min(axis=1), out=signature)
+        return signature
 
     def band_keys(self, hashes: np.ndarray, exact: bytes) -> np.ndarray:
         """hashes: the document's ngrams.word_hashes; exact: its exact_key."""
         if len(hashes) == 0:  # no words to shingle: a key of its own, so it never joins a cluster by accident
             return np.frombuffer(hashlib.blake2b(exact, digest_size=8 * self.bands).digest(), dtype="<u8").copy()
         shingles = ngrams.ngram_hashes(hashes, min(self.ngram, len(hashes))) & np.uint64(0xFFFFFFFF)
-        m = self._template.copy()
-        m.update_batch(np.unique(shingles).tolist())
-        rows = np.ascontiguousarray(m.hashvalues, dtype="<u8").reshape(self.bands, self.rows)
+        rows = self.signature(shingles).astype("<u8").reshape(self.bands, self.rows)
         return np.array([int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little")
                          for r in rows], dtype=np.uint64)
 
@@ -56,29 +84,41 @@ def exact_duplicates(keys: np.ndarray) -> np.ndarray:
     return duplicate
 
 
-def near_duplicates(band_keys: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """band_keys: (n, bands) uint64 in global order; candidates: mask of the documents to cluster.
-    Returns a mask of the candidates that are not the first of their cluster."""
+def near_duplicates(index_urls: list[str], candidates: np.ndarray, bands: int) -> np.ndarray:
+    """index_urls: the pieces' index files (.npz with `doc_bands`), in global order; candidates: mask of the
+    documents to cluster. Returns a mask of the candidates that are not the first of their cluster. The
+    work runs as Ray tasks: the driver holds the masks alone."""
+    import ray
+
+    mask = ray.put(candidates)
+    edges = [ray.remote(num_cpus=1)(band_edges).remote(index_urls, band, mask) for band in range(bands)]
+    duplicates = ray.get(ray.remote(num_cpus=1)(clustered_duplicates).remote(mask, *edges))
+    duplicate = np.zeros(len(candidates), dtype=bool)
+    duplicate[duplicates] = True
+    return duplicate
+
+
+def band_edges(index_urls: list[str], band: int, candidates: np.ndarray) -> np.ndarray:
+    """One band over the whole corpus: (2, k) document numbers of candidates that share the band's key,
+    each linked to its neighbour in key order (a bucket of m documents becomes a chain of m - 1 links)."""
+    keys = np.concatenate([np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False)["doc_bands"][:, band]
+                           for url in index_urls])
+    numbers = np.flatnonzero(candidates)
+    keys = keys[numbers]
+    order = np.argsort(keys, kind="stable")
+    same = np.flatnonzero(keys[order][1:] == keys[order][:-1])
+    return np.stack([numbers[order[same]], numbers[order[same + 1]]])
+
+
+def clustered_duplicates(candidates: np.ndarray, *edges: np.ndarray) -> np.ndarray:
+    """The document numbers of the candidates that are not the first of their connected component."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    index = np.flatnonzero(candidates)
-    n = len(index)
-    duplicate = np.zeros(len(band_keys), dtype=bool)
-    if n < 2:
-        return duplicate
-    sources, targets = [], []
-    for band in range(band_keys.shape[1]):
-        keys = band_keys[index, band]
-        order = np.argsort(keys, kind="stable")
-        same = np.flatnonzero(keys[order][1:] == keys[order][:-1])  # neighbours in sort order sharing a key
-        sources.append(order[same])
-        targets.append(order[same + 1])
-    src, dst = np.concatenate(sources), np.concatenate(targets)
+    n = len(candidates)
+    src, dst = np.concatenate([np.zeros((2, 0), dtype=np.int64), *edges], axis=1)
     graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
-    _, first = np.unique(labels, return_index=True)  # candidates are in global order: first = earliest
-    keep = np.zeros(n, dtype=bool)
-    keep[first] = True
-    duplicate[index[~keep]] = True
-    return duplicate
+    first = np.zeros(n, dtype=bool)
+    first[np.unique(labels, return_index=True)[1]] = True  # the lowest number: the earliest in input order
+    return np.flatnonzero(candidates & ~first)  # documents outside the candidates have no links: alone

@@ -344,14 +344,13 @@ class ShardPlan:
 
 def _plan_shards(cfg: Config, results: list[dict], out: str) -> tuple[list[ShardPlan], dict]:
     """The shards, and what curation removed or found (the manifest's `curation`)."""
-    lengths, hashes, piece_of, keys, bands, contaminated = [], [], [], [], [], []
+    lengths, hashes, piece_of, keys, contaminated = [], [], [], [], []
     offset = 0
     for r in results:
         index = np.load(io.BytesIO(storage.read_bytes(_piece_urls(out, r["piece"])[1])), allow_pickle=False)
         lengths.append(index["doc_tokens"].astype(np.int64))
         hashes.append(index["doc_hash"])
         keys.append(index["doc_key"])
-        bands.append(index["doc_bands"])
         piece_of.append(np.full(len(index["doc_tokens"]), r["piece"], dtype=np.int64))
         contaminated += [(offset + doc, items) for doc, items in r["contaminated"]]
         offset += len(index["doc_tokens"])
@@ -363,8 +362,8 @@ def _plan_shards(cfg: Config, results: list[dict], out: str) -> tuple[list[Shard
 
     tok = cfg.tokenization
     exact = dedup.exact_duplicates(np.concatenate(keys)) if tok.dedup else np.zeros(offset, dtype=bool)
-    near = (dedup.near_duplicates(np.concatenate(bands), ~exact) if tok.near_dedup
-            else np.zeros(offset, dtype=bool))
+    near = (dedup.near_duplicates([_piece_urls(out, r["piece"])[1] for r in results], ~exact, tok.near_dedup_bands)
+            if tok.near_dedup else np.zeros(offset, dtype=bool))
     kept = ~exact & ~near
     val = np.zeros(offset, dtype=bool)
     val[kept] = _val_mask(hashes_all[kept], lengths_all[kept], cfg)

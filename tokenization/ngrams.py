@@ -71,12 +71,12 @@ def _separate_punctuation(data: np.ndarray, word: np.ndarray) -> None:
 
 
 def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
-    """The hash of every run of n consecutive words (none when there are fewer than n)."""
+    """The hash of every run of n consecutive words (none when there are fewer than n): the polynomial
+    sum over k < n of hashes[i + k] * BASE^(n-1-k), from prefix sums as word_hashes computes its words'."""
     count = len(hashes) - n + 1
     if count <= 0:
         return np.zeros(0, dtype=np.uint64)
-    acc = np.zeros(count, dtype=np.uint64)
+    up, down = _powers(len(hashes))
     with np.errstate(over="ignore"):
-        for k in range(n):
-            acc = acc * np.uint64(_BASE) + hashes[k:k + count]
-    return acc
+        prefix = np.concatenate([[np.uint64(0)], np.cumsum(hashes * down)])
+        return (prefix[n:] - prefix[:count]) * up[n - 1:]

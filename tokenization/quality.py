@@ -9,8 +9,6 @@ NLTK for word splitting) inside every tokenizer actor for a dozen lines of arith
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from pipeline.core.config import QualityConfig
@@ -18,9 +16,15 @@ from tokenization import ngrams
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 _BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "–", "-", "*", "·")
-# a whitespace-delimited word with no letter (non-ASCII characters count as letters, bar punctuation)
-_LETTERLESS_WORD = re.compile(r"(?<!\S)[^\sA-Za-z\u00c0-\u1fff\u2070-\U0010ffff]+(?!\S)")
 _STOP_WORD_HASHES = ngrams.word_hashes(" ".join(sorted(STOP_WORDS)))[0]
+# Each code point's class. Gopher's words are str.split()'s: runs of non-whitespace (str.isspace, no
+# whitespace lies above U+3000); a word "has a letter" if it holds A-Z, a-z or a non-ASCII character
+# outside Latin-1's punctuation (U+0080-U+00BF) and the General Punctuation block (U+2000-U+206F).
+_OTHER, _SPACE, _LETTER = 0, 1, 2
+_CLASS = np.zeros(0x110000, dtype=np.uint8)
+for _first, _last in ((ord("A"), ord("Z")), (ord("a"), ord("z")), (0xC0, 0x1FFF), (0x2070, 0x10FFFF)):
+    _CLASS[_first:_last + 1] = _LETTER
+_CLASS[[c for c in range(0x3001) if chr(c).isspace()]] = _SPACE
 
 
 def _is_bullet(line: str) -> bool:
@@ -50,15 +54,20 @@ RULES = {
 
 
 def failed_rule(text: str, q: QualityConfig, hashes: np.ndarray, lengths: np.ndarray) -> str | None:
-    """The first rule `text` fails, or None; hashes and lengths: its ngrams.word_hashes (for the repetition
-    rules, which compare normalized words)."""
-    words = text.split()
-    n = len(words)
-    if n < q.min_words:
+    """The first rule `text` fails, or None; hashes and lengths: its ngrams.word_hashes (for the stop words
+    and the repetition rules, which compare normalized words). The word rules read one numpy array of the
+    text's code point classes, not a Python list of its words."""
+    kind = _CLASS[np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)]
+    space = np.ones(len(kind) + 2, dtype=bool)  # padded with whitespace at each end
+    space[1:-1] = kind == _SPACE
+    edges = np.flatnonzero(space[1:] != space[:-1])
+    starts, ends = edges[0::2], edges[1::2]  # each word is text[start:end]
+    n = len(starts)
+    if n < q.min_words or n == 0:
         return "too_few_words"
     if n > q.max_words:
         return "too_many_words"
-    mean = sum(map(len, words)) / n
+    mean = (len(kind) - int(space.sum()) + 2) / n  # the words' characters: all but the whitespace
     if not q.min_mean_word_length <= mean <= q.max_mean_word_length:
         return "mean_word_length"
     if (text.count("#") + text.count("...") + text.count("…")) / n > q.max_symbol_word_ratio:
@@ -68,9 +77,10 @@ def failed_rule(text: str, q: QualityConfig, hashes: np.ndarray, lengths: np.nda
         return "bullet_lines"
     if lines and sum(map(_ends_in_ellipsis, lines)) / len(lines) > q.max_ellipsis_lines:
         return "ellipsis_lines"
-    if (n - len(_LETTERLESS_WORD.findall(text))) / n < q.min_alpha_words:
+    letters = np.concatenate([[0], np.cumsum(kind == _LETTER)])
+    if int(np.count_nonzero(letters[ends] > letters[starts])) / n < q.min_alpha_words:
         return "alpha_words"
-    if np.isin(_STOP_WORD_HASHES, hashes).sum() < q.min_stop_words:  # distinct stop words present
+    if (_STOP_WORD_HASHES[:, None] == hashes).any(axis=1).sum() < q.min_stop_words:  # distinct stop words present
         return "stop_words"
     if lines and (len(lines) - len(set(lines))) / len(lines) > q.max_duplicate_lines:
         return "duplicate_lines"
@@ -92,11 +102,11 @@ def _top_ngram_chars(hashes: np.ndarray, lengths: np.ndarray, n: int) -> int:
     grams = ngrams.ngram_hashes(hashes, n)
     if len(grams) == 0:
         return 0
-    _, first, counts = np.unique(grams, return_index=True, return_counts=True)
+    values, counts = np.unique(grams, return_counts=True)
     top = int(np.argmax(counts))  # ties: the smallest hash, so the same in every run
     if counts[top] < 2:
         return 0
-    start = first[top]
+    start = int(np.argmax(grams == values[top]))  # its first occurrence
     return int(counts[top] * lengths[start:start + n].sum())
 
 
@@ -105,8 +115,9 @@ def _repeated_ngram_chars(hashes: np.ndarray, lengths: np.ndarray, n: int) -> in
     grams = ngrams.ngram_hashes(hashes, n)
     if len(grams) == 0:
         return 0
-    repeat = np.ones(len(grams), dtype=bool)
-    repeat[np.unique(grams, return_index=True)[1]] = False
+    order = np.argsort(grams, kind="stable")  # equal n-grams side by side, the earliest first
+    repeat = np.zeros(len(grams), dtype=bool)
+    repeat[order[1:][grams[order[1:]] == grams[order[:-1]]]] = True
     starts = np.flatnonzero(repeat)  # +1 where a repeated n-gram starts, -1 past its end
     cover = np.bincount(starts, minlength=len(hashes) + 1) - np.bincount(starts + n, minlength=len(hashes) + 1)
     return int(lengths[np.cumsum(cover[:-1]) > 0].sum())
