@@ -149,7 +149,8 @@ class DataConfig(_Section):
     def _check(self) -> DataConfig:
         if not self.sources:
             return self
-        _require("input" not in self.model_fields_set or not self.input, "data.input",
+        # the default stays allowed: a dump of this config (the training workers' payload) sets it explicitly
+        _require(self.input in ([], type(self).model_fields["input"].default), "data.input",
                  "cannot be set together with data.sources (each source names its input; "
                  "data.input: [] clears a preset's)")
         seen: set[str] = set()
