@@ -23,6 +23,7 @@ import torch
 from conftest import REPO, kill_newest_train_worker, run_cli, tiny_config, write_jsonl
 from safetensors.torch import load_file
 
+from eval import val_loss
 from pipeline.core.command import UserError
 from pipeline.core.config import load_config
 from pipeline.core.model import checkpoints
@@ -101,7 +102,7 @@ MIXTURE = "data.sources=[{name: web, input: web.jsonl, weight: 4}, {name: books,
 
 @pytest.fixture(scope="module")
 def mixture_dataset(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("mixture") / "data", SOURCES, seed=4)
+    return write_dataset(tmp_path_factory.mktemp("mixture") / "data", SOURCES, seed=4, val={"web": 6_000, "books": 2_000})
 
 
 def mixed_config(root: Path, data: Path, *overrides: str):
@@ -260,6 +261,15 @@ def test_a_mixture_is_refused_past_a_sources_max_epochs_with_other_sources_or_to
             "'mixture-feistel-v1:web=0.5,books=0.5' (data.sources" in refusal(
                 "reweighted", MIXTURE.replace("weight: 4", "weight: 1"),
                 state={"data_order": "mixture-feistel-v1:web=0.8,books=0.2"}))
+
+
+def test_a_mixtures_validation_pools_its_sources_in_proportion_to_their_val_tokens(mixture_dataset):
+    x, y = val_loss.val_sequences(str(mixture_dataset), seq_len=64, max_tokens=4096)  # 64 windows of 8,000 tokens
+    assert x.shape == y.shape == (64, 64) and torch.equal(x[:, 1:], y[:, :-1])
+    for source, (name, first, count) in enumerate([("web", 0, 48), ("books", 48, 16)]):  # 6,000 : 2,000
+        held = np.asarray(shards.read_split(str(mixture_dataset), "val", source=name)[0][:count * 64], dtype=np.int64)
+        assert torch.equal(x[first:first + count].flatten(), torch.from_numpy(held))  # its first windows, in order
+        assert (x[first:first + count] // (50257 // 2) == source).all()
 
 
 @pytest.mark.slow
@@ -491,24 +501,28 @@ def test_flops_per_token_is_palms_formula_and_cpus_report_no_mfu():
     assert peak_flops(torch.device("cpu")) is None
 
 
-def write_dataset(local: Path, shard_tokens: list[int] | dict[str, list[int]], seed: int) -> Path:
+def write_dataset(local: Path, shard_tokens: list[int] | dict[str, list[int]], seed: int,
+                  val: dict[str, int] | None = None) -> Path:
     """Train shards of random tokens in our format, with their manifest (no Ray, no tokenizer). Given a list of
-    shards per source name, a mixture of data.sources: source i's tokens are drawn from its own range of the
-    vocabulary, [i * V, (i + 1) * V) for V = 50257 // sources, so a window's tokens tell its source."""
+    shards per source name, a mixture of data.sources (with a val shard of val[name] tokens each): source i's
+    tokens are drawn from its own range of the vocabulary, [i * V, (i + 1) * V) for V = 50257 // sources, so a
+    window's tokens tell its source."""
     rng = np.random.default_rng(seed)
     local.mkdir(parents=True)
     mixture = isinstance(shard_tokens, dict)
     entries, sources = [], []
     for i, (name, sizes) in enumerate(shard_tokens.items() if mixture else [(None, shard_tokens)]):
         span = 50257 // len(shard_tokens) if mixture else 50257
-        for k, n in enumerate(sizes):
-            file = f"{name}-train_{k:06d}.bin" if mixture else f"train_{k:06d}.bin"
+        splits = [("train", k, n) for k, n in enumerate(sizes)] + ([("val", 0, val[name])] if val else [])
+        for split, k, n in splits:
+            file = f"{name}-{split}_{k:06d}.bin" if mixture else f"train_{k:06d}.bin"
             digest = shards.write_shard(str(local / file), [rng.integers(i * span, (i + 1) * span, n, dtype=np.uint16)],
                                         n)
-            entries.append({"file": file, "split": "train", "tokens": n, "documents": 1, "sha256": digest,
+            entries.append({"file": file, "split": split, "tokens": n, "documents": 1, "sha256": digest,
                             **({"source": name} if mixture else {})})
-        sources.append({"name": name, "input": {"kind": "files"}, "documents": {"train": len(sizes), "val": 0},
-                        "tokens": {"train": sum(sizes), "val": 0}, "shards": {"train": len(sizes), "val": 0}})
+        held = val[name] if val else 0
+        sources.append({"name": name, "input": {"kind": "files"}, "documents": {"train": len(sizes), "val": int(held > 0)},
+                        "tokens": {"train": sum(sizes), "val": held}, "shards": {"train": len(sizes), "val": int(held > 0)}})
     (local / shards.MANIFEST).write_text(json.dumps({"format_version": shards.MANIFEST_VERSION, "shards": entries,
                                                      **({"sources": sources} if mixture else {})}))
     return local
