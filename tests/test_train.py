@@ -1,5 +1,6 @@
 """The trainer: DeepSpeed ZeRO 1-3 on two Ray Train workers against a plain PyTorch loop, exact resume
-after a real SIGKILL, resume on fewer workers, crash-safe checkpoints, and the loader's coverage."""
+after a real SIGKILL, resume on fewer workers, crash-safe checkpoints (these on a weighted mixture of two
+sources, each rank's share of each checked), and the loader's coverage."""
 
 from __future__ import annotations
 
@@ -261,6 +262,18 @@ def test_a_mixture_is_refused_past_a_sources_max_epochs_with_other_sources_or_to
             "'mixture-feistel-v1:web=0.5,books=0.5' (data.sources" in refusal(
                 "reweighted", MIXTURE.replace("weight: 4", "weight: 1"),
                 state={"data_order": "mixture-feistel-v1:web=0.8,books=0.2"}))
+
+    # the pipeline's train stage: what its output depends on includes the weights (the dataset does not hold them),
+    # as their shares; a single input's inputs are as before mixtures, so its runs' fingerprints stay
+    from train.stage import TRAIN
+
+    def inputs(*overrides: str) -> list:
+        return TRAIN.inputs(mixed_config(tmp_path / "inputs", mixture_dataset, *overrides), None)
+
+    assert inputs()[-1] == "mixture-feistel-v1:web=0.8,books=0.2" and inputs() == inputs(
+        MIXTURE.replace("weight: 4", "weight: 0.8").replace("weight: 1", "weight: 0.2"))
+    assert inputs(MIXTURE.replace("weight: 4", "weight: 1"))[-1] == "mixture-feistel-v1:web=0.5,books=0.5"
+    assert len(TRAIN.inputs(tiny_config(tmp_path, write_dataset(tmp_path / "one", [5000], seed=1)), None)) == 3
 
 
 def test_a_mixtures_validation_pools_its_sources_in_proportion_to_their_val_tokens(mixture_dataset):
