@@ -359,6 +359,14 @@ def test_missing_or_empty_input_fails_before_any_ray_work(tmp_path):
         assert "Ray" not in proc.stderr  # no cluster was started
     proc = run_cli("tokenization/run.py", "tokenization.shard_tokenz=5", check=False)
     assert proc.returncode == 2 and "unknown key 'tokenization.shard_tokenz'" in proc.stderr
+    # a source's input: the error names the source and its key
+    for books, message in (("[builtin, x.jsonl]", r"data.sources.1.input: 'builtin' cannot be combined with other "
+                                                  r"inputs \(source 'books'\)"),
+                           (str(tmp_path / "nope.jsonl"), r"input '.*nope.jsonl' does not exist \(source 'books'\)")):
+        cfg = load_config("smoke", [f"data.sources=[{{name: web, input: builtin, weight: 1}}, "
+                                    f"{{name: books, input: {books}, weight: 1}}]"])
+        with pytest.raises(CorpusError, match=message):
+            job.fingerprint(cfg)
 
 
 @pytest.mark.slow
