@@ -22,7 +22,7 @@ from conftest import REPO, kill_tree, run_cli, tree_bytes, write_jsonl
 from pipeline.core.config import Config, load_config
 from tokenization import job, shards, tokenizer
 from tokenization.sources import SKIP_REASONS, CorpusError
-from tokenization.stage import source_metrics
+from tokenization.stage import STAGE, source_metrics
 
 ENC = tiktoken.get_encoding("gpt2")
 
@@ -187,9 +187,16 @@ def test_a_mixture_of_sources_is_one_job_with_per_source_shards_and_dedup_across
     with pytest.raises(shards.ShardError, match="source 'news' is not in the dataset"):
         shards.local_split(str(out), "train", source="news")
 
+    assert [(d["name"], d["profile"]["tokens"]) for d in shards.splits_as_datasets(str(out))] == [
+        (f"{e['name']}/{split}", e["tokens"][split]) for e in m["sources"] for split in shards.SPLITS]
+
     # weights and epoch caps are training's: changing them leaves the dataset complete, nothing redone
     reweighted = mixture(web, books, out, weights=(1, 9), max_epochs=2)
     assert job.complete(reweighted) and job.run(reweighted, log=lambda *_: None).already_complete
+    # the stage's MLflow record: each source's counts and settings, not its weight (training logs that)
+    record = STAGE.run(reweighted, False, None, {})
+    assert record.metrics["tokenize/books/documents_train"] == m["sources"][1]["documents"]["train"]
+    assert record.params["data.sources.books.text_field"] == "body" and "data.sources.books.weight" not in record.params
     # a source that curation empties is refused, naming it: training could not draw from it
     write_jsonl(books, [{"body": t} for t in web_texts[:3]])
     with pytest.raises(CorpusError, match=r"data.sources.1 \('books'\): no training document is left"):
@@ -352,6 +359,14 @@ def test_missing_or_empty_input_fails_before_any_ray_work(tmp_path):
         assert "Ray" not in proc.stderr  # no cluster was started
     proc = run_cli("tokenization/run.py", "tokenization.shard_tokenz=5", check=False)
     assert proc.returncode == 2 and "unknown key 'tokenization.shard_tokenz'" in proc.stderr
+    # a source's input: the error names the source and its key
+    for books, message in (("[builtin, x.jsonl]", r"data.sources.1.input: 'builtin' cannot be combined with other "
+                                                  r"inputs \(source 'books'\)"),
+                           (str(tmp_path / "nope.jsonl"), r"input '.*nope.jsonl' does not exist \(source 'books'\)")):
+        cfg = load_config("smoke", [f"data.sources=[{{name: web, input: builtin, weight: 1}}, "
+                                    f"{{name: books, input: {books}, weight: 1}}]"])
+        with pytest.raises(CorpusError, match=message):
+            job.fingerprint(cfg)
 
 
 @pytest.mark.slow
@@ -416,5 +431,19 @@ def test_the_stage_reads_and_writes_object_storage(tmp_path, prose_texts):
                 assert s3.get_object(Bucket="corpus", Key=f"tokens/{name}")["Body"].read() == data
         verify = run_cli("tokenization/run.py", "verify", "s3://corpus/tokens", env=env)
         assert "shards intact" in verify.stdout
+        # a mixture on object storage: the web source's shards are the single input's, byte for byte
+        books = "".join(json.dumps({"text": t}) + "\n" for t in prose_texts[200:230]).encode()
+        s3.put_object(Bucket="corpus", Key="books/part-0.jsonl", Body=books)
+        run_cli("tokenization/run.py", "--output", "s3://corpus/mix", "tokenization.piece_bytes=65536",
+                'data.sources=[{name: web, input: "s3://corpus/web/*.jsonl", weight: 3}, '
+                '{name: books, input: "s3://corpus/books/*.jsonl", weight: 1}]', env=env)
+        mixed = json.loads(s3.get_object(Bucket="corpus", Key="mix/manifest.json")["Body"].read())
+        assert [(s["file"], s["source"]) for s in mixed["shards"]] == [
+            ("web-train_000000.bin", "web"), ("web-val_000000.bin", "web"), ("books-train_000000.bin", "books")]
+        for split in ("train", "val"):
+            assert s3.get_object(Bucket="corpus", Key=f"mix/web-{split}_000000.bin")["Body"].read() == \
+                (local / f"{split}_000000.bin").read_bytes()
+        assert mixed["sources"][1]["documents"] == {"train": 30, "val": 0}
+        assert "3/3 shards intact" in run_cli("tokenization/run.py", "verify", "s3://corpus/mix", env=env).stdout
     finally:
         server.stop()
