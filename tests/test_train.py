@@ -571,22 +571,23 @@ def counting_s3():
     thread.join()
 
 
-def upload_dataset(s3, local: Path, prefix: str, shard_tokens: list[int], seed: int) -> dict[str, int]:
+def upload_dataset(s3, local: Path, prefix: str, shard_tokens: list[int] | dict[str, list[int]],
+                   seed: int) -> dict[str, int]:
     """write_dataset, uploaded to s3://data/<prefix>; returns each train shard's object path and size."""
     write_dataset(local, shard_tokens, seed)
     for f in local.iterdir():
         s3.upload_file(str(f), "data", f"{prefix}/{f.name}")
-    return {f"data/{prefix}/{f.name}": f.stat().st_size for f in sorted(local.glob("train_*.bin"))}
+    return {f"data/{prefix}/{f.name}": f.stat().st_size for f in sorted(local.glob("*train_*.bin"))}
 
 
-# A training worker of one node: builds the loader (node cache at argv[2]), reads 8 global batches of
-# 32 sequences as rank argv[3] of argv[4], prints their sha256 and its peak RSS. (VmHWM, not getrusage:
-# ru_maxrss survives exec, so a child would report this test process's peak, moto's objects included.)
+# A training worker of one node: builds the loader (node cache at argv[2], a mixture's weights as JSON in argv[5]),
+# reads 8 global batches of 32 sequences as rank argv[3] of argv[4], prints their sha256 and its peak RSS. (VmHWM,
+# not getrusage: ru_maxrss survives exec, so a child would report this test process's peak, moto's objects included.)
 WORKER = """
 import hashlib, json, re, sys
 from train.data import ShardLoader
-url, cache, rank, world = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-loader = ShardLoader(url, seq_len=64, seed=9, cache=cache)
+url, cache, rank, world, weights = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+loader = ShardLoader(url, seq_len=64, seed=9, cache=cache, weights=weights)
 digest = hashlib.sha256()
 for step in range(8):
     x, y = loader.micro_batch(step * 32, 32, rank, world, 0, 32 // world)
@@ -596,9 +597,10 @@ print(json.dumps({"batches": digest.hexdigest(), "peak_rss": peak_kb * 1024}))
 """
 
 
-def node_workers(url: str, cache: Path, env: dict, world: int) -> list[dict]:
+def node_workers(url: str, cache: Path, env: dict, world: int, weights: list[float] | None = None) -> list[dict]:
     """The `world` ranks of one node, started together, sharing its cache directory."""
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, str(cache), str(rank), str(world)], cwd=REPO,
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, str(cache), str(rank), str(world),
+                               json.dumps(weights)], cwd=REPO,
                               env={**os.environ, **env, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in range(world)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -606,8 +608,8 @@ def node_workers(url: str, cache: Path, env: dict, world: int) -> list[dict]:
     return [json.loads(out.splitlines()[-1]) for out, _ in outs]
 
 
-def expected_batches(local: Path, rank: int, world: int) -> str:
-    loader, digest = ShardLoader(str(local), seq_len=64, seed=9), hashlib.sha256()
+def expected_batches(local: Path, rank: int, world: int, weights: list[float] | None = None) -> str:
+    loader, digest = ShardLoader(str(local), seq_len=64, seed=9, weights=weights), hashlib.sha256()
     for step in range(8):
         x, y = loader.micro_batch(step * 32, 32, rank, world, 0, 32 // world)
         digest.update(x.numpy().tobytes() + y.numpy().tobytes())
@@ -636,6 +638,13 @@ def test_the_ranks_of_a_node_fetch_one_verified_copy_of_remote_shards_and_reuse_
     assert node_workers(url, cache, env, world=1)[0]["batches"] == expected_batches(tmp_path / "local", 0, 1)
     refetched = "data/small/train_000003.bin"
     assert {key: sent[key] - before[key] for key in sizes} == {**dict.fromkeys(sizes, 0), refetched: sizes[refetched]}
+
+    # a mixture: every source's shards, fetched once, read in the mixture's order
+    sizes = upload_dataset(s3, tmp_path / "mixed", "mixed", {"web": [20_000, 9_000], "books": [3_000]}, seed=2)
+    before = Counter(sent)
+    assert node_workers("s3://data/mixed", cache, env, world=1, weights=[3, 1])[0]["batches"] == expected_batches(
+        tmp_path / "mixed", 0, 1, weights=[3, 1])
+    assert {key: sent[key] - before[key] for key in sizes} == sizes and len(sizes) == 3
 
 
 @pytest.mark.slow
