@@ -243,14 +243,19 @@ def test_eval_input_errors_are_user_errors_naming_the_file(tmp_path, capsys):
     assert eval.run.main([*base, "--ckpt", str(good), "--prompt", "Hello"]) == 0
 
 
-def test_val_split_shorter_than_a_sequence_is_a_shard_error(tmp_path, monkeypatch):
+def test_val_split_shorter_than_a_sequence_is_a_shard_error(tmp_path):
+    import json
+
     import numpy as np
 
     from eval import val_loss
     from tokenization import shards
 
-    monkeypatch.setattr(shards, "read_split", lambda dataset, split: iter([np.arange(10, dtype=np.uint16)]))
-    with pytest.raises(shards.ShardError, match=r"shorter than one sequence of 64 \(batch.seq_len\)"):
+    digest = shards.write_shard(str(tmp_path / "val_000000.bin"), [np.arange(10, dtype=np.uint16)], 10)
+    (tmp_path / shards.MANIFEST).write_text(json.dumps({"format_version": shards.MANIFEST_VERSION, "shards": [
+        {"file": "val_000000.bin", "split": "val", "tokens": 10, "documents": 1, "sha256": digest}]}))
+    with pytest.raises(shards.ShardError, match=r"val split \(10 tokens\) is shorter than one sequence of 64 "
+                                                r"\(batch.seq_len\)"):
         val_loss.val_sequences(str(tmp_path), 64, 4096)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import config_leaves
+from conftest import REPO, config_leaves
 
 from pipeline.core.config import PRESET_DIR, ConfigError, _load_raw, load_config, parse_yaml, preset_names
 from train.engine import deepspeed_config
@@ -73,11 +73,51 @@ def test_dotted_overrides_are_typed():
     ("model.loss_impl=liger", "model.loss_impl: liger (Liger-Kernel's fused linear cross-entropy, Triton kernels) "
                               "runs on GPUs only; with cluster.use_gpu=false use model.loss_impl=chunked"),
     ("model.loss_impl=fused", "model.loss_impl: Input should be 'chunked' or 'liger'"),
+    ("data.sources=[{name: Web, input: a.jsonl, weight: 1}]", "data.sources.0.name: 'Web' must be 1-32 lowercase"),
+    ("data.sources=[{name: ../x, input: a.jsonl, weight: 1}]", "data.sources.0.name: '../x' must be"),
+    ("data.sources=[{name: a, input: x, weight: 1}, {name: a, input: y, weight: 2}]",
+     "data.sources.1.name: 'a' names two sources"),
+    ("data.sources=[{name: a, input: x, weight: 0}]", "data.sources.0.weight: (0.0) must be a finite number > 0"),
+    ("data.sources=[{name: a, input: x, weight: -1.5}]", "data.sources.0.weight: (-1.5) must be a finite number > 0"),
+    ("data.sources=[{name: a, input: x, weight: .nan}]", "data.sources.0.weight: (nan) must be a finite number > 0"),
+    ("data.sources=[{name: a, input: x, weight: .inf}]", "data.sources.0.weight: (inf) must be a finite number > 0"),
+    ("data.sources=[{name: a, input: x, weight: 1, max_epochs: 0}]", "data.sources.0.max_epochs: (0.0) must be"),
+    ("data.sources=[{name: a, input: [], weight: 1}]", "data.sources.0.input: source 'a' must name at least one"),
+    ("data.sources=[{name: a, weight: 1}]", "data.sources.0.input: Field required"),
+    ("data.sources=[{name: a, input: x, weight: 1, text_feld: body}]", "unknown key 'data.sources.0.text_feld'"),
 ])
 def test_bad_config_is_rejected_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config("smoke", [override])
     assert message in str(err.value)
+
+
+def test_data_sources_are_named_weighted_and_inherit_data_settings(tmp_path):
+    web = "{name: web, input: web/*.jsonl, weight: 3}"
+    books = "{name: books, input: [b1.txt, b2.txt], weight: 1, max_epochs: 2.5, text_unit: paragraph, hf_split: x}"
+    c = load_config("smoke", [f"data.sources=[{web}, {books}]", "data.text_field=body"])
+    assert [(s.name, s.weight, s.max_epochs) for s in c.data.sources] == [("web", 3.0, None), ("books", 1.0, 2.5)]
+    (n1, d1), (n2, d2) = c.data.parts()
+    assert (n1, d1.input, d1.text_field, d1.text_unit, d1.sources) == ("web", ["web/*.jsonl"], "body", "file", [])
+    assert (n2, d2.input, d2.text_field, d2.text_unit, d2.hf_split) == ("books", ["b1.txt", "b2.txt"], "body",
+                                                                         "paragraph", "x")
+    assert c.data.parts() != load_config("smoke").data.parts() == [(None, load_config("smoke").data)]
+    # data.input given too is refused, from the command line or a preset; data.input: [] clears a preset's
+    for preset, extra in (("smoke", ["data.input=[a.jsonl]"]), ("gpt2-124m", [])):
+        with pytest.raises(ConfigError, match="data.input: cannot be set together with data.sources"):
+            load_config(preset, [*extra, f"data.sources=[{web}]"])
+    fineweb = load_config("gpt2-124m", ["data.input=[]", f"data.sources=[{web}]"]).data.parts()[0][1]
+    assert fineweb.input == ["web/*.jsonl"] and fineweb.hf_config == "sample-10BT"  # inherited from the preset
+    # the README's example, over the preset it names
+    example = (REPO / "README.md").read_text().split("### Mixing sources", 1)[1].split("```yaml\n", 1)[1].split("```")[0]
+    (tmp_path / "mix.yaml").write_text(f"extends: gpt2-124m\n{example}")
+    readme = load_config(str(tmp_path / "mix.yaml")).data
+    assert [(s.name, s.weight, s.max_epochs) for s in readme.sources] == [("web", 0.8, None), ("books", 0.2, 4.0)]
+    # --help-config lists a source's keys under <i>, then each configured source's values
+    from pipeline.core.config import reference
+    lines = reference(c).splitlines()
+    assert any(line.startswith("data.sources.<i>.weight ") for line in lines)
+    assert any(line.startswith("data.sources.1.max_epochs ") and " 2.5 " in line for line in lines)
 
 
 def test_the_gpu_only_loss_head_is_accepted_on_gpus_and_chunked_is_the_default():

@@ -72,6 +72,53 @@ def test_other_manifest_damage_is_named(tmp_path):
             shards.load_manifest(str(data))
 
 
+def mixture(directory) -> dict:
+    """dataset()'s shard as the one shard of source 'web' of a mixture of data.sources."""
+    manifest = dataset(directory)
+    manifest["shards"][0]["source"] = "web"
+    manifest["sources"] = [{"name": "web", "input": {"kind": "files"}, "documents": {"train": 1, "val": 0},
+                            "tokens": {"train": 3000, "val": 0}, "shards": {"train": 1, "val": 0}}]
+    (directory / shards.MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_a_mixture_manifest_is_read_by_source_and_its_tampered_source_fields_are_refused(tmp_path):
+    data = tmp_path / "data"
+    manifest = mixture(data)
+    assert shards.source_names(shards.load_manifest(str(data))) == ["web"]
+    assert [n for _, n in shards.local_split(str(data), "train", source="web")] == [3000]
+    assert shards.local_split(str(data), "val", source="web") == []
+    with pytest.raises(ShardError, match=r"source 'books' is not in the dataset \(sources: web\)"):
+        shards.local_split(str(data), "train", source="books")
+
+    def edited(edit):
+        bad = json.loads(json.dumps(manifest))
+        edit(bad)
+        return bad
+
+    single = {k: v for k, v in manifest.items() if k != "sources"}
+    cases = [
+        (edited(lambda m: m["sources"][0].update(name="../../etc")), r"sources\[0\]\.name: must be a distinct source name"),
+        (edited(lambda m: m["sources"][0].update(name="Web")), r"sources\[0\]\.name"),
+        (edited(lambda m: m["sources"].append(m["sources"][0])), r"sources\[1\]\.name: must be a distinct"),
+        (edited(lambda m: m.update(sources=[])), "sources: must be a non-empty list"),
+        (edited(lambda m: m.update(sources={"web": {}})), "sources: must be a non-empty list"),
+        (edited(lambda m: m["sources"][0].update(extra=1)), r"sources\[0\]: must be an object with exactly"),
+        (edited(lambda m: m["sources"][0].update(input="s3://x")), r"sources\[0\]\.input: must be an object"),
+        (edited(lambda m: m["sources"][0]["tokens"].update(train=-1)), r"sources\[0\]\.tokens\.train: must be a non-neg"),
+        (edited(lambda m: m["sources"][0]["documents"].update(val="0")), r"sources\[0\]\.documents\.val"),
+        (edited(lambda m: m["sources"][0]["shards"].update(val=True)), r"sources\[0\]\.shards\.val"),
+        (edited(lambda m: m["sources"][0]["shards"].pop("val")), r"sources\[0\]\.shards: must be an object with exactly"),
+        (edited(lambda m: m["shards"][0].update(source="books")), r"shards\[0\]\.source: must be one of the manifest's"),
+        (edited(lambda m: m["shards"][0].pop("source")), r"shards\[0\]: must be an object with exactly"),
+        (single, r"shards\[0\]: must be an object with exactly documents, file, sha256, split, tokens"),
+    ]
+    for bad, message in cases:
+        (data / shards.MANIFEST).write_text(json.dumps(bad))
+        with pytest.raises(ShardError, match=message):
+            shards.local_split(str(data), "train", source="web")
+
+
 @pytest.mark.slow
 def test_a_tampered_manifest_on_object_storage_deletes_and_reads_nothing_on_the_node(s3_server, tmp_path, monkeypatch):
     import boto3

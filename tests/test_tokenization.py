@@ -22,6 +22,7 @@ from conftest import REPO, kill_tree, run_cli, tree_bytes, write_jsonl
 from pipeline.core.config import Config, load_config
 from tokenization import job, shards, tokenizer
 from tokenization.sources import SKIP_REASONS, CorpusError
+from tokenization.stage import STAGE, source_metrics
 
 ENC = tiktoken.get_encoding("gpt2")
 
@@ -32,10 +33,10 @@ def config(inputs, out, *overrides, **values):
     return load_config("smoke", list(overrides), values)
 
 
-def documents_in(out: Path, split: str) -> list[tuple[int, ...]]:
-    """Every document of a split, in order, read back from the shards (split at <|endoftext|>)."""
+def documents_in(out: Path, split: str, source: str | None = None) -> list[tuple[int, ...]]:
+    """Every document of a split (of one source), in order, read back from the shards (split at <|endoftext|>)."""
     docs = []
-    for tokens in shards.read_split(str(out), split):
+    for tokens in shards.read_split(str(out), split, source=source):
         t = tokens.tolist()
         assert t[0] == tokenizer.EOT, "every shard starts with a document separator"
         bounds = [i for i, x in enumerate(t) if x == tokenizer.EOT] + [len(t)]
@@ -64,6 +65,9 @@ def test_tokens_equal_tiktoken_and_split_follows_the_documented_rule(ray_local, 
     expected = [tuple(ENC.encode_ordinary(t)) for t in texts]
     assert m["totals"]["train"]["tokens"] + m["totals"]["val"]["tokens"] == sum(len(e) + 1 for e in expected)
     assert m["input_documents"] == len(prose_texts) and m["skipped"] == {}
+    # data.input alone: the manifest has no trace of data.sources
+    assert "sources" not in m and "sources" not in m["config"]["data"] and shards.source_names(m) == []
+    assert all("source" not in s for s in m["shards"]) and {s["file"][:6] for s in m["shards"]} == {"train_", "val_00"}
     # the documents themselves, in input order, each split by its hash as documented
     val = [is_val(t, 0.05) for t in texts]
     assert documents_in(out, "train") == [e for e, v in zip(expected, val) if not v]
@@ -122,6 +126,81 @@ def test_val_split_does_not_depend_on_file_order(ray_local, prose_texts, tmp_pat
     val_tokens = a.manifest["totals"]["val"]["tokens"]
     taken = sum(1 for _ in documents_in(tmp_path / "o1", "val"))
     assert val_tokens == sum(n for _, n in hashes[:taken]) <= 30000 < val_tokens + hashes[taken][1]
+
+
+def mixture(web, books, out, *overrides, weights=(4, 1), max_epochs=None):
+    sources = [{"name": "web", "input": [str(web)], "weight": weights[0]},
+               {"name": "books", "input": str(books), "weight": weights[1], "max_epochs": max_epochs,
+                "text_field": "body"}]
+    return load_config("smoke", ["tokenization.piece_bytes=65536", *overrides],
+                       {"data.sources": sources, "tokenization.output": str(out)})
+
+
+def test_a_mixture_of_sources_is_one_job_with_per_source_shards_and_dedup_across_sources(ray_local, prose_texts,
+                                                                                         tmp_path):
+    web_texts, books_texts = prose_texts[:250], [*prose_texts[-30:], prose_texts[7]]  # one document in both
+    web = tmp_path / "web"
+    web.mkdir()
+    for part in range(2):
+        write_jsonl(web / f"part-{part}.jsonl", [{"text": t} for t in web_texts[part::2]])
+    books = write_jsonl(tmp_path / "books.jsonl", [{"body": t} for t in books_texts])  # its own text_field
+    trees, lines = {}, []
+    for workers in (1, 2):
+        result = job.run(mixture(web, books, tmp_path / f"out{workers}", f"tokenization.num_workers={workers}"),
+                         log=lines.append)
+        trees[workers] = tree_bytes(tmp_path / f"out{workers}")
+    assert trees[1] == trees[2]  # byte-identical on any number of workers
+    out, m = tmp_path / "out1", result.manifest
+
+    # exact duplicates are kept once across the whole corpus, the first in (source, input order): the
+    # document both sources hold stays in web
+    order = [("web", t) for part in range(2) for t in web_texts[part::2]] + [("books", t) for t in books_texts]
+    seen, kept = set(), {"web": [], "books": []}
+    for name, t in order:
+        if " ".join(t.split()) not in seen:
+            seen.add(" ".join(t.split()))
+            kept[name].append(t)
+    assert prose_texts[7] not in kept["books"] and len(kept["books"]) == 30
+    assert m["curation"]["exact_duplicates"]["documents"] == len(order) - len(kept["web"]) - len(kept["books"])
+    # each source's shards hold its kept documents, as tiktoken encodes them, split by the documented rule
+    assert shards.source_names(m) == [s["name"] for s in m["sources"]] == ["web", "books"]
+    for entry in m["sources"]:
+        name = entry["name"]
+        expected = {split: [tuple(ENC.encode_ordinary(t)) for t in kept[name] if is_val(t, 0.05) == (split == "val")]
+                    for split in shards.SPLITS}
+        for split, docs in expected.items():
+            assert documents_in(out, split, name) == docs
+            assert entry["documents"][split] == len(docs)
+            assert entry["tokens"][split] == sum(len(d) + 1 for d in docs)
+            assert entry["shards"][split] == len(shards.shards(m, split, name))
+            assert source_metrics(m)[f"tokenize/{name}/tokens_{split}"] == entry["tokens"][split]
+        assert entry["input"]["kind"] == "files" and entry["input"]["text_field"] == {"web": "text", "books": "body"}[name]
+        assert f"  source {name}: train {entry['tokens']['train']:,} tokens" in "\n".join(lines)
+    assert all(s["file"].startswith(f"{s['source']}-{s['split']}_") for s in m["shards"])
+    assert len(shards.shards(m, "train", "web")) >= 2 and m["totals"] == {
+        split: {key: sum(e[key][split] for e in m["sources"]) for key in ("tokens", "documents", "shards")}
+        for split in shards.SPLITS}
+    assert m["config"]["data"]["sources"][1] == {"name": "books", "input": [str(books)], "text_field": "body",
+                                                 **{k: None for k in ("format", "text_unit", "hf_config", "hf_split",
+                                                                      "hf_revision")}}
+    assert job.verify(str(out), log=lines.append) and lines[-1] == f"verify: {len(m['shards'])}/{len(m['shards'])} shards intact in {out}"
+    with pytest.raises(shards.ShardError, match="source 'news' is not in the dataset"):
+        shards.local_split(str(out), "train", source="news")
+
+    assert [(d["name"], d["profile"]["tokens"]) for d in shards.splits_as_datasets(str(out))] == [
+        (f"{e['name']}/{split}", e["tokens"][split]) for e in m["sources"] for split in shards.SPLITS]
+
+    # weights and epoch caps are training's: changing them leaves the dataset complete, nothing redone
+    reweighted = mixture(web, books, out, weights=(1, 9), max_epochs=2)
+    assert job.complete(reweighted) and job.run(reweighted, log=lambda *_: None).already_complete
+    # the stage's MLflow record: each source's counts and settings, not its weight (training logs that)
+    record = STAGE.run(reweighted, False, None, {})
+    assert record.metrics["tokenize/books/documents_train"] == m["sources"][1]["documents"]["train"]
+    assert record.params["data.sources.books.text_field"] == "body" and "data.sources.books.weight" not in record.params
+    # a source that curation empties is refused, naming it: training could not draw from it
+    write_jsonl(books, [{"body": t} for t in web_texts[:3]])
+    with pytest.raises(CorpusError, match=r"data.sources.1 \('books'\): no training document is left"):
+        job.run(mixture(web, books, tmp_path / "dup"), log=lambda *_: None)
 
 
 def test_rerun_of_a_finished_job_does_nothing(ray_local, prose_corpus, tmp_path):
@@ -280,6 +359,14 @@ def test_missing_or_empty_input_fails_before_any_ray_work(tmp_path):
         assert "Ray" not in proc.stderr  # no cluster was started
     proc = run_cli("tokenization/run.py", "tokenization.shard_tokenz=5", check=False)
     assert proc.returncode == 2 and "unknown key 'tokenization.shard_tokenz'" in proc.stderr
+    # a source's input: the error names the source and its key
+    for books, message in (("[builtin, x.jsonl]", r"data.sources.1.input: 'builtin' cannot be combined with other "
+                                                  r"inputs \(source 'books'\)"),
+                           (str(tmp_path / "nope.jsonl"), r"input '.*nope.jsonl' does not exist \(source 'books'\)")):
+        cfg = load_config("smoke", [f"data.sources=[{{name: web, input: builtin, weight: 1}}, "
+                                    f"{{name: books, input: {books}, weight: 1}}]"])
+        with pytest.raises(CorpusError, match=message):
+            job.fingerprint(cfg)
 
 
 @pytest.mark.slow
@@ -345,5 +432,19 @@ def test_the_stage_reads_and_writes_object_storage(tmp_path, prose_texts):
                 assert s3.get_object(Bucket="corpus", Key=f"tokens/{name}")["Body"].read() == data
         verify = run_cli("tokenization/run.py", "verify", "s3://corpus/tokens", env=env)
         assert "shards intact" in verify.stdout
+        # a mixture on object storage: the web source's shards are the single input's, byte for byte
+        books = "".join(json.dumps({"text": t}) + "\n" for t in prose_texts[200:230]).encode()
+        s3.put_object(Bucket="corpus", Key="books/part-0.jsonl", Body=books)
+        run_cli("tokenization/run.py", "--output", "s3://corpus/mix", "tokenization.piece_bytes=65536",
+                'data.sources=[{name: web, input: "s3://corpus/web/*.jsonl", weight: 3}, '
+                '{name: books, input: "s3://corpus/books/*.jsonl", weight: 1}]', env=env)
+        mixed = json.loads(s3.get_object(Bucket="corpus", Key="mix/manifest.json")["Body"].read())
+        assert [(s["file"], s["source"]) for s in mixed["shards"]] == [
+            ("web-train_000000.bin", "web"), ("web-val_000000.bin", "web"), ("books-train_000000.bin", "books")]
+        for split in ("train", "val"):
+            assert s3.get_object(Bucket="corpus", Key=f"mix/web-{split}_000000.bin")["Body"].read() == \
+                (local / f"{split}_000000.bin").read_bytes()
+        assert mixed["sources"][1]["documents"] == {"train": 30, "val": 0}
+        assert "3/3 shards intact" in run_cli("tokenization/run.py", "verify", "s3://corpus/mix", env=env).stdout
     finally:
         server.stop()

@@ -1,5 +1,6 @@
 """The trainer: DeepSpeed ZeRO 1-3 on two Ray Train workers against a plain PyTorch loop, exact resume
-after a real SIGKILL, resume on fewer workers, crash-safe checkpoints, and the loader's coverage."""
+after a real SIGKILL, resume on fewer workers, crash-safe checkpoints (these on a weighted mixture of two
+sources, each rank's share of each checked), and the loader's coverage."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,12 +23,14 @@ import torch
 from conftest import REPO, killing_a_worker_after, run_cli, tiny_config, train_on_two_raylets, write_jsonl
 from safetensors.torch import load_file
 
+from eval import val_loss
+from pipeline.core.command import UserError
 from pipeline.core.config import load_config
 from pipeline.core.model import checkpoints
 from pipeline.core.model.gpt2 import GPT, GPTConfig
 from pipeline.core.tracking import read_jsonl
 from tokenization import shards
-from train import faults, launch
+from train import faults, launch, mixture
 from train.data import ORDER, SequenceOrder, ShardLoader, WindowPermutation
 from train.engine import deepspeed_config, flops_per_token, lr_at, peak_flops
 
@@ -54,7 +58,8 @@ def reference_run(cfg, steps: int) -> list[float]:
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=t.lr, betas=tuple(t.betas), eps=t.eps)
-    loader = ShardLoader(cfg.data_dir, b.seq_len, cfg.run.seed)
+    loader = ShardLoader(cfg.data_dir, b.seq_len, cfg.run.seed,
+                         weights=mixture.weights(cfg, shards.load_manifest(cfg.data_dir), cfg.data_dir))
     per_step = b.tokens_per_step // b.seq_len
     out = []
     for step in range(steps):
@@ -90,19 +95,32 @@ def test_two_workers_with_zero_stage_match_a_plain_pytorch_loop_and_the_loss_fal
     assert ours[-1] < ours[0] - 1.0  # from ln(50257) = 10.8 towards the corpus' entropy
 
 
+# web, 40 times the size of books, drawn 4:1: books is up-sampled (2 epochs in 16 steps), web down-sampled
+SOURCES = {"web": [41_000, 23_000], "books": [1_600]}
+MIXTURE = "data.sources=[{name: web, input: web.jsonl, weight: 4}, {name: books, input: books.jsonl, weight: 1}]"
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, builtin_dataset):
-    """16 steps on two ZeRO-2 workers, checkpoints every 4: the run the others must reproduce."""
-    cfg = tiny_config(tmp_path_factory.mktemp("uninterrupted"), builtin_dataset,
-                      "train.max_steps=16", "deepspeed.zero_stage=2")
+def mixture_dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("mixture") / "data", SOURCES, seed=4, val={"web": 6_000, "books": 2_000})
+
+
+def mixed_config(root: Path, data: Path, *overrides: str):
+    """The uninterrupted run's config: 16 steps of two ZeRO-2 workers on the mixture, checkpoints every 4."""
+    return tiny_config(root, data, "train.max_steps=16", "deepspeed.zero_stage=2", MIXTURE, *overrides)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, mixture_dataset):
+    """The run the others must reproduce (after a kill, a hang, on one worker, from a damaged checkpoint)."""
+    cfg = mixed_config(tmp_path_factory.mktemp("uninterrupted"), mixture_dataset)
     launch.run(cfg)
     return cfg
 
 
 @pytest.mark.slow
-def test_a_killed_worker_is_restarted_and_the_run_repeats_identical_losses(uninterrupted, tmp_path, builtin_dataset):
-    cfg = tiny_config(tmp_path, builtin_dataset, "train.max_steps=16", "deepspeed.zero_stage=2",
-                      "cluster.max_failures=2")
+def test_a_killed_worker_is_restarted_and_the_run_repeats_identical_losses(uninterrupted, tmp_path, mixture_dataset):
+    cfg = mixed_config(tmp_path, mixture_dataset, "cluster.max_failures=2")
     with killing_a_worker_after(cfg.metrics_file, 9):
         launch.run(cfg)
 
@@ -117,12 +135,13 @@ def test_a_killed_worker_is_restarted_and_the_run_repeats_identical_losses(unint
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_a_hung_rank_on_two_nodes_leaves_every_ranks_stacks_and_the_restarted_group_ends_like_an_uninterrupted_run(
-        uninterrupted, tmp_path, builtin_dataset):
-    overrides = ["train.max_steps=16", "deepspeed.zero_stage=2", "cluster.max_failures=1", "train.step_timeout_s=20"]
+        uninterrupted, tmp_path, mixture_dataset):
+    overrides = ["train.max_steps=16", "deepspeed.zero_stage=2", MIXTURE, "cluster.max_failures=1",
+                 "train.step_timeout_s=20"]
     # one worker on each raylet; rank 1 never starts step 15, rank 0 waits in its collective
-    proc = train_on_two_raylets(tmp_path, builtin_dataset, *overrides, env={faults.ENV: "hang@15:rank=1"})
+    proc = train_on_two_raylets(tmp_path, mixture_dataset, *overrides, env={faults.ENV: "hang@15:rank=1"})
     assert proc.stdout.rstrip().endswith("NODES 2"), proc.stdout[-2000:]
-    cfg = tiny_config(tmp_path, builtin_dataset, *overrides)
+    cfg = tiny_config(tmp_path, mixture_dataset, *overrides)
     folder = os.path.join(cfg.run_dir, "diagnostics")
     assert f"train: diagnostics in {folder}/: hang-step00000015-rank0.txt, hang-step00000015-rank1.txt" in (
         proc.stdout), proc.stdout[-3000:]
@@ -140,8 +159,8 @@ def test_a_hung_rank_on_two_nodes_leaves_every_ranks_stacks_and_the_restarted_gr
 
 
 @pytest.mark.slow
-def test_resume_on_one_worker_after_two_continues_at_the_same_sequence(uninterrupted, tmp_path, builtin_dataset):
-    cfg = tiny_config(tmp_path, builtin_dataset, "train.max_steps=16", "deepspeed.zero_stage=2")
+def test_resume_on_one_worker_after_two_continues_at_the_same_sequence(uninterrupted, tmp_path, mixture_dataset):
+    cfg = mixed_config(tmp_path, mixture_dataset)
     with killing_a_worker_after(cfg.metrics_file, 6), pytest.raises(launch.TrainingFailed, match="--resume"):
         launch.run(cfg)  # max_failures=0: the kill ends the run
     with pytest.raises(checkpoints.CheckpointError, match="--resume"):
@@ -170,8 +189,89 @@ def test_resume_on_one_worker_after_two_continues_at_the_same_sequence(uninterru
 
 
 @pytest.mark.slow
-def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(uninterrupted, tmp_path, builtin_dataset):
-    cfg = tiny_config(tmp_path, builtin_dataset, "train.max_steps=16", "deepspeed.zero_stage=2")
+def test_a_mixture_run_trains_every_rank_on_its_share_of_each_source_as_a_plain_loop_reads_them(uninterrupted):
+    cfg, steps, batch, world = uninterrupted, 16, 16, 2
+    # the two workers trained on the loader's global batches, in order: a plain loop over them has their losses
+    ours = [v[0] for _, v in sorted(losses(cfg.run_dir).items())]
+    assert ours == pytest.approx(reference_run(cfg, steps), rel=2e-5, abs=0)
+
+    # what each rank read: every sequence from one source (its tokens' range), the one the order names, and each
+    # source's count within 5 binomial standard deviations of its weight (a hypergeometric's are smaller)
+    loader = ShardLoader(cfg.data_dir, 64, cfg.run.seed, weights=[4, 1])
+    q, per_rank = np.array([0.8, 0.2]), batch // world
+    for rank in range(world):
+        rows = torch.cat([loader.micro_batch(step * batch, batch, rank, world, micro, 4)[0]
+                          for step in range(steps) for micro in range(per_rank // 4)])
+        source = (rows // (50257 // 2)).numpy()
+        assert (source == source[:, :1]).all()
+        positions = (np.arange(steps)[:, None] * batch + rank * per_rank + np.arange(per_rank)).ravel()
+        assert np.array_equal(source[:, 0], loader.order.mixture.sources(positions)[0])
+        counts, n = np.bincount(source[:, 0], minlength=2), len(rows)
+        assert (np.abs(counts - n * q) <= 5 * np.sqrt(n * q * (1 - q))).all(), (rank, counts)
+
+    # the draw is counted: per step, the epochs of each source so far; at the start, the plan of the whole run
+    logged = {r["step"]: r for r in read_jsonl(cfg.metrics_file) if "train/epochs/books" in r}
+    assert sorted(logged) == list(range(1, steps + 1))
+    for step, record in logged.items():
+        assert {name: record[f"train/epochs/{name}"] for name in SOURCES} == loader.order.epochs(step * batch)
+    plan = {row.name: row for row in mixture.plan(cfg, shards.load_manifest(cfg.data_dir), cfg.data_dir)}
+    assert plan["books"].epochs == logged[steps]["train/epochs/books"] > 1.5 and plan["books"].sampling > 4
+    assert plan["web"].epochs == logged[steps]["train/epochs/web"] < 0.5 and plan["web"].sampling < 1
+    assert plan["books"].sequences + plan["web"].sequences == steps * batch and plan["books"].share == 0.2
+    assert plan["books"].line().startswith("source books: 0.2 of each step, 1,600 train tokens")
+    final = checkpoints.TrainerState.read(checkpoints.latest(cfg.checkpoint_dir))
+    assert final.data_order == "mixture-feistel-v1:web=0.8,books=0.2"
+
+
+def test_a_mixture_is_refused_past_a_sources_max_epochs_with_other_sources_or_to_resume_at_other_weights(
+        tmp_path, mixture_dataset):
+    def refusal(name: str, *overrides: str, state: dict | None = None) -> str:
+        cfg = mixed_config(tmp_path / name, mixture_dataset, *overrides)
+        if state:  # a checkpoint of the run to resume (its state alone is enough to be refused)
+            os.makedirs(os.path.join(cfg.checkpoint_dir, checkpoints.step_name(4)))
+            with open(os.path.join(cfg.checkpoint_dir, checkpoints.step_name(4), checkpoints.STATE), "w") as f:
+                json.dump({"step": 4, "sequences": 64, "tokens": 4096, "world_size": 2, "zero_stage": 2, **state}, f)
+        with pytest.raises(UserError) as refused:
+            launch.run(cfg, resume=True)  # each before any worker starts
+        return str(refused.value)
+
+    capped = "data.sources=[{name: web, input: w, weight: 4}, {name: books, input: b, weight: 1, max_epochs: 1.5}]"
+    assert re.fullmatch(r"data.sources\[1\].max_epochs: source 'books' would be drawn 2.\d+ epochs over "
+                        r"train.max_steps=16 \(\d\d of 256 sequences at 0.2 of each step\), above its max_epochs=1.5; "
+                        r"lower its weight, shorten the run, or raise max_epochs", refusal("capped", capped))
+    other = "data.sources=[{name: web, input: w, weight: 4}, {name: news, input: n, weight: 1}]"
+    assert "holds the sources web, books, the config names web, news;" in refusal("other", other)
+    assert "the config names (none: data.input)" in refusal("none", "data.sources=[]", "data.input=[x]")
+    assert ("trained on the data order 'mixture-feistel-v1:web=0.8,books=0.2', this run's is "
+            "'mixture-feistel-v1:web=0.5,books=0.5' (data.sources" in refusal(
+                "reweighted", MIXTURE.replace("weight: 4", "weight: 1"),
+                state={"data_order": "mixture-feistel-v1:web=0.8,books=0.2"}))
+
+    # the pipeline's train stage: what its output depends on includes the weights (the dataset does not hold them),
+    # as their shares; a single input's inputs are as before mixtures, so its runs' fingerprints stay
+    from train.stage import TRAIN
+
+    def inputs(*overrides: str) -> list:
+        return TRAIN.inputs(mixed_config(tmp_path / "inputs", mixture_dataset, *overrides), None)
+
+    assert inputs()[-1] == "mixture-feistel-v1:web=0.8,books=0.2" and inputs() == inputs(
+        MIXTURE.replace("weight: 4", "weight: 0.8").replace("weight: 1", "weight: 0.2"))
+    assert inputs(MIXTURE.replace("weight: 4", "weight: 1"))[-1] == "mixture-feistel-v1:web=0.5,books=0.5"
+    assert len(TRAIN.inputs(tiny_config(tmp_path, write_dataset(tmp_path / "one", [5000], seed=1)), None)) == 3
+
+
+def test_a_mixtures_validation_pools_its_sources_in_proportion_to_their_val_tokens(mixture_dataset):
+    x, y = val_loss.val_sequences(str(mixture_dataset), seq_len=64, max_tokens=4096)  # 64 windows of 8,000 tokens
+    assert x.shape == y.shape == (64, 64) and torch.equal(x[:, 1:], y[:, :-1])
+    for source, (name, first, count) in enumerate([("web", 0, 48), ("books", 48, 16)]):  # 6,000 : 2,000
+        held = np.asarray(shards.read_split(str(mixture_dataset), "val", source=name)[0][:count * 64], dtype=np.int64)
+        assert torch.equal(x[first:first + count].flatten(), torch.from_numpy(held))  # its first windows, in order
+        assert (x[first:first + count] // (50257 // 2) == source).all()
+
+
+@pytest.mark.slow
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(uninterrupted, tmp_path, mixture_dataset):
+    cfg = mixed_config(tmp_path, mixture_dataset)
     shutil.copytree(uninterrupted.checkpoint_dir, cfg.checkpoint_dir)
     shutil.copy(uninterrupted.metrics_file, cfg.metrics_file)
     # what a crash in the middle of saving step 16 leaves: files written, no commit, pointer unchanged
@@ -211,11 +311,11 @@ def damage_newest(cfg, uninterrupted, how: str) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["optimizer bytes overwritten", "weights truncated"])
 def test_a_damaged_checkpoint_is_never_trained_from_and_eval_refuses_it_naming_the_file(
-        how, uninterrupted, tmp_path, builtin_dataset, capsys):
+        how, uninterrupted, tmp_path, mixture_dataset, capsys):
     from eval.run import main as eval_main
     from train.checkpoint import newest_intact
 
-    cfg = tiny_config(tmp_path, builtin_dataset, "train.max_steps=16", "deepspeed.zero_stage=2")
+    cfg = mixed_config(tmp_path, mixture_dataset)
     victim = damage_newest(cfg, uninterrupted, how)
     said: list[str] = []
     assert newest_intact(cfg.checkpoint_dir, say=said.append) == os.path.join(cfg.checkpoint_dir, "step_00000012")
@@ -398,16 +498,30 @@ def test_flops_per_token_is_palms_formula_and_cpus_report_no_mfu():
     assert peak_flops(torch.device("cpu")) is None
 
 
-def write_dataset(local: Path, shard_tokens: list[int], seed: int) -> Path:
-    """Train shards of random tokens in our format, with their manifest (no Ray, no tokenizer)."""
+def write_dataset(local: Path, shard_tokens: list[int] | dict[str, list[int]], seed: int,
+                  val: dict[str, int] | None = None) -> Path:
+    """Train shards of random tokens in our format, with their manifest (no Ray, no tokenizer). Given a list of
+    shards per source name, a mixture of data.sources (with a val shard of val[name] tokens each): source i's
+    tokens are drawn from its own range of the vocabulary, [i * V, (i + 1) * V) for V = 50257 // sources, so a
+    window's tokens tell its source."""
     rng = np.random.default_rng(seed)
     local.mkdir(parents=True)
-    entries = []
-    for i, n in enumerate(shard_tokens):
-        name = f"train_{i:06d}.bin"
-        digest = shards.write_shard(str(local / name), [rng.integers(0, 50257, n, dtype=np.uint16)], n)
-        entries.append({"file": name, "split": "train", "tokens": n, "documents": 1, "sha256": digest})
-    (local / shards.MANIFEST).write_text(json.dumps({"format_version": shards.MANIFEST_VERSION, "shards": entries}))
+    mixture = isinstance(shard_tokens, dict)
+    entries, sources = [], []
+    for i, (name, sizes) in enumerate(shard_tokens.items() if mixture else [(None, shard_tokens)]):
+        span = 50257 // len(shard_tokens) if mixture else 50257
+        splits = [("train", k, n) for k, n in enumerate(sizes)] + ([("val", 0, val[name])] if val else [])
+        for split, k, n in splits:
+            file = f"{name}-{split}_{k:06d}.bin" if mixture else f"train_{k:06d}.bin"
+            digest = shards.write_shard(str(local / file), [rng.integers(i * span, (i + 1) * span, n, dtype=np.uint16)],
+                                        n)
+            entries.append({"file": file, "split": split, "tokens": n, "documents": 1, "sha256": digest,
+                            **({"source": name} if mixture else {})})
+        held = val[name] if val else 0
+        sources.append({"name": name, "input": {"kind": "files"}, "documents": {"train": len(sizes), "val": int(held > 0)},
+                        "tokens": {"train": sum(sizes), "val": held}, "shards": {"train": len(sizes), "val": int(held > 0)}})
+    (local / shards.MANIFEST).write_text(json.dumps({"format_version": shards.MANIFEST_VERSION, "shards": entries,
+                                                     **({"sources": sources} if mixture else {})}))
     return local
 
 
@@ -441,22 +555,23 @@ def counting_s3():
     thread.join()
 
 
-def upload_dataset(s3, local: Path, prefix: str, shard_tokens: list[int], seed: int) -> dict[str, int]:
+def upload_dataset(s3, local: Path, prefix: str, shard_tokens: list[int] | dict[str, list[int]],
+                   seed: int) -> dict[str, int]:
     """write_dataset, uploaded to s3://data/<prefix>; returns each train shard's object path and size."""
     write_dataset(local, shard_tokens, seed)
     for f in local.iterdir():
         s3.upload_file(str(f), "data", f"{prefix}/{f.name}")
-    return {f"data/{prefix}/{f.name}": f.stat().st_size for f in sorted(local.glob("train_*.bin"))}
+    return {f"data/{prefix}/{f.name}": f.stat().st_size for f in sorted(local.glob("*train_*.bin"))}
 
 
-# A training worker of one node: builds the loader (node cache at argv[2]), reads 8 global batches of
-# 32 sequences as rank argv[3] of argv[4], prints their sha256 and its peak RSS. (VmHWM, not getrusage:
-# ru_maxrss survives exec, so a child would report this test process's peak, moto's objects included.)
+# A training worker of one node: builds the loader (node cache at argv[2], a mixture's weights as JSON in argv[5]),
+# reads 8 global batches of 32 sequences as rank argv[3] of argv[4], prints their sha256 and its peak RSS. (VmHWM,
+# not getrusage: ru_maxrss survives exec, so a child would report this test process's peak, moto's objects included.)
 WORKER = """
 import hashlib, json, re, sys
 from train.data import ShardLoader
-url, cache, rank, world = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-loader = ShardLoader(url, seq_len=64, seed=9, cache=cache)
+url, cache, rank, world, weights = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+loader = ShardLoader(url, seq_len=64, seed=9, cache=cache, weights=weights)
 digest = hashlib.sha256()
 for step in range(8):
     x, y = loader.micro_batch(step * 32, 32, rank, world, 0, 32 // world)
@@ -466,9 +581,10 @@ print(json.dumps({"batches": digest.hexdigest(), "peak_rss": peak_kb * 1024}))
 """
 
 
-def node_workers(url: str, cache: Path, env: dict, world: int) -> list[dict]:
+def node_workers(url: str, cache: Path, env: dict, world: int, weights: list[float] | None = None) -> list[dict]:
     """The `world` ranks of one node, started together, sharing its cache directory."""
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, str(cache), str(rank), str(world)], cwd=REPO,
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, str(cache), str(rank), str(world),
+                               json.dumps(weights)], cwd=REPO,
                               env={**os.environ, **env, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in range(world)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -476,8 +592,8 @@ def node_workers(url: str, cache: Path, env: dict, world: int) -> list[dict]:
     return [json.loads(out.splitlines()[-1]) for out, _ in outs]
 
 
-def expected_batches(local: Path, rank: int, world: int) -> str:
-    loader, digest = ShardLoader(str(local), seq_len=64, seed=9), hashlib.sha256()
+def expected_batches(local: Path, rank: int, world: int, weights: list[float] | None = None) -> str:
+    loader, digest = ShardLoader(str(local), seq_len=64, seed=9, weights=weights), hashlib.sha256()
     for step in range(8):
         x, y = loader.micro_batch(step * 32, 32, rank, world, 0, 32 // world)
         digest.update(x.numpy().tobytes() + y.numpy().tobytes())
@@ -506,6 +622,13 @@ def test_the_ranks_of_a_node_fetch_one_verified_copy_of_remote_shards_and_reuse_
     assert node_workers(url, cache, env, world=1)[0]["batches"] == expected_batches(tmp_path / "local", 0, 1)
     refetched = "data/small/train_000003.bin"
     assert {key: sent[key] - before[key] for key in sizes} == {**dict.fromkeys(sizes, 0), refetched: sizes[refetched]}
+
+    # a mixture: every source's shards, fetched once, read in the mixture's order
+    sizes = upload_dataset(s3, tmp_path / "mixed", "mixed", {"web": [20_000, 9_000], "books": [3_000]}, seed=2)
+    before = Counter(sent)
+    assert node_workers("s3://data/mixed", cache, env, world=1, weights=[3, 1])[0]["batches"] == expected_batches(
+        tmp_path / "mixed", 0, 1, weights=[3, 1])
+    assert {key: sent[key] - before[key] for key in sizes} == sizes and len(sizes) == 3
 
 
 @pytest.mark.slow

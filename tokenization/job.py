@@ -8,6 +8,11 @@
 3. Shards (Ray tasks): each shard is copied out of the pieces and written with its sha256.
 The manifest is written last; then `_work/` is removed. Nothing here depends on the number of
 workers, so any cluster produces the same bytes.
+
+A mixture (data.sources) is the same one job: every source's pieces in one sequence (source in config
+order), curation and the split over the whole corpus (a document in two sources is kept in the first),
+shards cut per source and split (SOURCE-SPLIT_NNNNNN.bin). The sources' weights and epoch caps are for
+training to read from the config: they change no byte here, so changing them re-tokenizes nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,7 +35,7 @@ from pipeline.core.storage import join
 from tokenization import contamination, dedup, ngrams, quality, shards, sources, tokenizer
 from tokenization.contamination import EvalIndex
 from tokenization.shards import MANIFEST, MANIFEST_VERSION, ShardError
-from tokenization.sources import CorpusError, Piece, Source
+from tokenization.sources import CorpusError, Part, Piece
 
 WORK = "_work"
 EXAMPLES_PER_REASON = 3
@@ -57,9 +63,9 @@ def run(cfg: Config, *, overwrite: bool = False, log=print) -> TokenizeResult:
     """Tokenize cfg.data into cfg.data_dir; returns once the manifest is written."""
     start = time.perf_counter()
     out = cfg.data_dir
-    source = sources.resolve(cfg.data)  # a missing input fails here, before any Ray work
+    parts = sources.resolve_parts(cfg.data)  # a missing input fails here, before any Ray work
     tok_info = tokenizer.info()
-    fingerprint = _dataset_fingerprint(cfg, source, tok_info)
+    fingerprint = _dataset_fingerprint(cfg, parts, tok_info)
     index, unchecked = _eval_index(cfg, log)
     manifest_url = join(out, MANIFEST)
 
@@ -82,15 +88,15 @@ def run(cfg: Config, *, overwrite: bool = False, log=print) -> TokenizeResult:
             log(f"tokenize: {out} is redone for changed settings: {changed}")
         storage.remove(manifest_url)  # the shards are rewritten below; the manifest comes last
 
-    pieces = sources.plan(source, cfg.data, cfg.tokenization.piece_bytes)
+    pieces = sources.plan_parts(parts, cfg.tokenization.piece_bytes)
     cluster.connect(cfg, (out,))
-    results, reused = _tokenize_pieces(cfg, source, pieces, out, index)
+    results, reused = _tokenize_pieces(cfg, parts, pieces, out, index)
     _check_results(results, cfg)
-    plan, curation = _plan_shards(cfg, results, out)
+    plan, curation = _plan_shards(cfg, parts, pieces, results, out)
     curation["contamination"] = _contamination_record(cfg, index, unchecked, curation["contamination"])
     shard_infos, shards_reused = _write_shards(plan, out)
 
-    manifest = _manifest(cfg, source, tok_info, fingerprint, results, shard_infos, curation)
+    manifest = _manifest(cfg, parts, tok_info, fingerprint, results, shard_infos, curation)
     storage.write_json(manifest_url, manifest)
     _remove_stale(out, manifest)
     seconds = time.perf_counter() - start
@@ -103,7 +109,7 @@ def run(cfg: Config, *, overwrite: bool = False, log=print) -> TokenizeResult:
 
 def fingerprint(cfg: Config) -> str:
     """What the dataset cfg describes would be: its input (as it is now), tokenizer and settings."""
-    return _dataset_fingerprint(cfg, sources.resolve(cfg.data), tokenizer.info())
+    return _dataset_fingerprint(cfg, sources.resolve_parts(cfg.data), tokenizer.info())
 
 
 def complete(cfg: Config) -> bool:
@@ -115,9 +121,14 @@ def complete(cfg: Config) -> bool:
 
 
 def _output_config(cfg: Config) -> dict:
-    """The settings that shape the output, as the manifest records them."""
+    """The settings that shape the output, as the manifest records them. Of data.sources, not the weights
+    and epoch caps: training reads those, and changing them must not redo the dataset. Without sources the
+    key is left out (such a dataset's manifest reads as before sources existed); with them, data.input is
+    (unused)."""
     tok = {k: v for k, v in cfg.tokenization.model_dump().items() if k not in _RESOURCE_KEYS}
-    return {"data": cfg.data.model_dump(), "tokenization": tok}
+    exclude = ({"input": True, "sources": {"__all__": {"weight", "max_epochs"}}} if cfg.data.sources
+               else {"sources"})
+    return {"data": cfg.data.model_dump(exclude=exclude), "tokenization": tok}
 
 
 def _changed_settings(before: dict, now: dict) -> str:
@@ -128,18 +139,20 @@ def _changed_settings(before: dict, now: dict) -> str:
                      if old.get(k) != new.get(k))
 
 
-def _dataset_fingerprint(cfg: Config, source: Source, tok_info: dict) -> str:
-    blob = {"source": source.fingerprint, "config": _output_config(cfg), "tokenizer": tok_info,
+def _dataset_fingerprint(cfg: Config, parts: list[Part], tok_info: dict) -> str:
+    inputs = ([[p.name, p.source.fingerprint] for p in parts] if cfg.data.sources else parts[0].source.fingerprint)
+    blob = {"source": inputs, "config": _output_config(cfg), "tokenizer": tok_info,
             "format": [MANIFEST_VERSION, _PIECE_FORMAT], "eval": _eval_identity(cfg)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _piece_fingerprint(cfg: Config, source: Source, piece: Piece, index: EvalIndex | None) -> str:
+def _piece_fingerprint(cfg: Config, part: Part, piece: Piece, index: EvalIndex | None) -> str:
+    source = part.source
     files = [source.files[s.file] for s in piece.spans if s.file >= 0]
     blob = {"spans": [[s.file, s.start, s.end] for s in piece.spans],
             "files": [[f.url, f.size, f.key] for f in files],
             "builtin": source.fingerprint if source.kind == "builtin" else None,
-            "data": cfg.data.model_dump(), "max_doc_bytes": cfg.tokenization.max_doc_bytes,
+            "data": part.data.model_dump(exclude={"sources"}), "max_doc_bytes": cfg.tokenization.max_doc_bytes,
             "tokenizer": cfg.tokenization.tokenizer, "format": _PIECE_FORMAT, **_piece_curation(cfg, index)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
@@ -193,8 +206,8 @@ def _piece_urls(out: str, index: int) -> tuple[str, str, str]:
 class PieceTokenizer:
     """A Ray Data actor: one GPT-2 encoder, many pieces."""
 
-    def __init__(self, cfg: Config, source: Source, pieces: list[Piece], out: str, index: EvalIndex | None):
-        self.cfg, self.source, self.pieces, self.out, self.index = cfg, source, pieces, out, index
+    def __init__(self, cfg: Config, parts: list[Part], pieces: list[Piece], out: str, index: EvalIndex | None):
+        self.cfg, self.parts, self.pieces, self.out, self.index = cfg, parts, pieces, out, index
         self.encoder = tokenizer.encoding()
         tok = cfg.tokenization
         self.signer = dedup.Signer(tok.near_dedup_ngram, tok.near_dedup_bands, tok.near_dedup_rows) if tok.near_dedup else None
@@ -210,14 +223,15 @@ class PieceTokenizer:
 
     def piece(self, index: int) -> dict:
         piece = self.pieces[index]
-        fingerprint = _piece_fingerprint(self.cfg, self.source, piece, self.index)
+        part = self.parts[piece.part]
+        fingerprint = _piece_fingerprint(self.cfg, part, piece, self.index)
         bin_url, npz_url, marker_url = _piece_urls(self.out, index)
         kept = _kept_piece(marker_url, bin_url, npz_url, fingerprint)
         if kept is not None:
             return {**kept, "reused": True}
 
         tok = self.cfg.tokenization
-        reader = sources.PieceReader(self.source, piece, self.cfg.data, tok.max_doc_bytes)
+        reader = sources.PieceReader(part.source, piece, part.data, tok.max_doc_bytes)
         arrays, hashes, skipped, examples = [], [], Counter(), []
         keys, bands, filtered, filtered_examples, contaminated = [], [], Counter(), [], []
         for doc in reader:
@@ -285,7 +299,7 @@ def _describe(example: dict) -> str:
     return f"{example['where']}: {sources.SKIP_REASONS[example['reason']]} ({example['detail']})"
 
 
-def _tokenize_pieces(cfg: Config, source: Source, pieces: list[Piece], out: str,
+def _tokenize_pieces(cfg: Config, parts: list[Part], pieces: list[Piece], out: str,
                      index: EvalIndex | None) -> tuple[list[dict], int]:
     import ray
     import ray.data
@@ -295,7 +309,7 @@ def _tokenize_pieces(cfg: Config, source: Source, pieces: list[Piece], out: str,
     ds = ray.data.from_items([{"piece": p.index} for p in pieces], override_num_blocks=len(pieces))
     ds = ds.map_batches(PieceTokenizer, batch_size=1, num_cpus=1,
                         compute=ray.data.ActorPoolStrategy(size=workers),
-                        fn_constructor_kwargs={"cfg": cfg, "source": source, "pieces": pieces, "out": out,
+                        fn_constructor_kwargs={"cfg": cfg, "parts": parts, "pieces": pieces, "out": out,
                                                "index": index})
     results: dict[int, dict] = {}
     docs = toks = reused = 0
@@ -336,13 +350,15 @@ def _check_results(results: list[dict], cfg: Config) -> None:
 class ShardPlan:
     file: str
     split: str
+    source: str | None  # the data.sources name, None without sources
     segments: np.ndarray  # (k, 3): piece, first token, end token
     tokens: int
     documents: int
     piece_urls: dict[int, str]
 
 
-def _plan_shards(cfg: Config, results: list[dict], out: str) -> tuple[list[ShardPlan], dict]:
+def _plan_shards(cfg: Config, parts: list[Part], pieces_planned: list[Piece], results: list[dict],
+                 out: str) -> tuple[list[ShardPlan], dict]:
     """The shards, and what curation removed or found (the manifest's `curation`)."""
     lengths, hashes, piece_of, keys, contaminated = [], [], [], [], []
     offset = 0
@@ -359,6 +375,7 @@ def _plan_shards(cfg: Config, results: list[dict], out: str) -> tuple[list[Shard
     ends = np.concatenate([np.cumsum(n) for n in lengths])  # end of each document within its piece
     starts = ends - lengths_all
     pieces = np.concatenate(piece_of)
+    part_of = np.array([p.part for p in pieces_planned], dtype=np.int64)[pieces]
 
     tok = cfg.tokenization
     exact = dedup.exact_duplicates(np.concatenate(keys)) if tok.dedup else np.zeros(offset, dtype=bool)
@@ -380,16 +397,21 @@ def _plan_shards(cfg: Config, results: list[dict], out: str) -> tuple[list[Shard
     }
 
     plans = []
-    for split, mask in (("train", kept & ~val), ("val", kept & val)):
-        p, s, e = pieces[mask], starts[mask], ends[mask]
-        cum = np.cumsum(e - s)
-        first = number = 0
-        while first < len(p):
-            base = cum[first - 1] if first else 0
-            # the longest run of documents that fits, and at least one
-            last = max(first + 1, int(np.searchsorted(cum, base + cfg.tokenization.shard_tokens, side="right")))
-            plans.append(_segments(split, number, p[first:last], s[first:last], e[first:last], out))
-            first, number = last, number + 1
+    for k, part in enumerate(parts):  # per source (one part without data.sources), in config order
+        in_part = part_of == k
+        if part.name is not None and not (kept & ~val & in_part).any():
+            raise CorpusError(f"data.sources.{k} ('{part.name}'): no training document is left after skipping, "
+                              f"curation and the validation split, so training cannot draw from it")
+        for split, mask in (("train", kept & ~val & in_part), ("val", kept & val & in_part)):
+            p, s, e = pieces[mask], starts[mask], ends[mask]
+            cum = np.cumsum(e - s)
+            first = number = 0
+            while first < len(p):
+                base = cum[first - 1] if first else 0
+                # the longest run of documents that fits, and at least one
+                last = max(first + 1, int(np.searchsorted(cum, base + cfg.tokenization.shard_tokens, side="right")))
+                plans.append(_segments(part.name, split, number, p[first:last], s[first:last], e[first:last], out))
+                first, number = last, number + 1
     return plans, curation
 
 
@@ -425,14 +447,23 @@ def _val_mask(hashes: np.ndarray, lengths: np.ndarray, cfg: Config) -> np.ndarra
     return hashes <= sorted_hashes[np.flatnonzero(fits)[-1]]
 
 
-def _segments(split: str, number: int, p: np.ndarray, s: np.ndarray, e: np.ndarray, out: str) -> ShardPlan:
+def _segments(source: str | None, split: str, number: int, p: np.ndarray, s: np.ndarray, e: np.ndarray,
+              out: str) -> ShardPlan:
     # a new segment wherever the next document is not the continuation of the previous one
     breaks = np.flatnonzero((p[1:] != p[:-1]) | (s[1:] != e[:-1])) + 1
     first = np.concatenate([[0], breaks])
     last = np.concatenate([breaks, [len(p)]]) - 1
     segments = np.stack([p[first], s[first], e[last]], axis=1)
     urls = {int(i): _piece_urls(out, int(i))[0] for i in np.unique(p)}
-    return ShardPlan(f"{split}_{number:06d}.bin", split, segments, int((e - s).sum()), len(p), urls)
+    return ShardPlan(shard_name(source, split, number), split, source, segments, int((e - s).sum()), len(p), urls)
+
+
+def shard_name(source: str | None, split: str, number: int) -> str:
+    return f"{split}_{number:06d}.bin" if source is None else f"{source}-{split}_{number:06d}.bin"
+
+
+# what shard_name makes, for removing shards a re-run no longer lists (and nothing else of the directory)
+_SHARD_NAME = re.compile(rf"^(?:[a-z0-9][a-z0-9_-]{{0,31}}-)?(?:{'|'.join(shards.SPLITS)})_\d{{6}}\.bin$")
 
 
 # --- 3. shards ------------------------------------------------------------------------------------------
@@ -458,7 +489,8 @@ def _write_shard(plan: ShardPlan, out: str) -> dict:
     sidecar = join(out, WORK, "shards", plan.file + ".json")
     plan_hash = hashlib.sha256(plan.segments.tobytes() + json.dumps(
         [plan.piece_urls[int(i)] for i in plan.segments[:, 0]]).encode()).hexdigest()
-    info = {"file": plan.file, "split": plan.split, "tokens": plan.tokens, "documents": plan.documents}
+    info = {"file": plan.file, "split": plan.split, "tokens": plan.tokens, "documents": plan.documents,
+            **({"source": plan.source} if plan.source is not None else {})}
     try:
         kept = storage.read_json(sidecar)
         if kept["plan"] == plan_hash and shards.sha256_of(url) == kept["sha256"]:
@@ -481,14 +513,12 @@ def _write_shard(plan: ShardPlan, out: str) -> dict:
 
 # --- manifest, clean-up, summary -----------------------------------------------------------------
 
-def _manifest(cfg: Config, source: Source, tok_info: dict, fingerprint: str,
+def _manifest(cfg: Config, parts: list[Part], tok_info: dict, fingerprint: str,
               results: list[dict], shard_infos: list[dict], curation: dict) -> dict:
     skipped, examples = _counted(results, "skipped", "examples", "reason")
     filtered, filtered_examples = _counted(results, "filtered", "filtered_examples", "rule")
-    totals = {split: {"tokens": sum(s["tokens"] for s in shard_infos if s["split"] == split),
-                      "documents": sum(s["documents"] for s in shard_infos if s["split"] == split),
-                      "shards": sum(1 for s in shard_infos if s["split"] == split)}
-              for split in shards.SPLITS}
+    totals = _split_counts(shard_infos)
+    mixture = bool(cfg.data.sources)  # without data.sources the manifest is as it always was
     tok = cfg.tokenization
     rule = (f"val if blake2b-64(UTF-8 text) < {tok.val_fraction} * 2^64" if tok.val_tokens is None else
             f"val = documents with the smallest blake2b-64(UTF-8 text), equal hashes together, "
@@ -500,7 +530,8 @@ def _manifest(cfg: Config, source: Source, tok_info: dict, fingerprint: str,
                          "document_separator": "<|endoftext|> (50256) before every document"},
         "fingerprint": fingerprint,
         "tokenizer": tok_info,
-        "source": {**source.info, "fingerprint": source.fingerprint},
+        "source": {"kind": "mixture", "sources": [p.name for p in parts]} if mixture else _input_info(parts[0]),
+        **({"sources": _sources_record(parts, shard_infos)} if mixture else {}),
         "split": {"rule": rule, "hash": "blake2b, 8-byte digest, read little-endian",
                   "val_fraction": tok.val_fraction if tok.val_tokens is None else None,
                   "val_tokens": tok.val_tokens},
@@ -514,6 +545,28 @@ def _manifest(cfg: Config, source: Source, tok_info: dict, fingerprint: str,
                                              "examples": filtered_examples}},
         "config": _output_config(cfg),
     }
+
+
+def _split_counts(shard_infos: list[dict]) -> dict:
+    """{split: {tokens, documents, shards}} of these shards."""
+    return {split: {"tokens": sum(s["tokens"] for s in shard_infos if s["split"] == split),
+                    "documents": sum(s["documents"] for s in shard_infos if s["split"] == split),
+                    "shards": sum(1 for s in shard_infos if s["split"] == split)}
+            for split in shards.SPLITS}
+
+
+def _sources_record(parts: list[Part], shard_infos: list[dict]) -> list[dict]:
+    """The manifest's `sources`: each source's input and its documents, tokens and shards per split."""
+    out = []
+    for part in parts:
+        counts = _split_counts([s for s in shard_infos if s["source"] == part.name])
+        out.append({"name": part.name, "input": _input_info(part),
+                    **{key: {split: c[key] for split, c in counts.items()} for key in ("documents", "tokens", "shards")}})
+    return out
+
+
+def _input_info(part: Part) -> dict:
+    return {**part.source.info, "fingerprint": part.source.fingerprint}
 
 
 def _counted(results: list[dict], counts: str, examples: str, kind: str) -> tuple[Counter, list[dict]]:
@@ -541,7 +594,7 @@ def _missing_shards(out: str, manifest: dict) -> list[str]:
 def _remove_stale(out: str, manifest: dict) -> None:
     listed = {s["file"] for s in manifest["shards"]}
     for name in storage.listdir(out):
-        if name.endswith(".bin") and name.split("_")[0] in shards.SPLITS and name not in listed:
+        if _SHARD_NAME.match(name) and name not in listed:
             storage.remove(join(out, name))
     storage.remove(join(out, WORK), recursive=True)
 
@@ -555,6 +608,10 @@ def _summary(result: TokenizeResult, log) -> None:
     log(f"tokenize: {m['source']['kind']} source -> {result.output}")
     for split, t in m["totals"].items():
         log(f"  {split:5s} {t['tokens']:>14,} tokens {t['documents']:>11,} documents {t['shards']:>5} shards")
+    for source in m.get("sources", []):
+        log(f"  source {source['name']}: " + "; ".join(
+            f"{split} {source['tokens'][split]:,} tokens {source['documents'][split]:,} documents"
+            for split in shards.SPLITS))
     if m["skipped"]:
         log(f"  skipped {sum(m['skipped'].values()):,} of {m['input_documents']:,} documents: "
             f"{_skip_text(m['skipped'])}")

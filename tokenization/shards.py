@@ -5,7 +5,8 @@ int32 (magic 20240520, version 1, token count, zeros), then the tokens as little
 document is preceded by <|endoftext|> (50256), so every shard starts with it.
 
 `manifest.json` beside the shards names each shard with its split, token and document counts and
-sha256; readers check each header against it, and `verify` re-hashes every shard. Training reads a
+sha256 (and, for a mixture of data.sources, its source: shards are cut per source and split, named
+SOURCE-SPLIT_NNNNNN.bin, and a `sources` list holds each source's input and counts); readers check each header against it, and `verify` re-hashes every shard. Training reads a
 remote split (s3://, gs://) through one verified copy per node (`node_copy`), memory-mapped, so no
 process holds the dataset in RAM and a node fetches each shard once.
 """
@@ -26,6 +27,7 @@ import numpy as np
 
 from pipeline.core import storage
 from pipeline.core.command import UserError
+from pipeline.core.config import SOURCE_NAME
 from pipeline.core.storage import join
 
 MAGIC = 20240520
@@ -49,6 +51,7 @@ class ShardInfo:
     tokens: int
     documents: int
     sha256: str
+    source: str | None = None  # the data.sources name; None without data.sources
 
 
 def header(num_tokens: int) -> bytes:
@@ -143,7 +146,8 @@ def validate_manifest(manifest: object, url: str) -> None:
     entries = manifest.get("shards")
     if not isinstance(entries, list):
         fail("shards", "must be a list", entries)
-    fields = set(ShardInfo.__dataclass_fields__)
+    names = _validate_sources(manifest["sources"], fail) if "sources" in manifest else None
+    fields = set(ShardInfo.__dataclass_fields__) - ({"source"} if names is None else set())
     for i, entry in enumerate(entries):
         where = f"shards[{i}]"
         if not isinstance(entry, dict) or set(entry) != fields:
@@ -158,6 +162,8 @@ def validate_manifest(manifest: object, url: str) -> None:
                 fail(f"{where}.{key}", "must be a non-negative integer", entry[key])
         if not isinstance(entry["sha256"], str) or not _SHA256.match(entry["sha256"]):
             fail(f"{where}.sha256", "must be 64 lowercase hex digits", entry["sha256"])
+        if names is not None and entry["source"] not in names:
+            fail(f"{where}.source", "must be one of the manifest's sources", entry["source"])
     for split, totals in (manifest.get("totals") or {}).items():
         for key, value in (totals.items() if isinstance(totals, dict) else [("", totals)]):
             if not _count(value):
@@ -169,6 +175,33 @@ def validate_manifest(manifest: object, url: str) -> None:
         fail("input_documents", "must be a non-negative integer", manifest["input_documents"])
 
 
+def _validate_sources(sources: object, fail) -> set[str]:
+    """The names of a manifest's `sources` list, each entry checked: a name that becomes part of file names,
+    counts that are counts."""
+    keys = {"name", "input", "documents", "tokens", "shards"}
+    if not isinstance(sources, list) or not sources:
+        fail("sources", "must be a non-empty list", sources)
+    names: set[str] = set()
+    for i, entry in enumerate(sources):
+        where = f"sources[{i}]"
+        if not isinstance(entry, dict) or set(entry) != keys:
+            fail(where, f"must be an object with exactly {', '.join(sorted(keys))}", entry)
+        name = entry["name"]
+        if not isinstance(name, str) or not SOURCE_NAME.match(name) or name in names:
+            fail(f"{where}.name", "must be a distinct source name (lowercase letters, digits, _ and -)", name)
+        names.add(name)
+        if not isinstance(entry["input"], dict):
+            fail(f"{where}.input", "must be an object", entry["input"])
+        for key in ("documents", "tokens", "shards"):
+            counts = entry[key]
+            if not isinstance(counts, dict) or set(counts) != set(SPLITS):
+                fail(f"{where}.{key}", f"must be an object with exactly {', '.join(SPLITS)}", counts)
+            for split, value in counts.items():
+                if not _count(value):
+                    fail(f"{where}.{key}.{split}", "must be a non-negative integer", value)
+    return names
+
+
 def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -178,15 +211,27 @@ def manifest_hash(dataset_dir: str) -> str:
     return hashlib.sha256(storage.read_bytes(join(dataset_dir, MANIFEST))).hexdigest()
 
 
-def shards(manifest: dict, split: str | None = None) -> list[ShardInfo]:
-    return [ShardInfo(**s) for s in manifest["shards"] if split is None or s["split"] == split]
+def source_names(manifest: dict) -> list[str]:
+    """The data.sources a dataset was cut from, in config order; [] for a dataset of data.input alone."""
+    return [s["name"] for s in manifest.get("sources", [])]
 
 
-def local_split(dataset_dir: str, split: str, cache: str | None = None) -> list[tuple[str, int]]:
-    """(local path, token count) of every shard of a split, header-checked against the manifest, in
-    manifest order: local shards where they are, remote ones as this node's copy in `cache`."""
+def shards(manifest: dict, split: str | None = None, source: str | None = None) -> list[ShardInfo]:
+    """The manifest's shards, in order: all, or those of one split and/or one source."""
+    if source is not None and source not in source_names(manifest):
+        known = ", ".join(source_names(manifest)) or "none: the dataset is not a mixture of data.sources"
+        raise ShardError(f"source '{source}' is not in the dataset (sources: {known})")
+    return [ShardInfo(**s) for s in manifest["shards"]
+            if (split is None or s["split"] == split) and (source is None or s.get("source") == source)]
+
+
+def local_split(dataset_dir: str, split: str, cache: str | None = None,
+                source: str | None = None) -> list[tuple[str, int]]:
+    """(local path, token count) of every shard of a split (of one source, when given), header-checked
+    against the manifest, in manifest order: local shards where they are, remote ones as this node's
+    copy in `cache`."""
     local, out = storage.is_local(dataset_dir), []
-    for info in shards(load_manifest(dataset_dir), split):
+    for info in shards(load_manifest(dataset_dir), split, source):
         url = join(dataset_dir, info.file)
         path = storage.filesystem(url)[1] if local else node_copy(url, info, cache or default_cache())
         read_tokens(path, info.tokens)  # header and size against the manifest
@@ -194,10 +239,10 @@ def local_split(dataset_dir: str, split: str, cache: str | None = None) -> list[
     return out
 
 
-def read_split(dataset_dir: str, split: str, cache: str | None = None) -> list[np.ndarray]:
-    """Every shard of a split, header-checked and memory-mapped (see local_split)."""
+def read_split(dataset_dir: str, split: str, cache: str | None = None, source: str | None = None) -> list[np.ndarray]:
+    """Every shard of a split (of one source, when given), header-checked and memory-mapped (see local_split)."""
     return [np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
-            for path, n in local_split(dataset_dir, split, cache)]
+            for path, n in local_split(dataset_dir, split, cache, source)]
 
 
 # --- one copy per node ----------------------------------------------------------------------------
@@ -282,11 +327,18 @@ def verify(dataset_dir: str, threads: int = 4) -> list[str]:
 
 def splits_as_datasets(dataset_dir: str) -> list[dict]:
     """The splits of a tokenized dataset as MLflow datasets (pipeline/core/lineage.Lineage.log_datasets): named by
-    corpus and split, the manifest's sha256 as digest, its URL as source, each split's counts as profile."""
+    corpus and split (by source and split for a mixture of data.sources), the manifest's sha256 as digest,
+    its URL as source, each split's counts as profile."""
     manifest, digest = load_manifest(dataset_dir), manifest_hash(dataset_dir)
-    source = manifest.get("source", {})
-    corpus = {"hf": f"hf:{source.get('repo')}", "builtin": "builtin"}.get(source.get("kind"), source.get("kind", "files"))
+    if "sources" in manifest:
+        parts = [(s["name"], {split: {key: s[key][split] for key in ("tokens", "documents", "shards")}
+                              for split in SPLITS}) for s in manifest["sources"]]
+    else:
+        source = manifest.get("source", {})
+        corpus = {"hf": f"hf:{source.get('repo')}", "builtin": "builtin"}.get(source.get("kind"),
+                                                                              source.get("kind", "files"))
+        parts = [(corpus, manifest["totals"])]
     return [{"name": f"{corpus}/{split}", "digest": digest, "source": join(dataset_dir, MANIFEST),
              "context": {"train": "training", "val": "validation"}.get(split, split),
              "profile": {"corpus": corpus, **totals}}
-            for split, totals in manifest["totals"].items()]
+            for corpus, splits in parts for split, totals in splits.items()]

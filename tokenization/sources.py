@@ -6,7 +6,8 @@ resolved by `datasets` to its data files and read through the `hf://` filesystem
 
 Every document gets a fixed place in one global order, (piece, position in piece), and pieces are cut
 from the files alone (never from the cluster size), so the output cannot depend on how many workers
-ran or in which order they finished.
+ran or in which order they finished. A mixture (data.sources) is one job: its parts are planned in
+config order, each piece tagged with its part, so the global order is (source, then as above).
 """
 
 from __future__ import annotations
@@ -64,6 +65,31 @@ class Source:
     info: dict  # what the manifest records about the source
     fingerprint: str
     ignored: tuple[str, ...] = ()  # files under a directory or glob whose format is unknown
+
+
+@dataclass(frozen=True)
+class Part:
+    """What one job tokenizes from one source: its name (None for data.input alone), its data settings
+    (data.* with the source's own input and overrides) and its resolved input."""
+
+    name: str | None
+    data: DataConfig
+    source: Source
+
+
+def resolve_parts(data: DataConfig) -> list[Part]:
+    """Every source of data resolved, in config order; an error names the source's key."""
+    parts = []
+    for i, (name, settings) in enumerate(data.parts()):
+        try:
+            parts.append(Part(name, settings, resolve(settings)))
+        except CorpusError as err:
+            if name is None:
+                raise
+            # resolve names data.*'s keys; say which source's
+            raise CorpusError(re.sub(r"\bdata\.(?=input|hf_|format|text_)", f"data.sources.{i}.", str(err))
+                              + f" (source '{name}')") from None
+    return parts
 
 
 def resolve(data: DataConfig) -> Source:
@@ -186,6 +212,16 @@ class Piece:
     index: int
     spans: tuple[Span, ...]
     size: int = field(compare=False)  # approximate input bytes, for balancing only
+    part: int = 0  # index into the job's parts (data.sources); its spans index that part's Source.files
+
+
+def plan_parts(parts: list[Part], piece_bytes: int) -> list[Piece]:
+    """Every part cut into pieces (plan), numbered in one sequence in config order."""
+    pieces: list[Piece] = []
+    for k, part in enumerate(parts):
+        for p in plan(part.source, part.data, piece_bytes):
+            pieces.append(Piece(len(pieces), p.spans, p.size, k))
+    return pieces
 
 
 def plan(source: Source, data: DataConfig, piece_bytes: int) -> list[Piece]:

@@ -20,7 +20,7 @@ from pipeline.core.model import checkpoints
 from pipeline.core.model.checkpoints import CheckpointError, TrainerState
 from pipeline.core.storage import join
 from tokenization.shards import load_manifest
-from train import checkpoint, diagnostics, faults, watchdog
+from train import checkpoint, diagnostics, faults, mixture, watchdog
 from train.data import check_order
 
 
@@ -42,14 +42,17 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
     committed checkpoint there; without, refuse to touch a run that already has checkpoints.
     tracking: {"uri", "run_id"} of the MLflow run that receives rank 0's metrics. cfg: resolved
     (Config.with_absolute_paths), as every stage takes it."""
-    load_manifest(cfg.data_dir)  # fail now, not in every worker, if the dataset is missing
+    manifest = load_manifest(cfg.data_dir)  # fail now, not in every worker, if the dataset is missing
     existing = checkpoints.latest(cfg.checkpoint_dir)
     if existing and not resume:
         raise CheckpointError(f"{cfg.checkpoint_dir} already holds checkpoints (latest: {existing}); "
                               f"pass --resume to continue that run, or set run.name for a new one")
+    order = mixture.order(cfg, manifest, cfg.data_dir)  # a mixture's: data.sources must name the dataset's sources
     if existing and not checkpoints.damage(existing, hashed=lambda names: []):  # a damaged one: the workers fall back
-        check_order(TrainerState.read(existing).data_order, existing)
+        check_order(TrainerState.read(existing).data_order, existing, order)
         print(f"train: resuming from {existing}", flush=True)
+    for source in mixture.plan(cfg, manifest, cfg.data_dir):  # refused here if it passes a source's max_epochs
+        print(f"train: {source.line()}", flush=True)
 
     from train import pretraining
 

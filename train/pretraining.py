@@ -8,10 +8,11 @@ import torch
 from eval import hellaswag, suite, val_loss
 from eval.references import hellaswag_label
 from pipeline.core.config import Config
-from tokenization.shards import manifest_hash
+from tokenization.shards import load_manifest, manifest_hash
 from tokenization.tokenizer import encoding
 from train import engine as engines
-from train.data import ORDER, ShardLoader
+from train import mixture
+from train.data import MixedOrder, ShardLoader
 from train.loop import Recipe
 from train.review import Review
 
@@ -19,13 +20,14 @@ from train.review import Review
 class Pretraining(Recipe):
     def __init__(self, cfg: Config, swag: list | None, rank: int, world: int, device: torch.device,
                  tracking: dict | None = None):
-        b = cfg.batch
+        b, manifest = cfg.batch, load_manifest(cfg.data_dir)
         super().__init__(name="train", schedule=cfg.train, batch=engines.Batch.of(cfg), run_dir=cfg.run_dir,
                          checkpoint_dir=cfg.checkpoint_dir, checkpoint_interval=cfg.checkpoint.interval,
-                         data_id=manifest_hash(cfg.data_dir), data_source=cfg.data_dir, data_order=ORDER,
-                         tokens_per_step=b.tokens_per_step)
+                         data_id=manifest_hash(cfg.data_dir), data_source=cfg.data_dir,
+                         data_order=mixture.order(cfg, manifest, cfg.data_dir), tokens_per_step=b.tokens_per_step)
         self.cfg, self.swag, self.rank, self.world, self.device = cfg, swag, rank, world, device
-        self.loader = ShardLoader(cfg.data_dir, b.seq_len, cfg.run.seed, cache=cfg.cluster.node_cache)
+        self.loader = ShardLoader(cfg.data_dir, b.seq_len, cfg.run.seed, cache=cfg.cluster.node_cache,
+                                  weights=mixture.weights(cfg, manifest, cfg.data_dir))
         self.val = (val_loss.val_sequences(cfg.data_dir, b.seq_len, cfg.eval.val_tokens)
                     if cfg.eval.interval else None)
         self.samples: list[dict] = []  # generated at the last evaluation
@@ -33,7 +35,9 @@ class Pretraining(Recipe):
         self.review = Review(cfg, tracking, b.tokens_per_step, {
             "val.tokens": self.val[0].numel() if self.val is not None else None,
             "hellaswag.items": len(swag) if swag else None,
-            "hellaswag.data": hellaswag_label(cfg.eval.hellaswag) if swag else None}) if rank == 0 else None
+            "hellaswag.data": hellaswag_label(cfg.eval.hellaswag) if swag else None,
+            **{k: v for row in mixture.plan(cfg, manifest, cfg.data_dir) for k, v in row.params().items()},
+        }) if rank == 0 else None
 
     def batches(self, sequences: int, rank: int, world: int, micro: int):
         return self.loader.micro_batch(sequences, self.batch.sequences, rank, world, micro, self.batch.micro_batch_size)
@@ -54,10 +58,18 @@ class Pretraining(Recipe):
             out.update(hellaswag.metrics(self.swag, scores))
         return out
 
+    def step_metrics(self, state) -> dict:
+        """A mixture's draw so far, per source, on rank 0 (which alone logs): the epochs of it trained on."""
+        if self.rank != 0 or not isinstance(self.loader.order, MixedOrder):
+            return {}
+        return {f"train/epochs/{name}": e for name, e in self.loader.order.epochs(state.sequences).items()}
+
     def evaluated(self, step: int, scores: dict) -> None:
         if self.review is not None:
-            epoch = self.loader.order.locate(step * self.batch.sequences)[0]
-            self.review.update(step, self.samples, {"train.epoch": epoch})
+            order, position = self.loader.order, step * self.batch.sequences
+            self.review.update(step, self.samples, {f"train.epoch.{name}": int(e) for name, e in
+                                                    order.epochs(position).items()}
+                               if isinstance(order, MixedOrder) else {"train.epoch": order.locate(position)[0]})
         self.samples = []
 
 

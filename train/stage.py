@@ -10,8 +10,9 @@ from pipeline.core.config import Config
 from pipeline.core.model import checkpoints
 from pipeline.core.stage import Stage, StageError, StageResult, Tracking, Upstream
 from pipeline.core.storage import join
-from tokenization.shards import manifest_hash, splits_as_datasets
-from train import engine, finetuning, launch, tasks
+from tokenization.shards import load_manifest, manifest_hash, splits_as_datasets
+from train import engine, finetuning, launch, mixture, tasks
+from train.data import ORDER
 
 
 def _sha(*parts: object) -> str:
@@ -21,7 +22,9 @@ def _sha(*parts: object) -> str:
 # --- train ------------------------------------------------------------------------------------------
 
 def _train_inputs(cfg: Config, upstream: Upstream) -> list:
-    return [manifest_hash(cfg.data_dir), cfg.run.seed, cfg.fingerprint("model", "train", "batch", "deepspeed")]
+    inputs = [manifest_hash(cfg.data_dir), cfg.run.seed, cfg.fingerprint("model", "train", "batch", "deepspeed")]
+    order = mixture.order(cfg, load_manifest(cfg.data_dir), cfg.data_dir)
+    return inputs if order == ORDER else [*inputs, order]  # a mixture's weights: not in the dataset, but in the run
 
 
 def _train_verify(cfg: Config, result: StageResult, tracking: Tracking | None) -> bool:

@@ -80,10 +80,53 @@ class RunConfig(_Section):
         return self
 
 
+SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")  # a source's name: part of its shard files' names
+
+
+class SourceConfig(_Section):
+    name: str
+    """the source's name (lowercase letters, digits, _ and -, up to 32): its shards are NAME-train_*.bin, NAME-val_*.bin"""
+    input: list[str]
+    """what data.input takes: builtin, files / directories / globs / URLs, or hf:OWNER/NAME"""
+    weight: float
+    """share of each training step drawn from this source, relative to the other sources' weights (> 0);
+    changing it never re-tokenizes"""
+    max_epochs: float | None = None
+    """at most this many passes over the source's train split (> 0); null: no cap"""
+    format: Literal["auto", "jsonl", "parquet", "text"] | None = None
+    """data.format for this source; null: data.format"""
+    text_field: str | None = None
+    """data.text_field for this source; null: data.text_field"""
+    text_unit: Literal["file", "line", "paragraph"] | None = None
+    """data.text_unit for this source; null: data.text_unit"""
+    hf_config: str | None = None
+    """data.hf_config for this source; null: data.hf_config"""
+    hf_split: str | None = None
+    """data.hf_split for this source; null: data.hf_split"""
+    hf_revision: str | None = None
+    """data.hf_revision for this source; null: data.hf_revision"""
+
+    # what a source may set for itself; unset, data.* holds
+    OVERRIDES: ClassVar[tuple[str, ...]] = ("format", "text_field", "text_unit", "hf_config", "hf_split", "hf_revision")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_input_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("weight", "max_epochs", mode="before")
+    @classmethod
+    def _an_int_is_a_float(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class DataConfig(_Section):
     input: list[str] = ["builtin"]
     """builtin (the English prose shipped with Python), files / directories / globs (local, s3://, gs://, any
     fsspec URL), or "hf:OWNER/NAME" for a Hugging Face Hub dataset."""
+    sources: list[SourceConfig] = []
+    """a mixture instead of data.input: named sources, each with its input, weight and optional epoch cap,
+    tokenized in one job (dedup across all) into per-source shards; empty: data.input alone"""
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
     """input format; auto: from the file suffix"""
     text_field: str = "text"
@@ -101,6 +144,38 @@ class DataConfig(_Section):
     @classmethod
     def _one_input_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if not self.sources:
+            return self
+        # the default stays allowed: a dump of this config (the training workers' payload) sets it explicitly
+        _require(self.input in ([], type(self).model_fields["input"].default), "data.input",
+                 "cannot be set together with data.sources (each source names its input; "
+                 "data.input: [] clears a preset's)")
+        seen: set[str] = set()
+        for i, s in enumerate(self.sources):  # keyed by position, as pydantic names a source's type errors
+            key = f"data.sources.{i}"
+            _require(bool(SOURCE_NAME.match(s.name)), f"{key}.name",
+                     f"{s.name!r} must be 1-32 lowercase letters, digits, _ or -, starting with a letter or digit")
+            _require(s.name not in seen, f"{key}.name", f"{s.name!r} names two sources")
+            seen.add(s.name)
+            _require(bool(s.input), f"{key}.input", f"source '{s.name}' must name at least one input")
+            _require(math.isfinite(s.weight) and s.weight > 0, f"{key}.weight",
+                     f"({s.weight}) must be a finite number > 0 (source '{s.name}')")
+            _require(s.max_epochs is None or (math.isfinite(s.max_epochs) and s.max_epochs > 0), f"{key}.max_epochs",
+                     f"({s.max_epochs}) must be a finite number > 0, or null (source '{s.name}')")
+        return self
+
+    def parts(self) -> list[tuple[str | None, DataConfig]]:
+        """What to tokenize, in order: [(None, self)] for data.input alone, else (name, the source as a
+        DataConfig of its own: its input, its overrides, the rest from data.*) per source."""
+        if not self.sources:
+            return [(None, self)]
+        inherited = self.model_dump(exclude={"input", "sources"})
+        return [(s.name, DataConfig(**{**inherited, "input": s.input,
+                                       **{k: getattr(s, k) for k in SourceConfig.OVERRIDES if getattr(s, k) is not None}}))
+                for s in self.sources]
 
 
 class QualityConfig(_Section):
@@ -729,6 +804,8 @@ class Config(_Section):
 # The reference: every key of the config, its type, value and doc (--help-config of every command).
 
 HEAD_NAME = "<name>"  # stands for a head's name in finetune.heads.<name>.KEY
+ENTRY_INDEX = "<i>"  # stands for a source's position in data.sources.<i>.KEY
+_PLACEHOLDERS = (HEAD_NAME, ENTRY_INDEX)
 
 
 def _type_name(annotation: Any) -> str:
@@ -744,25 +821,26 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _model_in_dict(annotation: Any) -> type[BaseModel] | None:
-    """Model when annotation is dict[str, Model] (finetune.heads), else None."""
-    args = get_args(annotation)
-    if get_origin(annotation) is dict and len(args) == 2 and isinstance(args[1], type) and issubclass(args[1], BaseModel):
-        return args[1]
+def _entry_model(annotation: Any) -> tuple[type[BaseModel], str] | None:
+    """(Model, placeholder) when annotation is dict[str, Model] (finetune.heads) or list[Model] (data.sources)."""
+    args, origin = get_args(annotation), get_origin(annotation)
+    entry = args[-1] if origin in (dict, list) and args else None
+    if isinstance(entry, type) and issubclass(entry, BaseModel):
+        return entry, HEAD_NAME if origin is dict else ENTRY_INDEX
     return None
 
 
 def leaf_fields(model: type[BaseModel] = Config, prefix: str = "") -> dict[str, Any]:
-    """{dotted key: FieldInfo} of every leaf of the config; a dict of sections (finetune.heads) is listed
-    as its entries' fields under `<name>` (finetune.heads.<name>.weight)."""
+    """{dotted key: FieldInfo} of every leaf of the config; a dict or list of sections (finetune.heads,
+    data.sources) is listed as its entries' fields under `<name>` or `<i>` (finetune.heads.<name>.weight)."""
     out: dict[str, Any] = {}
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             out.update(leaf_fields(annotation, f"{key}."))
-        elif (entry := _model_in_dict(annotation)) is not None:
-            out.update(leaf_fields(entry, f"{key}.{HEAD_NAME}."))
+        elif (entry := _entry_model(annotation)) is not None:
+            out.update(leaf_fields(entry[0], f"{key}.{entry[1]}."))
         else:
             out[key] = field
     return out
@@ -771,7 +849,7 @@ def leaf_fields(model: type[BaseModel] = Config, prefix: str = "") -> dict[str, 
 def _value_at(cfg: BaseModel, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
-        if part == HEAD_NAME:
+        if part in _PLACEHOLDERS:
             return None
         node = node[part] if isinstance(node, dict) else getattr(node, part)
     return node
@@ -779,17 +857,20 @@ def _value_at(cfg: BaseModel, key: str) -> Any:
 
 def reference(cfg: Config) -> str:
     """Every key of the config, one line each: `section.key  type  value in force  what it does`. The
-    fields of finetune.heads are listed under <name> with their defaults, then for each configured head."""
+    fields of finetune.heads (data.sources) are listed under <name> (<i>) with their defaults, then for
+    each configured head (source)."""
     rows = []
     fields = leaf_fields()
     for key, field in fields.items():
-        default = field.get_default(call_default_factory=True)
-        value = default if HEAD_NAME in key else _value_at(cfg, key)
+        placeholder = next((p for p in _PLACEHOLDERS if f".{p}." in key), None)
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        value = default if placeholder else _value_at(cfg, key)
         rows.append((key, _type_name(field.annotation), value, field.description or ""))
-        if HEAD_NAME in key:  # the configured heads, with their values
-            section, leaf = key.split(f".{HEAD_NAME}.")
-            for name, head in _value_at(cfg, section).items():
-                rows.append((f"{section}.{name}.{leaf}", _type_name(field.annotation), getattr(head, leaf),
+        if placeholder:  # the configured entries, with their values
+            section, leaf = key.split(f".{placeholder}.")
+            entries = _value_at(cfg, section)
+            for name, entry in (entries.items() if isinstance(entries, dict) else enumerate(entries)):
+                rows.append((f"{section}.{name}.{leaf}", _type_name(field.annotation), getattr(entry, leaf),
                              field.description or ""))
     rows = [(k, t, json.dumps(v), " ".join(doc.split())) for k, t, v, doc in rows]
     kw = max(len(r[0]) for r in rows)
@@ -803,6 +884,8 @@ def _redacted(value: Any) -> Any:
         return redact(value)
     if isinstance(value, list):
         return [_redacted(v) for v in value]
+    if isinstance(value, dict):  # a data.sources entry
+        return {k: _redacted(v) for k, v in value.items()}
     return value
 
 
