@@ -168,7 +168,8 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict | None
 
 def config_leaves(model=None, prefix: str = "") -> dict:
     """{dotted key: pydantic FieldInfo} of every leaf field of the config, by walking Config.model_fields
-    recursively; a dict of sections (finetune.heads) contributes its entries' fields under `<name>`."""
+    recursively; a dict of sections (finetune.heads) contributes its entries' fields under `<name>`, a list of
+    them (data.sources) under `<i>`."""
     from typing import get_args, get_origin
 
     from pydantic import BaseModel
@@ -185,6 +186,8 @@ def config_leaves(model=None, prefix: str = "") -> dict:
             out.update(config_leaves(annotation, f"{prefix}{name}."))
         elif get_origin(annotation) is dict and is_model(args[1]):
             out.update(config_leaves(args[1], f"{prefix}{name}.<name>."))
+        elif get_origin(annotation) is list and is_model(args[0]):
+            out.update(config_leaves(args[0], f"{prefix}{name}.<i>."))
         else:
             out[f"{prefix}{name}"] = field
     return out
