@@ -259,6 +259,21 @@ def test_a_mixture_is_refused_past_a_sources_max_epochs_with_other_sources_or_to
     assert inputs(MIXTURE.replace("weight: 4", "weight: 1"))[-1] == "mixture-feistel-v1:web=0.5,books=0.5"
     assert len(TRAIN.inputs(tiny_config(tmp_path, write_dataset(tmp_path / "one", [5000], seed=1)), None)) == 3
 
+    # what a run prints and logs (MLflow params, through the train run's constants) of each source's plan
+    cfg = mixed_config(tmp_path / "plan", mixture_dataset)
+    web, books = mixture.plan(cfg, shards.load_manifest(cfg.data_dir), cfg.data_dir)
+    total = web.tokens + books.tokens
+    assert (web.name, books.name, web.share, books.share) == ("web", "books", 0.8, 0.2)
+    assert books.sampling == pytest.approx(0.2 / (books.tokens / total)) and books.sampling > 1 > web.sampling
+    assert web.sequences + books.sequences == 16 * (cfg.batch.tokens_per_step // cfg.batch.seq_len)
+    assert re.fullmatch(r"source books: 0.2 of each step, [\d,]+ train tokens, \d+ sequences over the run = "
+                        r"[\d.]+ epochs \(up-sampled x[\d.]+\)", books.line()), books.line()
+    assert "(down-sampled x" in web.line()
+    assert books.params() == {"data.sources.books.share": 0.2, "data.sources.books.tokens": books.tokens,
+                              "data.sources.books.sequences": books.sequences,
+                              "data.sources.books.epochs": round(books.epochs, 6),
+                              "data.sources.books.sampling": round(books.sampling, 6)}
+
 
 def test_a_mixtures_validation_pools_its_sources_in_proportion_to_their_val_tokens(mixture_dataset):
     x, y = val_loss.val_sequences(str(mixture_dataset), seq_len=64, max_tokens=4096)  # 64 windows of 8,000 tokens
