@@ -76,12 +76,20 @@ def run(corpus: Path, out: str, overrides: list[str]) -> tuple[float, PeakMemory
 
 
 def breakdown() -> None:
-    """Seconds per step of an actor's work on the built-in documents, one thread: what curation adds."""
+    """Seconds per step of an actor's work on the built-in documents, one thread, in the batches a
+    tokenizer actor curates (curate.BATCH_BYTES of text): what curation adds to tokenizing."""
     from pipeline.core.config import QualityConfig
-    from tokenization import builtin, dedup, ngrams, quality, tokenizer
+    from tokenization import builtin, curate, dedup, ngrams, quality, tokenizer
     from tokenization.contamination import EvalIndex
 
     docs = [text for _, text in builtin.documents()]
+    batches, size = [[]], 0
+    for text in docs:
+        batches[-1].append(text)
+        size += len(text.encode())
+        if size >= curate.BATCH_BYTES:
+            batches.append([])
+            size = 0
     encoder, rules = tokenizer.encoding(), QualityConfig(enabled=True)
     signer, index = dedup.Signer(5, 14, 8), EvalIndex("smoke", 13)
     seconds: dict[str, float] = {}
@@ -93,15 +101,17 @@ def breakdown() -> None:
         return out
 
     for _ in range(3):
-        for text in docs:
-            timed("tokenize (encode_to_numpy)", encoder.encode_to_numpy, text)
-            words, lengths = timed("words + hashes (ngrams.word_hashes)", ngrams.word_hashes, text)
-            timed("quality rules", quality.failed_rule, text, rules, words, lengths)
-            key = timed("exact key (blake2b)", dedup.exact_key, text)
-            timed("MinHash bands (datasketch)", signer.band_keys, words, key)
+        for texts in batches:
+            for text in texts:
+                timed("tokenize (encode_to_numpy)", encoder.encode_to_numpy, text)
+            words = timed("words + hashes (ngrams.Words)", ngrams.Words.of, texts)
+            timed("quality rules", quality.failed_rules, texts, rules, words)
+            keys = timed("exact keys (blake2b of the words)", dedup.exact_keys, words, [t.encode() for t in texts])
+            timed("MinHash bands (datasketch's)", signer.band_keys, words, keys)
             timed("13-gram lookup (contamination)", index.touched, words)
     base = seconds["tokenize (encode_to_numpy)"]
-    print(f"{len(docs)} documents x 3, one thread; seconds per step and as a multiple of tokenizing:")
+    print(f"{len(docs)} documents in {len(batches)} batches x 3, one thread; seconds per step and as a "
+          "multiple of tokenizing:")
     for step, s in seconds.items():
         print(f"  {step:38s} {s:6.2f} s  {s / base:5.2f}x")
 

@@ -4,7 +4,6 @@ independent computations of what each should find (exact text equality, true Jac
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import random
@@ -54,7 +53,8 @@ def jaccard(a: str, b: str) -> float:
 
 def near_dup_corpus(seed: int = 0):
     """Distinct documents of random words; for some, a copy with 1 to 57 words replaced by new ones, whose
-    true Jaccard similarity to its original is measured; and whitespace-only variants (exact duplicates)."""
+    true Jaccard similarity to its original is measured; and variants in whitespace, case and punctuation
+    only (exact duplicates, as normalized text)."""
     rng = random.Random(seed)
     vocab = [f"w{i}" for i in range(50_000)]
     fresh = iter(f"new{i}" for i in range(10**7))
@@ -78,6 +78,9 @@ def near_dup_corpus(seed: int = 0):
     exact = []
     for i in range(0, 60, 3):  # whitespace variants of earlier documents, later in the input
         texts.append("  " + texts[i].replace(" ", "\n  ", 5) + "\n")
+        exact.append((i, len(texts) - 1))
+    for i in range(90, 120, 3):  # case and punctuation variants (of documents in the first file, like those above)
+        texts.append(texts[i].upper().replace(" ", ", ", 7) + "!")
         exact.append((i, len(texts) - 1))
     texts += [doc() for _ in range(100)]
     return texts, pairs, exact
@@ -126,21 +129,73 @@ def test_exact_and_near_duplicates_found_across_the_corpus_identically_on_one_or
     assert result.manifest["skipped"] == {"malformed_json": 5000}
 
 
-def test_minhash_band_keys_equal_datasketchs_signatures():
+def reference_ngrams(hashes: list[int], n: int) -> list[int]:
+    """The polynomial hash of each run of n words, as plain Python integers modulo 2^64."""
+    base = 0x100000001B3
+    return [sum(h * base ** (n - 1 - k) for k, h in enumerate(hashes[i:i + n])) % 2**64
+            for i in range(len(hashes) - n + 1)]
+
+
+def test_a_batchs_words_and_ngrams_are_each_documents_own():
+    rng = random.Random(2)
+    pool = ["Hello,", "WORLD!", "naïve", "café—x", "日本語", "«a»", "3.14", "...", "\u2028", "", " ", "w1", "w2"]
+    texts = ["", "!!!", "one", "a b c d"] + [" ".join(rng.choice(pool) for _ in range(rng.randrange(40)))
+                                              for _ in range(60)]
+    words = ngrams.Words.of(texts)
+    assert len(words) == len(texts)
+    for n, whole in ((2, False), (5, False), (5, True), (13, False)):
+        grams, first = words.ngrams(n, whole_if_shorter=whole)
+        doc = words.doc_of(first)
+        for d, text in enumerate(texts):
+            alone = ngrams.Words.of([text])
+            assert words.document(d)[0].tolist() == alone.hashes.tolist() and len(alone) == 1
+            assert words.document(d)[0].tolist() == ngrams.Words.of(["x", text, "y"]).document(1)[0].tolist()
+            hashes = alone.hashes.tolist()
+            size = min(n, len(hashes)) if whole else n
+            assert grams[doc == d].tolist() == (reference_ngrams(hashes, size) if size else []), (d, n, whole)
+    kept = np.array([d % 3 != 1 for d in range(len(texts))])
+    selected = words.select(kept)
+    assert [selected.document(k)[0].tolist() for k in range(len(selected))] == [
+        words.document(d)[0].tolist() for d in np.flatnonzero(kept)]
+    # the normalized words: case, punctuation and spacing do not count
+    assert ngrams.Words.of(["Hello,  World!"]).hashes.tolist() == ngrams.Words.of(["hello world"]).hashes.tolist()
+
+
+def test_minhash_signatures_of_a_batch_equal_datasketchs_per_document():
     from datasketch import MinHash
 
     rng = random.Random(1)
     signer = dedup.Signer(5, 14, 8)
-    sizes = [1, 3, 4, 5, 6, 40] + [rng.randrange(1, 3000) for _ in range(150)] + [9000]  # 9000: several blocks
-    for words in sizes:
-        text = " ".join(f"w{rng.randrange(words * 2)}" for _ in range(words))  # repeats, so shingles repeat
-        hashes = ngrams.word_hashes(text)[0]
-        shingles = ngrams.ngram_hashes(hashes, min(5, len(hashes))) & np.uint64(0xFFFFFFFF)
+    sizes = [0, 1, 3, 4, 5, 6, 40] + [rng.randrange(1, 3000) for _ in range(60)] + [9000]  # 9000: several blocks
+    texts = [" ".join(f"w{rng.randrange(words * 2)}" for _ in range(words)) for words in sizes]  # shingles repeat
+    words = ngrams.Words.of(texts)
+    signatures = signer.signatures(words)
+    for d, count in enumerate(sizes):
+        hashes = words.document(d)[0].tolist()
         reference = MinHash(num_perm=112, seed=1, hashfunc=int, scheme="affine32")
-        reference.update_batch(shingles.tolist())
-        rows = reference.hashvalues.astype("<u8").reshape(14, 8)
-        expected = [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little") for r in rows]
-        assert signer.band_keys(hashes, dedup.exact_key(text)).tolist() == expected, words
+        reference.update_batch([g % 2**32 for g in reference_ngrams(hashes, min(5, count))] if count else [])
+        assert signatures[d].tolist() == reference.hashvalues.tolist(), count
+    keys = signer.band_keys(words, dedup.exact_keys(words, [t.encode() for t in texts]))
+    assert keys.shape == (len(texts), 14) and len(np.unique(keys)) == keys.size  # no two bands alike here
+
+
+def test_band_keys_are_equal_exactly_when_a_bands_rows_are():
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 2**32, (2000, 14, 8), dtype=np.uint64)
+    rows[1000:, 3] = rows[:1000, 3]  # band 3 shared
+    rows[1000:, 5] = rows[:1000, 5]
+    rows[1000:, 5, rng.integers(0, 8, 1000)] ^= np.uint64(1)  # band 5: one row one bit apart
+    keys = dedup.band_hash(rows)
+    assert (keys[1000:, 3] == keys[:1000, 3]).all() and not (keys[1000:, 5] == keys[:1000, 5]).any()
+    assert len(np.unique(keys)) == keys.size - 1000
+
+
+def test_exact_keys_tell_documents_apart_by_their_normalized_words_only():
+    texts = ["The cat, sat.", "  the CAT sat ", "the cat sat on", "", " \n", "!!", "!! ", "?"]
+    keys = dedup.exact_keys(ngrams.Words.of(texts), [t.encode() for t in texts])
+    same = lambda a, b: (keys[a] == keys[b]).all()  # noqa: E731
+    assert same(0, 1) and not same(0, 2)
+    assert same(3, 4) and same(5, 6) and not same(5, 7) and not same(3, 5)  # no words: the text, spacing collapsed
 
 
 def test_near_duplicate_clusters_on_ray_are_the_connected_components_of_shared_band_keys(ray_local, tmp_path):
@@ -178,7 +233,7 @@ def test_near_duplicate_clusters_on_ray_are_the_connected_components_of_shared_b
 
 
 def failed_rule(text: str, q: QualityConfig) -> str | None:
-    return quality.failed_rule(text, q, *ngrams.word_hashes(text))
+    return quality.failed_rules([text], q, ngrams.Words.of([text]))[0]
 
 
 def test_quality_rules_each_fail_what_they_describe():
@@ -214,21 +269,22 @@ _LETTERLESS_WORD = re.compile(r"(?<!\S)[^\sA-Za-z\u00c0-\u1fff\u2070-\U0010ffff]
 def reference_rule(text: str, q: QualityConfig) -> str | None:
     """The rules as plain Python states them (str.split, a regular expression, sets and counts over the
     normalized words), in quality.RULES' order."""
-    hashes, lengths = ngrams.word_hashes(text)
+    normalized = ngrams.Words.of([text])
+    hashes, lengths = normalized.hashes, normalized.lengths
     h, words = hashes.tolist(), text.split()
     n = len(words)
     lines = [line for line in (raw.strip() for raw in text.splitlines()) if line]
     share = lambda test: sum(map(test, lines)) / len(lines) if lines else 0.0  # noqa: E731
     chars = sum(lengths.tolist())
-    two = ngrams.ngram_hashes(hashes, 2).tolist()
+    two = reference_ngrams(h, 2)
     top = max(two, key=lambda g: (two.count(g), -g)) if two else None
     top_chars = two.count(top) * sum(lengths[two.index(top):two.index(top) + 2].tolist()) if two and two.count(top) > 1 else 0
-    five, seen, covered = ngrams.ngram_hashes(hashes, 5).tolist(), set(), set()
+    five, seen, covered = reference_ngrams(h, 5), set(), set()
     for i, g in enumerate(five):
         if g in seen:
             covered.update(range(i, i + 5))
         seen.add(g)
-    stop_hashes = set(ngrams.word_hashes(" ".join(quality.STOP_WORDS))[0].tolist())
+    stop_hashes = set(ngrams.Words.of([" ".join(quality.STOP_WORDS)]).hashes.tolist())
     checks = {
         "too_few_words": n < q.min_words,
         "too_many_words": n > q.max_words,
@@ -275,7 +331,7 @@ def test_each_quality_rule_decides_as_its_plain_python_statement_on_random_docum
         "c4": lambda: {"c4_rules": True},
     }
     fired = {rule: 0 for rule in quality.RULES}
-    for _ in range(250):
+    def document() -> str:
         lines = []
         for _ in range(rng.randrange(1, 12)):
             if lines and rng.random() < 0.15:
@@ -287,17 +343,58 @@ def test_each_quality_rule_decides_as_its_plain_python_statement_on_random_docum
             line = "".join(w + rng.choice(spaces) for w in words).rstrip(" ")
             lines.append(rng.choice(["", "- ", "• ", "* ", "–"]) * (rng.random() < 0.2) + line
                          + rng.choice(["...", "…"]) * (rng.random() < 0.2))
-        text = "start " + "".join(line + rng.choice(["\n", "\n", "\r\n", "\n\n", "\u2028"]) for line in lines)
+        return "start " + "".join(line + rng.choice(["\n", "\n", "\r\n", "\n\n", "\u2028"]) for line in lines)
+
+    for _ in range(10):  # batches of 25 documents, each decided in one call, as a tokenizer actor does
+        texts = [document() for _ in range(25)]
+        words = ngrams.Words.of(texts)
         for q in [QualityConfig(enabled=True)] + [QualityConfig(**{**permissive, **draw()}) for draw in thresholds.values()]:
-            rule = failed_rule(text, q)
-            assert rule == reference_rule(text, q), (text, q)
-            if rule:
-                fired[rule] += 1
+            for text, rule in zip(texts, quality.failed_rules(texts, q, words)):
+                assert rule == reference_rule(text, q), (text, q)
+                if rule:
+                    fired[rule] += 1
     assert min(fired.values()) >= 10, fired  # every rule decided documents both ways
 
 
 def smoke_items() -> list[dict]:
     return [json.loads(line) for line in SMOKE.read_text().splitlines() if line.strip()]
+
+
+def test_the_items_a_batch_of_documents_overlaps_are_found_in_a_large_eval_set(tmp_path):
+    from tokenization.contamination import EvalIndex
+
+    rng = random.Random(4)
+    vocab = [f"v{i}" for i in range(5000)]
+    phrase = lambda k: " ".join(rng.choice(vocab) for _ in range(k))  # noqa: E731
+    # 20,000 items, 4 texts each: the bitmap in front of the sorted keys is sized as for the official set
+    items = [{"ctx": phrase(rng.randrange(8, 30)), "endings": [phrase(rng.randrange(1, 12)) for _ in range(4)]}
+             for _ in range(20_000)]
+    items[7]["ctx"], items[7]["endings"][0] = "a b c", "d e"  # a text of 5 words: matched whole
+    index = EvalIndex(str(write_jsonl(tmp_path / "items.jsonl", items)), 13)
+    assert index.items == len(items) and 5 in index.lengths and len(index.keys) > 500_000
+
+    def grams(text: str, n: int) -> set:
+        words = re.findall(r"[^\W_]+", text.lower())
+        return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+    docs = [phrase(300) for _ in range(200)]
+    for d in range(0, 200, 7):  # quote a random item's context and one ending, in the middle of the text
+        item = items[rng.randrange(len(items))]
+        docs[d] = f"{docs[d][:500]} {item['ctx']} {rng.choice(item['endings'])}. {docs[d][500:]}"
+    docs[3] += " A, b c. D e!"
+    owners = {}  # each item text's n-grams (all of it when shorter than 13 words) -> items
+    for item, it in enumerate(items):
+        for ending in it["endings"]:
+            text = f"{it['ctx']} {ending}"
+            for gram in grams(text, min(13, len(text.split()))):
+                owners.setdefault(gram, set()).add(item)
+    expected = {}
+    for d, doc in enumerate(docs):
+        found = {item for size in range(1, 14) for gram in grams(doc, size) for item in owners.get(gram, ())}
+        if found:
+            expected[d] = sorted(found)
+    assert len(expected) >= 25 and expected[3] == [7]
+    assert index.touched(ngrams.Words.of(docs)) == expected
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ The items are the ones the eval stage scores (eval.hellaswag: the bundled smoke 
 official validation set), each as its context followed by one ending, four texts per item, bracketed
 WikiHow tags removed as lm-evaluation-harness's preprocessing removes them. An item text shorter than n
 words is matched whole. Words and n-grams are normalized and hashed as in ngrams.py; the index is two
-sorted arrays (n-gram hash, item number), small enough to ship to every tokenizer actor.
+sorted arrays (n-gram hash, item number), small enough to ship to every tokenizer actor, and a bitmap
+each actor builds that lets all but a few percent of a document's n-grams skip the binary search.
 """
 
 from __future__ import annotations
@@ -78,34 +79,39 @@ class EvalIndex:
         self.path = _locate(spec)
         item_texts, self.sha256 = _texts(self.path)
         self.spec, self.n, self.items = spec, n, len(item_texts)
-        keys, owners, lengths = [], [], set()
-        for item, texts in enumerate(item_texts):
-            for text in texts:
-                hashes, _ = ngrams.word_hashes(text)
-                size = min(n, len(hashes))
-                if size:
-                    grams = np.unique(ngrams.ngram_hashes(hashes, size))
-                    keys.append(grams)
-                    owners.append(np.full(len(grams), item, dtype=np.int32))
-                    lengths.add(size)
-        keys_all = np.concatenate(keys) if keys else np.zeros(0, dtype=np.uint64)
-        owners_all = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int32)
-        order = np.lexsort((owners_all, keys_all))
-        self.keys, self.owners, self.lengths = keys_all[order], owners_all[order], sorted(lengths)
+        words = ngrams.Words.of([text for texts in item_texts for text in texts])
+        owner_of_text = np.repeat(np.arange(len(item_texts), dtype=np.int32), [len(t) for t in item_texts])
+        grams, first = words.ngrams(n, whole_if_shorter=True)
+        owners = owner_of_text[words.doc_of(first)]
+        pairs = np.unique(np.stack([grams, owners.astype(np.uint64)], axis=1), axis=0)  # sorted by n-gram
+        self.keys, self.owners = pairs[:, 0].copy(), pairs[:, 1].astype(np.int32)
+        self.lengths = sorted(set(np.minimum(n, words.counts[words.counts > 0]).tolist()))
+        self._bitmap: np.ndarray | None = None  # built where it is used: not shipped to every actor
+
+    def _maybe(self, grams: np.ndarray) -> np.ndarray:
+        """A mask of the n-grams that may be eval n-grams: a bitmap over the hashes' top bits, about 32 bits
+        per eval n-gram, so that about 3% of a document's n-grams are looked up in the sorted keys (a
+        binary search over a million keys costs more than tokenizing)."""
+        shift = np.uint64(64 - max(16, int(np.ceil(np.log2(32 * max(len(self.keys), 1))))))
+        if self._bitmap is None:
+            top = (self.keys >> shift).astype(np.int64)
+            self._bitmap = np.zeros((int(2 ** (64 - int(shift))) + 7) // 8, dtype=np.uint8)
+            np.bitwise_or.at(self._bitmap, top >> 3, (1 << (top & 7)).astype(np.uint8))
+        top = (grams >> shift).astype(np.int64)
+        return (self._bitmap[top >> 3] >> (top & 7).astype(np.uint8)) & 1 == 1
 
     def describe(self) -> dict:
         return {"eval": "hellaswag", "spec": self.spec, "path": self.path, "sha256": self.sha256,
                 "items": self.items, "ngram": self.n}
 
-    def touched(self, hashes: np.ndarray) -> list[int]:
-        """The items sharing an n-gram with a document (given its ngrams.word_hashes), ascending."""
-        found = []
-        for size in self.lengths:
-            grams = ngrams.ngram_hashes(hashes, size)
-            if len(grams) == 0:
-                continue
-            lo = np.searchsorted(self.keys, grams, side="left")
-            hi = np.searchsorted(self.keys, grams, side="right")
-            for a, b in zip(lo[hi > lo], hi[hi > lo]):
-                found.append(self.owners[a:b])
-        return sorted(set(np.concatenate(found).tolist())) if found else []
+    def touched(self, words: ngrams.Words) -> dict[int, list[int]]:
+        """document -> the items sharing an n-gram with it (ascending), for the documents that share one."""
+        found: dict[int, set[int]] = {}
+        for size in self.lengths if len(self.keys) else ():
+            grams, first = words.ngrams(size)
+            maybe = np.flatnonzero(self._maybe(grams))
+            lo = np.searchsorted(self.keys, grams[maybe], side="left")
+            hi = np.searchsorted(self.keys, grams[maybe], side="right")
+            for a, b, doc in zip(lo[hi > lo], hi[hi > lo], words.doc_of(first[maybe[hi > lo]])):
+                found.setdefault(int(doc), set()).update(self.owners[a:b].tolist())
+        return {doc: sorted(items) for doc, items in sorted(found.items())}

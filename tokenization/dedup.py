@@ -1,8 +1,9 @@
 """Duplicate documents: the keys each piece computes per document, and the corpus-wide decision of
 which copy stays.
 
-Exact: blake2b-128 of the text with whitespace runs collapsed to one space. Near: MinHash over word n-gram
-shingles, cut into LSH bands (FineWeb's 14 bands of 8 hashes by default); two documents whose hashes
+Exact: blake2b-128 of the document's normalized words (ngrams.py: lower-cased, punctuation dropped, so
+whitespace, case and punctuation do not tell copies apart), or of its whitespace-collapsed text when it
+has no words. Near: MinHash over word n-gram shingles, cut into LSH bands (FineWeb's 14 bands of 8 hashes by default); two documents whose hashes
 agree on a whole band are linked, and the connected components of those links (scipy's csgraph) are the
 clusters, found by Ray tasks (one per band, then one for the components) that read the pieces' band keys
 from the run directory, so the driver never holds them. In both cases the kept document is the first in
@@ -10,8 +11,9 @@ the global input order, so the choice depends on the input alone, never on how m
 
 The MinHash signatures are datasketch's ("affine32" scheme: the 32-bit shingle hash pre-mixed with
 MurmurHash3's finalizer, then a*h + b modulo 2^32 per permutation, from datasketch's own permutations),
-computed here as one numpy expression over all of a document's shingles: datasketch's update_batch would
-convert every shingle in Python first, which cost more than tokenizing the document.
+computed here as numpy over a batch of documents' shingles, each document's minima taken along its own
+columns: datasketch's update_batch would convert every shingle in Python first, which cost more than
+tokenizing the document.
 """
 
 from __future__ import annotations
@@ -28,8 +30,14 @@ _SEED = 1  # fixed: the permutations, hence the signatures, are the same in ever
 _BLOCK = 4096  # shingles per step of the signature: bounds the (permutations x shingles) block at 1.8 MB
 
 
-def exact_key(text: str) -> bytes:
-    return hashlib.blake2b(" ".join(text.split()).encode(), digest_size=16).digest()
+def exact_keys(words: ngrams.Words, texts: list[bytes]) -> np.ndarray:
+    """(documents, 2) uint64: each document's key; texts: the documents' UTF-8 bytes (for those without words)."""
+    keys = []
+    for d, text in enumerate(texts):
+        hashes = words.hashes[words.bounds[d]:words.bounds[d + 1]]
+        content = hashes.tobytes() if len(hashes) else b"no words:" + b" ".join(text.split())
+        keys.append(hashlib.blake2b(content, digest_size=16).digest())
+    return np.frombuffer(b"".join(keys), dtype="<u8").reshape(len(texts), 2)
 
 
 def _fmix32(h: np.ndarray) -> np.ndarray:
@@ -52,25 +60,43 @@ class Signer:
         # (permutations x shingles), so each permutation's minimum runs along a contiguous row
         self._a, self._b = MinHash(num_perm=bands * rows, seed=_SEED, scheme="affine32").permutations[:, :, None]
 
-    def signature(self, shingles: np.ndarray) -> np.ndarray:
-        """datasketch's MinHash(seed=1, scheme="affine32", hashfunc=int).update_batch(shingles).hashvalues
-        for shingles < 2^32 (uint32, one per permutation); repeated shingles change no minimum."""
-        mixed = _fmix32(shingles.astype(np.uint32))
-        signature = np.full(len(self._a), np.iinfo(np.uint32).max, dtype=np.uint32)
+    def signatures(self, words: ngrams.Words) -> np.ndarray:
+        """(documents, permutations) uint32: datasketch's MinHash(seed=1, scheme="affine32", hashfunc=int)
+        .update_batch(shingles).hashvalues, the shingles being a document's word n-gram hashes modulo 2^32
+        (one n-gram of all its words when it has fewer); all 2^32 - 1 for a document without words."""
+        grams, first = words.ngrams(self.ngram, whole_if_shorter=True)
+        mixed = _fmix32((grams & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+        doc = words.doc_of(first)
+        signatures = np.full((len(self._a), len(words)), np.iinfo(np.uint32).max, dtype=np.uint32)
+        buffer = np.empty((len(self._a), min(_BLOCK, len(mixed))), dtype=np.uint32)
         for start in range(0, len(mixed), _BLOCK):
-            block = self._a * mixed[start:start + _BLOCK]  # wraps modulo 2^32, as it should
-            block += self._b
-            np.minimum(signature, block.min(axis=1), out=signature)
-        return signature
+            block = buffer[:, :len(mixed[start:start + _BLOCK])]
+            np.multiply(self._a, mixed[start:start + _BLOCK], out=block)  # wraps modulo 2^32, as it should
+            np.add(block, self._b, out=block)
+            # each document's minimum over its part of the block; repeated shingles change no minimum
+            block_doc = doc[start:start + _BLOCK]
+            runs = np.flatnonzero(np.concatenate([[True], block_doc[1:] != block_doc[:-1]]))
+            ids = block_doc[runs]
+            signatures[:, ids] = np.minimum(signatures[:, ids], np.minimum.reduceat(block, runs, axis=1))
+        return signatures.T
 
-    def band_keys(self, hashes: np.ndarray, exact: bytes) -> np.ndarray:
-        """hashes: the document's ngrams.word_hashes; exact: its exact_key."""
-        if len(hashes) == 0:  # no words to shingle: a key of its own, so it never joins a cluster by accident
-            return np.frombuffer(hashlib.blake2b(exact, digest_size=8 * self.bands).digest(), dtype="<u8").copy()
-        shingles = ngrams.ngram_hashes(hashes, min(self.ngram, len(hashes))) & np.uint64(0xFFFFFFFF)
-        rows = self.signature(shingles).astype("<u8").reshape(self.bands, self.rows)
-        return np.array([int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little")
-                         for r in rows], dtype=np.uint64)
+    def band_keys(self, words: ngrams.Words, exact: np.ndarray) -> np.ndarray:
+        """(documents, bands) uint64: a hash of each band's rows of the signature; exact: the documents'
+        exact_keys, which key a document without words, so that it never joins a cluster by accident."""
+        rows = self.signatures(words).reshape(len(words), self.bands, self.rows).astype(np.uint64)
+        keys = band_hash(rows)
+        empty = words.counts == 0
+        with np.errstate(over="ignore"):
+            keys[empty] = ngrams.mix(exact[empty, :1] ^ ngrams.mix(exact[empty, 1:] + np.arange(self.bands, dtype=np.uint64)))
+        return keys
+
+
+def band_hash(rows: np.ndarray) -> np.ndarray:
+    """(..., rows) uint64 values -> (...) uint64: a polynomial over a band's values, mixed (ngrams.py's hash);
+    the same rows give the same key, and different ones collide with odds of about 2^-64."""
+    powers = ngrams.mix(np.arange(1, rows.shape[-1] + 1, dtype=np.uint64)) | np.uint64(1)  # odd: one per row
+    with np.errstate(over="ignore"):
+        return ngrams.mix((rows * powers).sum(axis=-1, dtype=np.uint64))
 
 
 def exact_duplicates(keys: np.ndarray) -> np.ndarray:

@@ -32,14 +32,15 @@ from pipeline.core.command import UserError, one_line
 from pipeline.core.config import Config
 from pipeline.core.progress import Progress, format_duration, human
 from pipeline.core.storage import join
-from tokenization import contamination, dedup, ngrams, quality, shards, sources, tokenizer
+from tokenization import contamination, curate, dedup, quality, shards, sources, tokenizer
 from tokenization.contamination import EvalIndex
+from tokenization.curate import Curator
 from tokenization.shards import MANIFEST, MANIFEST_VERSION, ShardError
 from tokenization.sources import CorpusError, Part, Piece
 
 WORK = "_work"
 EXAMPLES_PER_REASON = 3
-_PIECE_FORMAT = 2  # bump when what a piece holds changes, so old work is not reused
+_PIECE_FORMAT = 3  # bump when what a piece holds changes, so old work is not reused
 # Settings that only decide how the work is spread; they never change a byte of the output.
 _RESOURCE_KEYS = ("output", "num_workers", "piece_bytes")
 
@@ -159,9 +160,10 @@ def _piece_fingerprint(cfg: Config, part: Part, piece: Piece, index: EvalIndex |
 
 def _piece_curation(cfg: Config, index: EvalIndex | None) -> dict:
     """The curation settings a piece's own output depends on (the corpus-wide choices come later, in the
-    plan): changing any other one (dedup, decontaminate drop/count) reuses every piece."""
+    plan): changing any other one (dedup, decontaminate drop/count) reuses every piece, except switching
+    all curation off or on (plain tokenization computes no keys)."""
     tok = cfg.tokenization
-    return {"quality": tok.quality.model_dump() if tok.quality.enabled else None,
+    return {"keys": curate.any_curation(tok, index), "quality": tok.quality.model_dump() if tok.quality.enabled else None,
             "near_dedup": [tok.near_dedup_ngram, tok.near_dedup_bands, tok.near_dedup_rows] if tok.near_dedup else None,
             "eval": [index.sha256, index.n] if index else None}
 
@@ -209,8 +211,7 @@ class PieceTokenizer:
     def __init__(self, cfg: Config, parts: list[Part], pieces: list[Piece], out: str, index: EvalIndex | None):
         self.cfg, self.parts, self.pieces, self.out, self.index = cfg, parts, pieces, out, index
         self.encoder = tokenizer.encoding()
-        tok = cfg.tokenization
-        self.signer = dedup.Signer(tok.near_dedup_ngram, tok.near_dedup_bands, tok.near_dedup_rows) if tok.near_dedup else None
+        self.curator = Curator(cfg.tokenization, index)
 
     def __call__(self, batch: dict) -> dict:
         results = []
@@ -234,6 +235,25 @@ class PieceTokenizer:
         reader = sources.PieceReader(part.source, piece, part.data, tok.max_doc_bytes)
         arrays, hashes, skipped, examples = [], [], Counter(), []
         keys, bands, filtered, filtered_examples, contaminated = [], [], Counter(), [], []
+        batch: list[sources.Doc] = []
+
+        def take(docs: list[sources.Doc]) -> None:
+            if docs and self.curator.active:
+                curated = self.curator([d.text for d in docs], [d.utf8 for d in docs])
+                for doc, rule in zip(docs, curated.failed):
+                    if rule is not None:
+                        filtered[rule] += 1
+                        if filtered[rule] <= EXAMPLES_PER_REASON:
+                            filtered_examples.append({"where": reader.locate(doc.where), "rule": rule})
+                docs = [d for d, rule in zip(docs, curated.failed) if rule is None]
+                contaminated.extend([len(arrays) + d, items] for d, items in curated.touched.items())
+                keys.append(curated.keys)
+                bands.append(curated.bands)
+            for doc in docs:
+                arrays.append(self.encoder.encode_to_numpy(doc.text, disallowed_special=()))
+                hashes.append(hashlib.blake2b(doc.utf8, digest_size=8).digest())
+
+        batched = 0
         for doc in reader:
             if doc.reason is not None:
                 skipped[doc.reason] += 1
@@ -242,23 +262,12 @@ class PieceTokenizer:
                 if tok.strict:
                     return {"piece": index, "error": _describe(examples[0])}
                 continue
-            if self.signer or self.index or tok.quality.enabled:
-                words, word_lengths = ngrams.word_hashes(doc.text)
-            rule = quality.failed_rule(doc.text, tok.quality, words, word_lengths) if tok.quality.enabled else None
-            if rule is not None:
-                filtered[rule] += 1
-                if filtered[rule] <= EXAMPLES_PER_REASON:
-                    filtered_examples.append({"where": reader.locate(doc.where), "rule": rule})
-                continue
-            key = dedup.exact_key(doc.text)
-            if self.signer:
-                bands.append(self.signer.band_keys(words, key))
-            touched = self.index.touched(words) if self.index else []
-            if touched:
-                contaminated.append([len(arrays), touched])
-            keys.append(key)
-            arrays.append(self.encoder.encode_to_numpy(doc.text, disallowed_special=()))
-            hashes.append(hashlib.blake2b(doc.utf8, digest_size=8).digest())
+            batch.append(doc)
+            batched += len(doc.utf8)
+            if batched >= curate.BATCH_BYTES or len(batch) >= curate.BATCH_DOCUMENTS:
+                take(batch)
+                batch, batched = [], 0
+        take(batch)
 
         lengths = np.fromiter((len(a) + 1 for a in arrays), dtype=np.uint32, count=len(arrays))
         tokens = np.empty(int(lengths.sum(dtype=np.int64)), dtype=shards.TOKEN_DTYPE)
@@ -268,8 +277,9 @@ class PieceTokenizer:
             tokens[pos + 1:pos + 1 + len(a)] = a
             pos += len(a) + 1
         doc_hash = np.frombuffer(b"".join(hashes), dtype="<u8")
-        doc_key = np.frombuffer(b"".join(keys), dtype="<u8").reshape(len(keys), 2)
-        doc_bands = np.array(bands, dtype="<u8").reshape(len(bands), tok.near_dedup_bands if self.signer else 0)
+        widths = (2 if self.curator.active else 0, tok.near_dedup_bands if tok.near_dedup else 0)
+        doc_key, doc_bands = (np.concatenate([np.zeros((0 if parts else len(arrays), width), dtype="<u8"), *parts])
+                              for width, parts in zip(widths, (keys, bands)))
         index_bytes = io.BytesIO()
         np.savez(index_bytes, doc_tokens=lengths, doc_hash=doc_hash, doc_key=doc_key, doc_bands=doc_bands)
         marker = {"piece": index, "fingerprint": fingerprint, "documents": len(arrays),
