@@ -30,9 +30,10 @@ from pipeline.core.model import checkpoints
 from pipeline.core.model.gpt2 import GPT, GPTConfig
 from pipeline.core.tracking import read_jsonl
 from tokenization import shards
-from train import faults, launch, mixture
+from train import faults, launch
 from train.data import ORDER, SequenceOrder, ShardLoader, WindowPermutation
 from train.engine import deepspeed_config, flops_per_token, lr_at, peak_flops
+from train.mixture import Mixture
 
 
 def losses(run_dir) -> dict[int, list[float]]:
@@ -59,7 +60,7 @@ def reference_run(cfg, steps: int) -> list[float]:
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     loader = ShardLoader(cfg.data_dir, b.seq_len, cfg.run.seed,
-                         weights=mixture.weights(cfg, shards.load_manifest(cfg.data_dir), cfg.data_dir))
+                         weights=Mixture(cfg, shards.load_manifest(cfg.data_dir), cfg.data_dir).weights)
     per_step = b.tokens_per_step // b.seq_len
     out = []
     for step in range(steps):
@@ -214,7 +215,7 @@ def test_a_mixture_run_trains_every_rank_on_its_share_of_each_source_as_a_plain_
     assert sorted(logged) == list(range(1, steps + 1))
     for step, record in logged.items():
         assert {name: record[f"train/epochs/{name}"] for name in SOURCES} == loader.order.epochs(step * batch)
-    plan = {row.name: row for row in mixture.plan(cfg, shards.load_manifest(cfg.data_dir), cfg.data_dir)}
+    plan = {row.name: row for row in Mixture(cfg, shards.load_manifest(cfg.data_dir), cfg.data_dir).plan()}
     assert plan["books"].epochs == logged[steps]["train/epochs/books"] > 1.5 and plan["books"].sampling > 4
     assert plan["web"].epochs == logged[steps]["train/epochs/web"] < 0.5 and plan["web"].sampling < 1
     assert plan["books"].sequences + plan["web"].sequences == steps * batch and plan["books"].share == 0.2
@@ -261,7 +262,7 @@ def test_a_mixture_is_refused_past_a_sources_max_epochs_with_other_sources_or_to
 
     # what a run prints and logs (MLflow params, through the train run's constants) of each source's plan
     cfg = mixed_config(tmp_path / "plan", mixture_dataset)
-    web, books = mixture.plan(cfg, shards.load_manifest(cfg.data_dir), cfg.data_dir)
+    web, books = Mixture(cfg, shards.load_manifest(cfg.data_dir), cfg.data_dir).plan()
     total = web.tokens + books.tokens
     assert (web.name, books.name, web.share, books.share) == ("web", "books", 0.8, 0.2)
     assert books.sampling == pytest.approx(0.2 / (books.tokens / total)) and books.sampling > 1 > web.sampling

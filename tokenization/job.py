@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.core import cluster, storage
 from pipeline.core.command import UserError, one_line
-from pipeline.core.config import Config
+from pipeline.core.config import SOURCE_NAME, Config
 from pipeline.core.progress import Progress, format_duration, human
 from pipeline.core.storage import join
 from tokenization import contamination, curate, dedup, quality, shards, sources, tokenizer
@@ -473,7 +473,7 @@ def shard_name(source: str | None, split: str, number: int) -> str:
 
 
 # what shard_name makes, for removing shards a re-run no longer lists (and nothing else of the directory)
-_SHARD_NAME = re.compile(rf"^(?:[a-z0-9][a-z0-9_-]{{0,31}}-)?(?:{'|'.join(shards.SPLITS)})_\d{{6}}\.bin$")
+_SHARD_NAME = re.compile(rf"^(?:{SOURCE_NAME.pattern.strip('^$')}-)?(?:{'|'.join(shards.SPLITS)})_\d{{6}}\.bin$")
 
 
 # --- 3. shards ------------------------------------------------------------------------------------------

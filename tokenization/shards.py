@@ -225,13 +225,13 @@ def shards(manifest: dict, split: str | None = None, source: str | None = None) 
             if (split is None or s["split"] == split) and (source is None or s.get("source") == source)]
 
 
-def local_split(dataset_dir: str, split: str, cache: str | None = None,
-                source: str | None = None) -> list[tuple[str, int]]:
+def local_split(dataset_dir: str, split: str, cache: str | None = None, source: str | None = None,
+                manifest: dict | None = None) -> list[tuple[str, int]]:
     """(local path, token count) of every shard of a split (of one source, when given), header-checked
-    against the manifest, in manifest order: local shards where they are, remote ones as this node's
-    copy in `cache`."""
+    against the manifest (read here unless given), in manifest order: local shards where they are,
+    remote ones as this node's copy in `cache`."""
     local, out = storage.is_local(dataset_dir), []
-    for info in shards(load_manifest(dataset_dir), split, source):
+    for info in shards(manifest or load_manifest(dataset_dir), split, source):
         url = join(dataset_dir, info.file)
         path = storage.filesystem(url)[1] if local else node_copy(url, info, cache or default_cache())
         read_tokens(path, info.tokens)  # header and size against the manifest

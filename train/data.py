@@ -299,14 +299,15 @@ class ShardLoader:
     """
 
     def __init__(self, dataset_dir: str, seq_len: int, seed: int, split: str = "train", cache: str | None = None,
-                 weights: list[float] | None = None):
+                 weights: list[float] | None = None, manifest: dict | None = None):
         """weights: a mixture's, one per source in the dataset's order (train/mixture.py matches them to
-        data.sources by name); None for a dataset of one input."""
-        names = shards.source_names(shards.load_manifest(dataset_dir))
+        data.sources by name); None for a dataset of one input. manifest: the dataset's, when already read."""
+        manifest = manifest or shards.load_manifest(dataset_dir)
+        names = shards.source_names(manifest)
         if len(names) != len(weights or []):
             raise ValueError(f"{dataset_dir} has sources {names}, but {len(weights or [])} weight(s) were given")
-        per_source = [shards.local_split(dataset_dir, split, cache, source=n) for n in names] or [
-            shards.local_split(dataset_dir, split, cache)]
+        per_source = [shards.local_split(dataset_dir, split, cache, source=n, manifest=manifest) for n in names] or [
+            shards.local_split(dataset_dir, split, cache, manifest=manifest)]
         files = [f for part in per_source for f in part]
         if not files:
             raise ValueError(f"{dataset_dir} has no '{split}' shards")

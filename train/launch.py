@@ -20,8 +20,9 @@ from pipeline.core.model import checkpoints
 from pipeline.core.model.checkpoints import CheckpointError, TrainerState
 from pipeline.core.storage import join
 from tokenization.shards import load_manifest
-from train import checkpoint, diagnostics, faults, mixture, watchdog
+from train import checkpoint, diagnostics, faults, watchdog
 from train.data import check_order
+from train.mixture import Mixture
 
 
 class TrainingFailed(UserError, RuntimeError):
@@ -47,11 +48,11 @@ def run(cfg: Config, *, resume: bool = False, tracking: dict | None = None) -> T
     if existing and not resume:
         raise CheckpointError(f"{cfg.checkpoint_dir} already holds checkpoints (latest: {existing}); "
                               f"pass --resume to continue that run, or set run.name for a new one")
-    order = mixture.order(cfg, manifest, cfg.data_dir)  # a mixture's: data.sources must name the dataset's sources
+    mix = Mixture(cfg, manifest, cfg.data_dir)  # a mixture's: data.sources must name the dataset's sources
     if existing and not checkpoints.damage(existing, hashed=lambda names: []):  # a damaged one: the workers fall back
-        check_order(TrainerState.read(existing).data_order, existing, order)
+        check_order(TrainerState.read(existing).data_order, existing, mix.data_order)
         print(f"train: resuming from {existing}", flush=True)
-    for source in mixture.plan(cfg, manifest, cfg.data_dir):  # refused here if it passes a source's max_epochs
+    for source in mix.plan():  # refused here if it passes a source's max_epochs
         print(f"train: {source.line()}", flush=True)
 
     from train import pretraining

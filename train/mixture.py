@@ -12,10 +12,49 @@ from tokenization import shards
 from train.data import ORDER, PERIOD, MixedOrder, mixture_order, shares
 
 
-def weights(cfg: Config, manifest: dict, where: str) -> list[float] | None:
-    """data.sources' weights, one per source of the dataset in its order; None for a dataset of one input.
-    where: the dataset, for messages."""
-    names, configured = shards.source_names(manifest), {s.name: s.weight for s in cfg.data.sources}
+class Mixture:
+    """data.sources matched to a dataset's sources once, by name: their weights, the data order they make and
+    that order over the manifest's token counts. A dataset of one input has no weights and the global order."""
+
+    def __init__(self, cfg: Config, manifest: dict, where: str):
+        """where: the dataset, for messages."""
+        self.cfg, self.names = cfg, shards.source_names(manifest)
+        self.weights = _weights(cfg, self.names, where)
+        self.data_order = ORDER if self.weights is None else mixture_order(self.names, self.weights)
+        self.tokens = [[info.tokens for info in shards.shards(manifest, "train", source=n)] for n in self.names]
+        self.order = None
+        if self.weights is not None:
+            try:
+                self.order = MixedOrder(self.names, self.tokens, self.weights, cfg.batch.seq_len, cfg.run.seed)
+            except ValueError as err:
+                raise shards.ShardError(f"{where}: {err} (batch.seq_len={cfg.batch.seq_len})") from None
+
+    def plan(self) -> list[SourcePlan]:
+        """What the whole run (train.max_steps) draws of each source; [] for one input. Refuses a plan that
+        passes a source's max_epochs, naming the source, its planned epochs and what to change."""
+        if self.order is None:
+            return []
+        cfg, order = self.cfg, self.order
+        total = cfg.train.max_steps * (cfg.batch.tokens_per_step // cfg.batch.seq_len)
+        drawn = order.mixture.drawn(total)
+        tokens = [sum(t) for t in self.tokens]
+        rows = [SourcePlan(name, share, t, int(n), source.epochs(int(n)), share / (t / sum(tokens)))
+                for name, share, t, n, source in zip(self.names, order.shares, tokens, drawn, order.sources)]
+        caps = {s.name: (i, s.max_epochs) for i, s in enumerate(cfg.data.sources)}
+        for row in rows:
+            i, cap = caps[row.name]
+            if cap is not None and row.epochs > cap:
+                raise ConfigError(
+                    f"data.sources[{i}].max_epochs: source '{row.name}' would be drawn {row.epochs:.3g} epochs over "
+                    f"train.max_steps={cfg.train.max_steps} ({row.sequences:,} of {total:,} sequences at "
+                    f"{row.share:.4g} of each step), above its max_epochs={cap:g}; lower its weight, shorten the "
+                    f"run, or raise max_epochs")
+        return rows
+
+
+def _weights(cfg: Config, names: list[str], where: str) -> list[float] | None:
+    """data.sources' weights, one per source of the dataset in its order; None for a dataset of one input."""
+    configured = {s.name: s.weight for s in cfg.data.sources}
     if not names and not configured:
         return None
     if sorted(names) != sorted(configured):
@@ -29,12 +68,6 @@ def weights(cfg: Config, manifest: dict, where: str) -> list[float] | None:
             raise ConfigError(f"data.sources: source '{name}' has {share:g} of the total weight, below the 1/{PERIOD} "
                               f"a mixture can draw; raise its weight or leave the source out")
     return out
-
-
-def order(cfg: Config, manifest: dict, where: str) -> str:
-    """The data order a run on this dataset with this config draws (recorded in its checkpoints)."""
-    w = weights(cfg, manifest, where)
-    return ORDER if w is None else mixture_order(shards.source_names(manifest), w)
 
 
 @dataclass
@@ -54,38 +87,3 @@ class SourcePlan:
         how = "up-sampled" if self.sampling > 1 else "down-sampled" if self.sampling < 1 else "as its size"
         return (f"source {self.name}: {self.share:.4g} of each step, {self.tokens:,} train tokens, {self.sequences:,} "
                 f"sequences over the run = {self.epochs:.3g} epochs ({how} x{self.sampling:.3g})")
-
-
-def order_of(cfg: Config, manifest: dict, where: str) -> MixedOrder | None:
-    """The mixture's order over the train split's token counts in the manifest (no shard is read); None for one input."""
-    w = weights(cfg, manifest, where)
-    if w is None:
-        return None
-    names = shards.source_names(manifest)
-    tokens = [[info.tokens for info in shards.shards(manifest, "train", source=n)] for n in names]
-    try:
-        return MixedOrder(names, tokens, w, cfg.batch.seq_len, cfg.run.seed)
-    except ValueError as err:
-        raise shards.ShardError(f"{where}: {err} (batch.seq_len={cfg.batch.seq_len})") from None
-
-
-def plan(cfg: Config, manifest: dict, where: str) -> list[SourcePlan]:
-    """What the whole run (train.max_steps) draws of each source; [] for one input. Refuses a plan that passes a
-    source's max_epochs, naming the source, its planned epochs and what to change."""
-    mixed = order_of(cfg, manifest, where)
-    if mixed is None:
-        return []
-    total = cfg.train.max_steps * (cfg.batch.tokens_per_step // cfg.batch.seq_len)
-    drawn, epochs = mixed.mixture.drawn(total), mixed.epochs(total)
-    tokens = [sum(info.tokens for info in shards.shards(manifest, "train", source=n)) for n in mixed.names]
-    rows = [SourcePlan(name, share, t, int(n), epochs[name], share / (t / sum(tokens)))
-            for name, share, t, n in zip(mixed.names, mixed.shares, tokens, drawn)]
-    caps = {s.name: (i, s.max_epochs) for i, s in enumerate(cfg.data.sources)}
-    for row in rows:
-        i, cap = caps[row.name]
-        if cap is not None and row.epochs > cap:
-            raise ConfigError(
-                f"data.sources[{i}].max_epochs: source '{row.name}' would be drawn {row.epochs:.3g} epochs over "
-                f"train.max_steps={cfg.train.max_steps} ({row.sequences:,} of {total:,} sequences at {row.share:.4g} "
-                f"of each step), above its max_epochs={cap:g}; lower its weight, shorten the run, or raise max_epochs")
-    return rows

@@ -11,9 +11,9 @@ from pipeline.core.config import Config
 from tokenization.shards import load_manifest, manifest_hash
 from tokenization.tokenizer import encoding
 from train import engine as engines
-from train import mixture
 from train.data import MixedOrder, ShardLoader
 from train.loop import Recipe
+from train.mixture import Mixture
 from train.review import Review
 
 
@@ -21,13 +21,14 @@ class Pretraining(Recipe):
     def __init__(self, cfg: Config, swag: list | None, rank: int, world: int, device: torch.device,
                  tracking: dict | None = None):
         b, manifest = cfg.batch, load_manifest(cfg.data_dir)
+        mix = Mixture(cfg, manifest, cfg.data_dir)
         super().__init__(name="train", schedule=cfg.train, batch=engines.Batch.of(cfg), run_dir=cfg.run_dir,
                          checkpoint_dir=cfg.checkpoint_dir, checkpoint_interval=cfg.checkpoint.interval,
                          data_id=manifest_hash(cfg.data_dir), data_source=cfg.data_dir,
-                         data_order=mixture.order(cfg, manifest, cfg.data_dir), tokens_per_step=b.tokens_per_step)
+                         data_order=mix.data_order, tokens_per_step=b.tokens_per_step)
         self.cfg, self.swag, self.rank, self.world, self.device = cfg, swag, rank, world, device
         self.loader = ShardLoader(cfg.data_dir, b.seq_len, cfg.run.seed, cache=cfg.cluster.node_cache,
-                                  weights=mixture.weights(cfg, manifest, cfg.data_dir))
+                                  weights=mix.weights, manifest=manifest)
         self.val = (val_loss.val_sequences(cfg.data_dir, b.seq_len, cfg.eval.val_tokens)
                     if cfg.eval.interval else None)
         self.samples: list[dict] = []  # generated at the last evaluation
@@ -36,7 +37,7 @@ class Pretraining(Recipe):
             "val.tokens": self.val[0].numel() if self.val is not None else None,
             "hellaswag.items": len(swag) if swag else None,
             "hellaswag.data": hellaswag_label(cfg.eval.hellaswag) if swag else None,
-            **{k: v for row in mixture.plan(cfg, manifest, cfg.data_dir) for k, v in row.params().items()},
+            **{k: v for row in mix.plan() for k, v in row.params().items()},
         }) if rank == 0 else None
 
     def batches(self, sequences: int, rank: int, world: int, micro: int):

@@ -11,8 +11,9 @@ from pipeline.core.model import checkpoints
 from pipeline.core.stage import Stage, StageError, StageResult, Tracking, Upstream
 from pipeline.core.storage import join
 from tokenization.shards import load_manifest, manifest_hash, splits_as_datasets
-from train import engine, finetuning, launch, mixture, tasks
+from train import engine, finetuning, launch, tasks
 from train.data import ORDER
+from train.mixture import Mixture
 
 
 def _sha(*parts: object) -> str:
@@ -23,7 +24,7 @@ def _sha(*parts: object) -> str:
 
 def _train_inputs(cfg: Config, upstream: Upstream) -> list:
     inputs = [manifest_hash(cfg.data_dir), cfg.run.seed, cfg.fingerprint("model", "train", "batch", "deepspeed")]
-    order = mixture.order(cfg, load_manifest(cfg.data_dir), cfg.data_dir)
+    order = Mixture(cfg, load_manifest(cfg.data_dir), cfg.data_dir).data_order
     return inputs if order == ORDER else [*inputs, order]  # a mixture's weights: not in the dataset, but in the run
 
 
