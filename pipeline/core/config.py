@@ -238,7 +238,8 @@ class TokenizationConfig(_Section):
     num_workers: int | None = None
     """tokenizer actors; default: one per CPU of the cluster"""
     dedup: bool = True
-    """keep one copy (the first in input order) of documents whose text is the same once whitespace is collapsed"""
+    """keep one copy (the first in input order) of documents with the same normalized words (lower-cased,
+    punctuation dropped: copies differing only in case, punctuation or spacing are one)"""
     near_dedup: bool = False
     """MinHash near-duplicate removal: one document (the first in input order) kept per cluster"""
     near_dedup_ngram: int = 5
