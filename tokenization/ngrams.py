@@ -22,6 +22,8 @@ _BASE = 0x100000001B3  # FNV-64's prime; odd, so it has an inverse modulo 2^64 (
 _INVERSE = pow(_BASE, -1, 2**64)
 _WORD_BYTE = np.zeros(256, dtype=bool)
 _WORD_BYTE[[*range(ord("a"), ord("z") + 1), *range(ord("0"), ord("9") + 1), *range(0x80, 0x100)]] = True
+_LEAD_BYTE = np.zeros(256, dtype=bool)
+_LEAD_BYTE[[0xC2, 0xC3, 0xE2]] = True  # the lead bytes of the punctuation _separate_punctuation clears
 
 
 def mix(x: np.ndarray) -> np.ndarray:
@@ -49,8 +51,10 @@ def _polynomials(values: np.ndarray, first: np.ndarray, end: np.ndarray) -> np.n
     """sum over first <= k < end of values[k] * BASE^(end-1-k), modulo 2^64, for each (first, end) pair:
     (prefix[end] - prefix[first]) * BASE^(end-1), where prefix sums values[k] * BASE^-k."""
     up, down = _powers(len(values) + 1)
+    prefix = np.zeros(len(values) + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):  # arithmetic modulo 2^64 is the point
-        prefix = np.concatenate([[np.uint64(0)], np.cumsum(values.astype(np.uint64) * down[:len(values)])])
+        np.multiply(values, down[:len(values)], out=prefix[1:])
+        np.cumsum(prefix[1:], out=prefix[1:])
         return (prefix[end] - prefix[first]) * up[end - 1]
 
 
@@ -106,10 +110,11 @@ class Words:
 def _separate_punctuation(data: np.ndarray, word: np.ndarray) -> None:
     """Clear `word` on the UTF-8 bytes of U+2000-U+206F (E2 80-81 xx) and of Latin-1's punctuation
     U+00A1-U+00BF (C2 A1-BF), U+00D7 and U+00F7 (C3 97, C3 B7)."""
-    lead, second = data[:-1], data[1:]
-    general = np.flatnonzero((lead == 0xE2) & ((second == 0x80) | (second == 0x81)))
-    latin = np.flatnonzero(((lead == 0xC2) & (second >= 0xA1) & (second <= 0xBF))
-                           | ((lead == 0xC3) & ((second == 0x97) | (second == 0xB7))))
+    at = np.flatnonzero(_LEAD_BYTE[data[:-1]])  # one pass over the batch, then only the few lead bytes
+    lead, second = data[at], data[at + 1]
+    general = at[(lead == 0xE2) & ((second == 0x80) | (second == 0x81))]
+    latin = at[((lead == 0xC2) & (second >= 0xA1) & (second <= 0xBF))
+               | ((lead == 0xC3) & ((second == 0x97) | (second == 0xB7)))]
     for starts, width in ((general, 3), (latin, 2)):
         for k in range(width):
             word[np.minimum(starts + k, len(word) - 1)] = False
