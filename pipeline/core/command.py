@@ -37,10 +37,19 @@ def one_line(message: object) -> str:
 
 
 def report(err: BaseException) -> None:
+    _stop_ray()
     cause = getattr(err, "cause", None)  # Ray's RayTaskError re-raises a task's UserError with the task's
     if isinstance(cause, UserError):  # traceback in its text; the original, in .cause, is the one line
         err = cause
     print(f"error: {redact(one_line(err)) or type(err).__name__}", file=sys.stderr, flush=True)
+
+
+def _stop_ray() -> None:
+    """Stop a Ray this process started before the error is printed: at exit, Ray's log monitor still forwards
+    its processes' last words (a gcs_server's actor clean-up), which would bury the error line under them."""
+    ray = sys.modules.get("ray")  # only if the command imported it: this module imports nothing heavy
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def command(main: Callable[..., int | None]) -> Callable[..., int]:
