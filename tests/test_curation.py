@@ -309,7 +309,7 @@ def test_each_quality_rule_decides_as_its_plain_python_statement_on_random_docum
     rng = random.Random(3)
     pool = (["the", "of", "and", "to", "with", "have", "be", "that", "cat", "sat", "garden", "x", "ab",
              "extraordinarily", "Café", "naïve", "日本語", "Ωμέγα", "1234", "3.14", "#", "#tag", "...", "…",
-             "wait...", "!!", "—", "«»", "×", "¿", "(a)", "{", "}", "lorem", "ipsum", "Lorem ipsum", "e-mail", "\ud800"]
+             "wait...", "....", "a......b", "!!", "—", "«»", "×", "¿", "(a)", "{", "}", "lorem", "ipsum", "Lorem ipsum", "e-mail", "\ud800"]
             + [f"w{i}" for i in range(30)])
     spaces = [" "] * 8 + ["  ", "\t", "\u00a0", "\u3000", "\x1c", "\u2003"]
     permissive = dict(enabled=True, min_words=0, max_words=10**9, min_mean_word_length=0.0, max_mean_word_length=1e9,
@@ -335,15 +335,16 @@ def test_each_quality_rule_decides_as_its_plain_python_statement_on_random_docum
         lines = []
         for _ in range(rng.randrange(1, 12)):
             if lines and rng.random() < 0.15:
-                lines.append(rng.choice(lines))  # a repeated line
+                lines.append(rng.choice(["", "  ", "\t"]) + rng.choice(lines) + rng.choice(["", " "]))  # a repeated line
                 continue
             words = [rng.choice(pool) for _ in range(rng.randrange(26))]
             if rng.random() < 0.3 and len(words) > 6:
                 words += words[:rng.randrange(2, 7)] * rng.randrange(1, 4)  # a repeated phrase
             line = "".join(w + rng.choice(spaces) for w in words).rstrip(" ")
             lines.append(rng.choice(["", "- ", "• ", "* ", "–"]) * (rng.random() < 0.2) + line
-                         + rng.choice(["...", "…"]) * (rng.random() < 0.2))
-        return "start " + "".join(line + rng.choice(["\n", "\n", "\r\n", "\n\n", "\u2028"]) for line in lines)
+                         + rng.choice(["...", "…", "....", " ..."]) * (rng.random() < 0.2))
+        breaks = ["\n", "\n", "\r\n", "\n\n", "\n \t\n", "\r", "\v", "\f", "\x1d", "\x85", "\u2028", "\u2029"]
+        return "start " + "".join(line + rng.choice(breaks) for line in lines)
 
     for _ in range(10):  # batches of 25 documents, each decided in one call, as a tokenizer actor does
         texts = [document() for _ in range(25)]
