@@ -34,7 +34,7 @@ def saved_bytes(cfg, dtype: torch.dtype) -> int:
         return t
 
     b = cfg.batch
-    idx = torch.randint(0, 50257, (b.micro_batch_size, b.seq_len))
+    idx = torch.randint(0, cfg.model.vocab_size, (b.micro_batch_size, b.seq_len))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(idx, idx)
     return sum(seen.values())
@@ -43,18 +43,23 @@ def saved_bytes(cfg, dtype: torch.dtype) -> int:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_and_head_counts_equal_what_autograd_saves(precision, checkpointing):
-    cfg = load_config("smoke", [*SMALL, "model.n_layer=2", "batch.micro_batch_size=2", f"deepspeed.precision={precision}",
+    # a 4,000-word vocabulary (padded to 4,032): with GPT-2's 50,257 the head's weight gradient is 3/4 of the
+    # total and hides an error of one (n, C) tensor in the rest (and bf16 takes a minute on a CPU)
+    cfg = load_config("smoke", [*SMALL, "model.n_layer=2", "batch.micro_batch_size=2", "model.vocab_size=4000",
+                                f"deepspeed.precision={precision}",
                                 f"deepspeed.activation_checkpointing={str(checkpointing).lower()}"])
     m, n = cfg.model, cfg.batch.micro_batch_size * cfg.batch.seq_len
     e = 2 if precision == "bf16" else 4
     measured = saved_bytes(cfg, torch.bfloat16 if precision == "bf16" else torch.float32)
     vocab = gpt_config(cfg).padded_vocab_size
-    head_kept = n * m.n_embd * (2 * e + 8) + vocab * m.n_embd * 4  # the head's saved part (the rest is transient)
+    # the head's saved part (the rest is transient): ln_f's input and the grad of x, ln_f's fp32 mean and rstd
+    # per token, the grad of W in fp32
+    head_kept = n * (m.n_embd * 2 * e + 8) + vocab * m.n_embd * 4
     layers = plan.activation_bytes(cfg, checkpointing)
     if checkpointing:  # the forward keeps each block's input; the block recomputed in backward comes later
         layers_of = lambda k: cfg.model_copy(update={"model": cfg.model.model_copy(update={"n_layer": k})})  # noqa: E731
         layers -= plan.activation_bytes(layers_of(1), False) - plan.activation_bytes(layers_of(0), False)
-    assert (layers + head_kept) == pytest.approx(measured, rel=0.02)
+    assert (layers + head_kept) == pytest.approx(measured, rel=0.005)  # 0.01-0.09% measured
 
 
 PEAK = textwrap.dedent('''

@@ -121,7 +121,7 @@ def head_bytes(cfg: Config) -> float:
     e = 2 if precision(cfg) == "bf16" else 4
     n = b.micro_batch_size * b.seq_len
     vocab = gpt_config(cfg).padded_vocab_size
-    kept = n * m.n_embd * (e + e + 8) + vocab * m.n_embd * 4  # ln_f input + stats, grad of x, grad of W
+    kept = n * (m.n_embd * (e + e) + 8) + vocab * m.n_embd * 4  # ln_f input, grad of x; ln_f stats; grad of W
     if m.loss_impl == "liger":  # its chunk: about n x C logits in all, in the model's dtype (rows a power of 2)
         rows = min(n, 2 ** math.ceil(math.log2(math.ceil(n / math.ceil(m.vocab_size / m.n_embd)))))
         return kept + rows * m.vocab_size * e + n * 4
