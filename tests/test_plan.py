@@ -48,13 +48,8 @@ def test_activation_and_head_counts_equal_what_autograd_saves(precision, checkpo
     cfg = load_config("smoke", [*SMALL, "model.n_layer=2", "batch.micro_batch_size=2", "model.vocab_size=4000",
                                 f"deepspeed.precision={precision}",
                                 f"deepspeed.activation_checkpointing={str(checkpointing).lower()}"])
-    m, n = cfg.model, cfg.batch.micro_batch_size * cfg.batch.seq_len
-    e = 2 if precision == "bf16" else 4
     measured = saved_bytes(cfg, torch.bfloat16 if precision == "bf16" else torch.float32)
-    vocab = gpt_config(cfg).padded_vocab_size
-    # the head's saved part (the rest is transient): ln_f's input and the grad of x, ln_f's fp32 mean and rstd
-    # per token, the grad of W in fp32
-    head_kept = n * (m.n_embd * 2 * e + 8) + vocab * m.n_embd * 4
+    head_kept = plan.head_saved_bytes(cfg)  # the head's saved part (the rest of head_bytes is transient)
     layers = plan.activation_bytes(cfg, checkpointing)
     if checkpointing:  # the forward keeps each block's input; the block recomputed in backward comes later
         layers_of = lambda k: cfg.model_copy(update={"model": cfg.model.model_copy(update={"n_layer": k})})  # noqa: E731

@@ -112,6 +112,15 @@ def activation_bytes(cfg: Config, checkpointing: bool) -> float:
     return m.n_layer * layer + embed
 
 
+def head_saved_bytes(cfg: Config) -> float:
+    """What the chunked loss keeps for backward: ln_f's input and the gradient of x in the model's dtype,
+    ln_f's fp32 mean and rstd per token, the gradient of W in fp32."""
+    m, b = cfg.model, cfg.batch
+    e = 2 if precision(cfg) == "bf16" else 4
+    n = b.micro_batch_size * b.seq_len
+    return n * (m.n_embd * (e + e) + 8) + gpt_config(cfg).padded_vocab_size * m.n_embd * 4
+
+
 def head_bytes(cfg: Config) -> float:
     """The chunked loss (pipeline/core/model/gpt2.py LMHead): the gradients it keeps for backward (hidden states in
     the model's dtype, the weight's in fp32) and, at its peak, one chunk of fp32 logits with the
@@ -121,7 +130,7 @@ def head_bytes(cfg: Config) -> float:
     e = 2 if precision(cfg) == "bf16" else 4
     n = b.micro_batch_size * b.seq_len
     vocab = gpt_config(cfg).padded_vocab_size
-    kept = n * (m.n_embd * (e + e) + 8) + vocab * m.n_embd * 4  # ln_f input, grad of x; ln_f stats; grad of W
+    kept = head_saved_bytes(cfg)
     if m.loss_impl == "liger":  # its chunk: about n x C logits in all, in the model's dtype (rows a power of 2)
         rows = min(n, 2 ** math.ceil(math.log2(math.ceil(n / math.ceil(m.vocab_size / m.n_embd)))))
         return kept + rows * m.vocab_size * e + n * 4
